@@ -1,0 +1,1 @@
+"""Backends: engines that turn token ids into token ids."""

@@ -1,0 +1,1 @@
+"""The torch engine (CUDA when present, CPU otherwise; same code path)."""

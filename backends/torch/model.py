@@ -1,0 +1,231 @@
+"""One llama-family decoder for every architecture the torch engine runs.
+
+RMSNorm, rotary position embeddings in HF's "rotate_half" layout, grouped-query
+attention, a SwiGLU MLP, optional q/k/v (and o) biases and optionally tied
+embeddings cover Llama 2/3, Mistral, Qwen2, InternLM2 and SmolLM. Parameter
+names follow HF transformers' ``LlamaForCausalLM`` so HF checkpoints load by
+name. The code is device-agnostic: the same module runs on the CPU and CUDA.
+
+Tokens are a flat ``[T]`` batch with their positions; everything attention
+needs beyond that comes from the KV cache's :class:`AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.backends.torch.kv_cache import AttentionMetadata, KVCache
+from lmserve.backends.torch.model_config import ModelConfig
+
+
+def make_linear(in_features: int, out_features: int, *, bias: bool = False,
+                parallel: str) -> nn.Linear:
+    """Every projection of the model is built here.
+
+    ``parallel`` says how tensor parallelism would split the layer: "column"
+    (q/k/v, gate, up: split the outputs) or "row" (o, down: split the inputs,
+    then all-reduce). Unsplit for now, so both give a plain ``nn.Linear``.
+    """
+    if parallel not in ("column", "row"):
+        raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def compute_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies (float32, ``[head_dim // 2]``) for positions up
+    to ``max_position_embeddings``, following HF's ``rope_type`` definitions."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_context_len / high) & (wavelen <= old_context_len / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for a batch of positions, shared by all layers."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", compute_inv_freq(config), persistent=False)
+
+    def reset_parameters(self, freq_factors: torch.Tensor | None = None) -> None:
+        """Recompute ``inv_freq`` in float32 on its current device (after the
+        model was built on the meta device); ``freq_factors`` divide it, as
+        llama.cpp's ``rope_freqs`` tensor does for Llama 3 GGUFs."""
+        inv_freq = compute_inv_freq(self.config, self.inv_freq.device)
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.to(inv_freq)
+        self.inv_freq = inv_freq
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.float()
+        scaling = self.config.rope_scaling
+        if scaling is not None and scaling["rope_type"] == "dynamic":
+            inv_freq = self._dynamic_inv_freq(positions, inv_freq, scaling["factor"])
+        freqs = positions[:, None].float() * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _dynamic_inv_freq(self, positions: torch.Tensor, inv_freq: torch.Tensor,
+                          factor: float) -> torch.Tensor:
+        """Dynamic NTK: past ``max_position_embeddings`` the base grows with the
+        sequence length (here: the last new position + 1), computed on the
+        device without a host sync."""
+        dim, max_len = self.config.head_dim, self.config.max_position_embeddings
+        seq_len = positions.max().float() + 1
+        base = self.config.rope_theta * ((factor * seq_len / max_len) - (factor - 1)) ** (dim / (dim - 2))
+        exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
+        return torch.where(seq_len > max_len, 1.0 / (base ** exponents), inv_freq)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x``: ``[T, heads, head_dim]``; ``cos``/``sin``: ``[T, head_dim]``."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention of ``[T, heads, head_dim]`` queries over
+    ``[S, kv_heads, head_dim]`` keys/values; ``mask`` is ``[T, S]`` bool or
+    None. Returns ``[T, heads * head_dim]``."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+        attn_mask=mask, enable_gqa=query.shape[1] != keys.shape[1])
+    return out.transpose(0, 1).reshape(query.shape[0], -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, q_size = config.hidden_size, self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        qkv_bias = config.attention_bias
+        self.q_proj = make_linear(hidden, q_size, bias=qkv_bias, parallel="column")
+        self.k_proj = make_linear(hidden, kv_size, bias=qkv_bias, parallel="column")
+        self.v_proj = make_linear(hidden, kv_size, bias=qkv_bias, parallel="column")
+        self.o_proj = make_linear(q_size, hidden, bias=config.attention_output_bias, parallel="row")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, -1, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, -1, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = kv_cache.update(self.layer_idx, metadata, k, v)
+        return self.o_proj(attention(q, keys, values, metadata.mask))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = make_linear(hidden, inner, parallel="column")
+        self.up_proj = make_linear(hidden, inner, parallel="column")
+        self.down_proj = make_linear(inner, hidden, parallel="row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus its output projection (``lm_head``).
+
+    Built by the weight loader (on the meta device, then filled); a test may
+    build one directly with random weights.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = make_linear(config.hidden_size, config.vocab_size, parallel="column")
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with ``lm_head`` when the config says so
+        (again after moving the model, which can untie them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_cache: KVCache) -> torch.Tensor:
+        """Run ``input_ids`` (``[T]``) at ``positions`` (``[T]``, increasing),
+        storing their keys/values in ``kv_cache``; earlier positions must be
+        cached already. Returns the final-norm hidden states ``[T, hidden]``."""
+        metadata = kv_cache.attention_metadata(positions)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, kv_cache, metadata)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden]`` -> ``[N, vocab]`` logits in the model's dtype; pass
+        only the rows whose next token is wanted (e.g. the last one)."""
+        return self.lm_head(hidden)

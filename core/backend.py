@@ -1,0 +1,53 @@
+"""The interface every backend implements; the bus is its only caller."""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Sequence
+
+from lmserve.core.types import EngineOutput, EngineRequest
+
+OutputSink = Callable[[Sequence[EngineOutput]], None]
+
+
+class Backend(abc.ABC):
+    """An engine that turns token ids into token ids.
+
+    Lifecycle: the backend is built (weights loaded) by
+    :hook:`lmserve_make_backend`; the bus calls :meth:`start` once when the
+    server's event loop runs; then :meth:`submit` and :meth:`abort` any number
+    of times from the event loop; :meth:`shutdown` once at the end.
+
+    The backend steps in its own thread or process and reports every step's
+    new tokens through ``sink`` - one call per step, from that thread. Every
+    submitted request ends with exactly one output whose ``finish_reason`` is
+    set, aborted and failed ones included.
+    """
+
+    #: The longest sequence (prompt + output) one request may reach.
+    max_model_len: int
+    #: Token ids that end a generation unless ``ignore_eos`` is set.
+    eos_token_ids: tuple[int, ...]
+
+    @abc.abstractmethod
+    def start(self, sink: OutputSink) -> None:
+        """Begin stepping; called once, before the first :meth:`submit`."""
+
+    @abc.abstractmethod
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request; thread-safe and non-blocking."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop a request soon; its last output has ``finish_reason`` abort.
+
+        Thread-safe; unknown or already finished ids are ignored.
+        """
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Abort everything and stop stepping; called once."""
+
+    def is_healthy(self) -> bool:
+        """True while the backend can step (the engine thread is alive)."""
+        return True

@@ -1,0 +1,49 @@
+"""Configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``lmserve serve api_server`` was asked to do.
+
+    ``options`` holds every parsed command-line option by its dest name,
+    plugin-added ones included, so plugins can read their own flags.
+    """
+
+    model: str
+    model_name: str | None = None
+    server_name: str = "0.0.0.0"
+    server_port: int = 23333
+    session_len: int | None = None  # None: the model's context length
+    log_level: str = "WARNING"
+    device: str = "auto"
+    dtype: str = "auto"
+    plugins: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("MODEL must not be empty.")
+        if not (0 <= self.server_port <= 65535):
+            raise ValueError(f"--server-port must be in [0, 65535], got {self.server_port}.")
+        if self.session_len is not None and self.session_len < 2:
+            raise ValueError(f"--session-len must be at least 2, got {self.session_len}.")
+        level = self.log_level.upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}.")
+        object.__setattr__(self, "log_level", level)
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        object.__setattr__(self, "plugins", tuple(self.plugins))
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))

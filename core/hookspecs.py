@@ -1,0 +1,179 @@
+"""Every hook lmserve calls, grouped by the phase that calls it.
+
+Built-in plugins (in ``lmserve.plugins``, ``lmserve.backends`` and
+``lmserve.frontends``) implement these with the same public
+:data:`lmserve.core.hookimpl` marker a third-party package uses. Third-party
+packages register through the ``lmserve`` entry-point group, or one module at a
+time with ``--plugin module.path``.
+
+Hooks run at startup and once per request, never inside the engine's step
+loop: whatever a hook returns is resolved into plain objects before serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from lmserve.core import hookspec
+
+if TYPE_CHECKING:  # imported for annotations only: the kernel stays light
+    from lmserve.core.backend import Backend
+    from lmserve.core.chat_template import ChatTemplate
+    from lmserve.core.config import ServeConfig
+    from lmserve.core.model_source import ModelSource
+    from lmserve.core.tokenizer import Tokenizer
+    from lmserve.core.types import GenerationOutput, GenerationRequest
+
+
+# --------------------------------------------------------------------------- startup
+
+
+@hookspec
+def lmserve_add_cli_options(command: str, parser: argparse.ArgumentParser) -> None:
+    """Add command-line options to one of lmserve's commands.
+
+    Called while the CLI builds its parsers, once per command, before any
+    argument is parsed. The parsed values reach plugins through
+    :hook:`lmserve_configure` as ``config.options``.
+
+    :param command: the command being built, e.g. ``"serve api_server"``.
+    :param parser: the :class:`argparse.ArgumentParser` of that command; add
+        options with ``parser.add_argument``.
+    """
+
+
+@hookspec
+def lmserve_configure(config: ServeConfig) -> None:
+    """Read the final configuration before anything is loaded.
+
+    Called once by ``lmserve serve api_server`` after the command line is
+    parsed, before the model is resolved. Raise to refuse to start; the error
+    is reported with the plugin's name.
+
+    :param config: the frozen :class:`~lmserve.core.config.ServeConfig`;
+        options added by plugins are in ``config.options``.
+    """
+
+
+# ---------------------------------------------------------------------- registration
+
+
+@hookspec(firstresult=True)
+def lmserve_resolve_model(model: str, tried: list[str]) -> ModelSource | None:
+    """Turn the MODEL argument into files on disk.
+
+    Called once at startup. Built-ins try, in this order: a local path (a
+    directory or a ``.gguf`` file), the local Hugging Face hub cache, and a
+    package installed in the environment that ships the model's GGUF file.
+    Nothing is downloaded.
+
+    Stops at first non-None result.
+
+    :param model: what the user passed as MODEL.
+    :param tried: a list to append one short line to, saying what was looked
+        at, when this implementation does not find the model; the lines form
+        the error message when no implementation does.
+    :return: a :class:`~lmserve.core.model_source.ModelSource`, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def lmserve_load_tokenizer(source: ModelSource) -> Tokenizer | None:
+    """Load the tokenizer of a resolved model.
+
+    Called once at startup, after :hook:`lmserve_resolve_model`. The built-in
+    reads byte-level BPE tokenizers from GGUF metadata or ``tokenizer.json``.
+
+    Stops at first non-None result.
+
+    :param source: the resolved model.
+    :return: a :class:`~lmserve.core.tokenizer.Tokenizer` (or an object with
+        the same methods), or None to let another plugin try.
+    """
+
+
+@hookspec(firstresult=True)
+def lmserve_make_backend(config: ServeConfig, source: ModelSource) -> Backend | None:
+    """Create the backend that turns token ids into token ids.
+
+    Called once at startup; may take long (weights load here). The built-in
+    is the torch engine.
+
+    Stops at first non-None result.
+
+    :param config: the serve configuration.
+    :param source: the resolved model.
+    :return: a started-but-idle :class:`~lmserve.core.backend.Backend`, or
+        None to let another plugin provide one.
+    """
+
+
+@hookspec(firstresult=True)
+def lmserve_chat_template(
+    source: ModelSource, tokenizer: Tokenizer, config: ServeConfig
+) -> ChatTemplate | None:
+    """Choose the chat template that renders messages into a prompt.
+
+    Called once at startup. The built-in ``hf`` template renders the model's
+    own Jinja template (GGUF ``tokenizer.chat_template`` or
+    ``tokenizer_config.json``) in a sandbox; ``base`` (the identity) is the
+    last resort.
+
+    Stops at first non-None result.
+
+    :param source: the resolved model.
+    :param tokenizer: the model's tokenizer (special tokens, BOS/EOS).
+    :param config: the serve configuration.
+    :return: a :class:`~lmserve.core.chat_template.ChatTemplate`, or None.
+    """
+
+
+@hookspec
+def lmserve_register_routes(app: Any, state: Any) -> None:
+    """Add HTTP routes to the server.
+
+    Called once while the Sanic app is built, after the built-in OpenAI
+    routes. The built-in routes are registered through this same hook.
+
+    :param app: the :class:`sanic.Sanic` application.
+    :param state: the server state (``state.bus``, ``state.tokenizer``,
+        ``state.chat_template``, ``state.config``, ``state.model_name``).
+    """
+
+
+# ----------------------------------------------------------------- request lifecycle
+
+
+@hookspec
+def lmserve_request_started(request: GenerationRequest) -> None:
+    """Observe a request entering the bus.
+
+    Called once per request, on the event loop, before it reaches the
+    backend. Keep it cheap; an exception here is logged and ignored.
+
+    :param request: the request, with its ``request_id`` assigned.
+    """
+
+
+@hookspec
+def lmserve_request_finished(
+    request: GenerationRequest, output: GenerationOutput, elapsed_s: float
+) -> None:
+    """Observe a request leaving the bus, finished, aborted or failed.
+
+    Called once per request, on the event loop. An exception here is logged
+    and ignored: it never breaks the request.
+
+    :param request: the request.
+    :param output: the last output (``finish_reason``, ``usage``, ``error``).
+    :param elapsed_s: seconds from entering the bus to finishing.
+    """
+
+
+# -------------------------------------------------------------------------- shutdown
+
+
+@hookspec
+def lmserve_shutdown() -> None:
+    """Release what a plugin holds; called once as the server stops."""

@@ -1,0 +1,515 @@
+"""Byte-level BPE tokenization on tiktoken, loaded from a GGUF file or an HF directory.
+
+The vocabulary, merges and special tokens come from the model's files; the BPE
+itself runs in tiktoken. tiktoken ranks a token by merge priority and returns
+that rank as the id, so :class:`Tokenizer` computes ranks from the merge order
+and, when they agree with the ids (the usual case), hands tiktoken's output
+back untouched; otherwise it translates ranks to ids with one array lookup.
+
+Added tokens (special ones such as ``<|im_end|>`` and plain added ones) are
+matched literally in the text first, the way HF tokenizers do by default; the
+text between them goes through the pre-tokenizer regex and BPE.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+# Pre-tokenizer regexes, spelled as the HF tokenizers that define them.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's regex after a `Digits(individual_digits=True)` split: every digit
+# stands alone, and a digit ends a whitespace run the way the end of text does.
+GPT2_DIGITS_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+)
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT4O_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# `tokenizer.ggml.pre` -> regex. Any other value (gpt2, smollm, ...) gets
+# GPT-2's regex, as HF transformers does when it loads the same file.
+GGUF_PRE_PATTERNS = {
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"), LLAMA3_PATTERN),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), QWEN2_PATTERN),
+    **dict.fromkeys(("gpt-4o", "llama4"), GPT4O_PATTERN),
+}
+
+_GGUF_CONTROL = 3  # llama.cpp token types
+_GGUF_USER_DEFINED = 4
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_TO_CHAR = _bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+_UNSPELL = str.maketrans({c: chr(b) for c, b in _CHAR_TO_BYTE.items()})
+_ALPHABET = frozenset(_CHAR_TO_BYTE)
+
+
+def spelled_to_bytes(token: str) -> bytes:
+    """The bytes of a byte-level token string (``"Ġthe"`` -> ``b" the"``).
+
+    A character outside GPT-2's alphabet stands for its own UTF-8 bytes, as in
+    HF's ByteLevel decoder.
+    """
+    if _ALPHABET.issuperset(token):
+        return token.translate(_UNSPELL).encode("latin-1")
+    return b"".join(
+        bytes((_CHAR_TO_BYTE[c],)) if c in _CHAR_TO_BYTE else c.encode("utf-8") for c in token
+    )
+
+
+def bytes_to_spelled(data: bytes) -> str:
+    """The byte-level spelling of ``data`` (``b" the"`` -> ``"Ġthe"``)."""
+    return "".join(_BYTE_TO_CHAR[b] for b in data)
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A token matched literally in the text before BPE runs.
+
+    ``lstrip``/``rstrip`` make the match swallow the whitespace on that side,
+    as in HF's ``AddedToken``.
+    """
+
+    id: int
+    content: str
+    special: bool
+    lstrip: bool = False
+    rstrip: bool = False
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: text <-> token ids, plus the model's chat template.
+
+    Build one with :meth:`from_pretrained` (or :meth:`from_gguf` /
+    :meth:`from_hf_dir`). Encoding matches HF ``tokenizers`` id for id on
+    byte-level BPE vocabularies; decoding joins token bytes and decodes UTF-8
+    with ``errors="replace"``.
+    """
+
+    def __init__(
+        self,
+        tokens: Sequence[str | None],
+        merges: Iterable[tuple[str, str]],
+        added_tokens: Iterable[AddedToken] = (),
+        pattern: str = GPT2_PATTERN,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        add_bos_token: bool = False,
+        chat_template: str | None = None,
+        normalizer: Callable[[str], str] | None = None,
+        name: str = "lmserve",
+    ):
+        """
+        :param tokens: the BPE vocabulary by id, byte-level spelled (``None`` for a gap).
+        :param merges: merge pairs, highest priority first, byte-level spelled.
+        :param added_tokens: tokens matched literally; they override ``tokens`` at their id.
+        :param pattern: the pre-tokenizer regex (tiktoken / Rust regex syntax).
+        :param normalizer: applied to the text between added tokens before BPE.
+        """
+        added = {token.id: token for token in added_tokens}
+        self.vocab_size = max(len(tokens), max(added, default=-1) + 1)
+        self.pattern = pattern
+        self.chat_template = chat_template
+        self.add_bos_token = bool(add_bos_token)
+        self._normalizer = normalizer
+
+        # The BPE vocabulary keeps every token (HF's BPE model does too);
+        # an added token overrides how its id reads and decodes.
+        pieces: list[bytes | None] = [None] * self.vocab_size
+        for i, token in enumerate(tokens):
+            if token is not None:
+                pieces[i] = spelled_to_bytes(token)
+        self._id_to_token = [token or "" for token in tokens] + [""] * (self.vocab_size - len(tokens))
+        self._id_to_bytes = [piece or b"" for piece in pieces]
+        for i, token in added.items():
+            self._id_to_token[i] = token.content
+            self._id_to_bytes[i] = token.content.encode("utf-8")
+        self._token_to_id = {token: i for i, token in reversed(list(enumerate(self._id_to_token))) if token}
+
+        self.special_token_ids = frozenset(i for i, token in added.items() if token.special)
+        self.bos_token_id = bos_token_id if bos_token_id in range(self.vocab_size) else None
+        self.eos_token_id = eos_token_id if eos_token_id in range(self.vocab_size) else None
+        self.bos_token = self._id_to_token[self.bos_token_id] if self.bos_token_id is not None else None
+        self.eos_token = self._id_to_token[self.eos_token_id] if self.eos_token_id is not None else None
+
+        self._added_ids = {token.content: i for i, token in added.items()}
+        self._added_re = _added_tokens_regex(added.values())
+
+        ranks, rank_to_id, identity = _bpe_ranks(pieces, list(merges))
+        # With rank == id, tiktoken's output is the answer unless it holds a
+        # byte the vocabulary lacks (ranked at len(pieces) and up).
+        self._rank_to_id = rank_to_id
+        self._identity_limit = len(pieces) if identity else -1
+        self._identity_exact = identity and len(rank_to_id) == len(pieces)
+        try:
+            self._encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        except ValueError as error:  # the regex does not compile in tiktoken's engine
+            raise ValueError(f"Unsupported pre-tokenizer regex {pattern!r}: {error}") from error
+
+    # --- loading -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load from a ``.gguf`` file, or from a directory holding ``tokenizer.json`` or one ``.gguf``."""
+        path = Path(path)
+        if path.is_file() and path.suffix == ".gguf":
+            return cls.from_gguf(path)
+        if path.is_dir():
+            if (path / "tokenizer.json").is_file():
+                return cls.from_hf_dir(path)
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return cls.from_gguf(ggufs[0])
+            raise FileNotFoundError(
+                f"{path} has no tokenizer.json and {len(ggufs)} .gguf files; expected one of either."
+            )
+        raise FileNotFoundError(f"No tokenizer at {path}: expected a .gguf file or a directory.")
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """Load the tokenizer a GGUF file describes in its ``tokenizer.*`` metadata."""
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+
+        def field(key: str, default=None):
+            value = reader.fields.get(key)
+            return default if value is None else value.contents()
+
+        model = field("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(
+                f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported."
+            )
+        tokens: list[str] = field("tokenizer.ggml.tokens")
+        token_types: list[int] = field("tokenizer.ggml.token_type", [1] * len(tokens))
+        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
+        bos_id = field("tokenizer.ggml.bos_token_id")
+        eos_id = field("tokenizer.ggml.eos_token_id")
+        # Control tokens are special. As in HF transformers, one spelled outside
+        # the byte alphabet is a mislabelled ordinary token and is left alone.
+        special_ids = {
+            i for i, (t, kind) in enumerate(zip(tokens, token_types))
+            if kind == _GGUF_CONTROL and _ALPHABET.issuperset(t)
+        }
+        for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+            token_id = field(f"tokenizer.ggml.{key}")
+            if token_id is not None and 0 <= token_id < len(tokens):
+                special_ids.add(token_id)
+        added = [AddedToken(i, tokens[i], special=True) for i in sorted(special_ids)]
+        added += [
+            AddedToken(i, t, special=False)
+            for i, (t, kind) in enumerate(zip(tokens, token_types))
+            if kind == _GGUF_USER_DEFINED and i not in special_ids
+        ]
+        pre = field("tokenizer.ggml.pre", "default")
+        return cls(
+            tokens,
+            merges,
+            added,
+            GGUF_PRE_PATTERNS.get(pre, GPT2_PATTERN),
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            add_bos_token=bool(field("tokenizer.ggml.add_bos_token", False)),
+            chat_template=field("tokenizer.chat_template"),
+            name=f"lmserve-gguf-{pre}",
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> Tokenizer:
+        """Load from an HF directory's ``tokenizer.json`` and ``tokenizer_config.json``."""
+        path = Path(path)
+        spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        config_path = path / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"{path}: tokenizer model is {model.get('type')!r}; only byte-level BPE is supported.")
+        if model.get("byte_fallback"):
+            raise ValueError(f"{path}: BPE with byte_fallback (sentencepiece style) is not supported.")
+        vocab: dict[str, int] = model["vocab"]
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        added = [
+            AddedToken(
+                t["id"], t["content"], bool(t.get("special")), bool(t.get("lstrip")), bool(t.get("rstrip"))
+            )
+            for t in spec.get("added_tokens") or []
+        ]
+        tokens: list[str | None] = [None] * (max(vocab.values(), default=-1) + 1)
+        for token, i in vocab.items():
+            tokens[i] = token
+        token_ids = {**vocab, **{t.content: t.id for t in added}}
+
+        bos = _token_content(config.get("bos_token"))
+        eos = _token_content(config.get("eos_token"))
+        add_bos = config.get("add_bos_token")
+        if add_bos is None:
+            add_bos = bos is not None and _post_processor_adds(spec.get("post_processor"), bos)
+        return cls(
+            tokens,
+            merges,
+            added,
+            _hf_pattern(spec.get("pre_tokenizer"), path),
+            bos_token_id=token_ids.get(bos) if bos is not None else None,
+            eos_token_id=token_ids.get(eos) if eos is not None else None,
+            add_bos_token=bool(add_bos),
+            chat_template=_hf_chat_template(config, path),
+            normalizer=_hf_normalizer(spec.get("normalizer"), path),
+            name=f"lmserve-hf-{path.name}",
+        )
+
+    # --- encoding and decoding ----------------------------------------------
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids for ``text``; added tokens written in it are encoded as themselves.
+
+        :param add_bos: prepend the BOS token; ``None`` means :attr:`add_bos_token`.
+        """
+        if add_bos is None:
+            add_bos = self.add_bos_token
+        ids = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
+        if self._added_re is None:
+            ids += self._encode_ordinary(text)
+            return ids
+        start = 0
+        for match in self._added_re.finditer(text):
+            if match.start() > start:
+                ids += self._encode_ordinary(text[start : match.start()])
+            ids.append(self._added_ids[match.group(match.lastgroup or 0)])
+            start = match.end()
+        if start < len(text):
+            ids += self._encode_ordinary(text[start:])
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        if self._normalizer is not None:
+            text = self._normalizer(text)
+        ranks = self._encoding.encode_ordinary(text)
+        if self._identity_exact or not ranks or max(ranks) < self._identity_limit:
+            return ranks
+        ids = self._rank_to_id[np.asarray(ranks, dtype=np.int64)]
+        return ids[ids >= 0].tolist()
+
+    def decode_bytes(self, ids: Iterable[int], skip_special_tokens: bool = False) -> bytes:
+        """The concatenated bytes of ``ids``; ids outside the vocabulary give none."""
+        if skip_special_tokens:
+            special = self.special_token_ids
+            ids = [i for i in ids if i not in special]
+        table = self._id_to_bytes
+        try:
+            return b"".join([table[i] for i in ids])
+        except IndexError:
+            n = len(table)
+            return b"".join([table[i] for i in ids if 0 <= i < n])
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``ids`` (invalid UTF-8 becomes U+FFFD)."""
+        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token ``token_id`` stands for (an added token's UTF-8 content)."""
+        return self._id_to_bytes[token_id]
+
+    def id_to_token(self, token_id: int) -> str:
+        """The token as HF spells it (``"Ġthe"``, ``"<|im_end|>"``)."""
+        return self._id_to_token[token_id]
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of an HF-spelled token, or ``None``."""
+        return self._token_to_id.get(token)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.special_token_ids
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos_token={self.bos_token!r}, "
+            f"eos_token={self.eos_token!r}, add_bos_token={self.add_bos_token})"
+        )
+
+
+def _bpe_ranks(pieces: list[bytes | None], merges: list[tuple[str, str]]) -> tuple[dict[bytes, int], np.ndarray, bool]:
+    """tiktoken's ``mergeable_ranks`` for a vocabulary, a rank -> id table, and whether rank == id.
+
+    Only single bytes and tokens some usable merge produces get a rank; any
+    other vocabulary token is never produced by BPE (it stays decodable). A
+    merged token ranks by its first merge. Bytes missing from the vocabulary
+    get ranks past the vocabulary that map to -1 (dropped, as HF drops them).
+    """
+    byte_ids: dict[bytes, int] = {}
+    bytes_to_id: dict[bytes, int] = {}
+    for i, piece in enumerate(pieces):
+        if piece is not None:
+            bytes_to_id.setdefault(piece, i)
+            if len(piece) == 1:
+                byte_ids.setdefault(piece, i)
+
+    # Merges are spelled like the vocabulary; resolve them to bytes once.
+    resolved = []
+    for index, (left, right) in enumerate(merges):
+        a, b = spelled_to_bytes(left), spelled_to_bytes(right)
+        if a + b in bytes_to_id:
+            resolved.append((index, a, b))
+    # A merge is usable once both halves are reachable. Merges normally follow
+    # the merges that make their halves, so this loop runs once or twice.
+    reachable = set(byte_ids)
+    first_merge: dict[bytes, int] = {}
+    pending = resolved
+    while pending:
+        waiting = []
+        for index, a, b in pending:
+            if a in reachable and b in reachable:
+                merged = a + b
+                if index < first_merge.get(merged, len(merges)):
+                    first_merge[merged] = index
+                reachable.add(merged)
+            else:
+                waiting.append((index, a, b))
+        if len(waiting) == len(pending):
+            break
+        pending = waiting
+
+    merged_tokens = sorted(first_merge, key=first_merge.__getitem__)
+    merged_ids = [bytes_to_id[t] for t in merged_tokens]
+    identity = all(a < b for a, b in zip(merged_ids, merged_ids[1:]))
+    missing = [bytes((b,)) for b in range(256) if bytes((b,)) not in byte_ids]
+    if identity:
+        ranks = {**byte_ids, **dict(zip(merged_tokens, merged_ids))}
+        base = len(pieces)
+        rank_to_id = np.concatenate([np.arange(base, dtype=np.int64), np.full(len(missing), -1, np.int64)])
+    else:
+        singles = sorted(byte_ids)
+        ordered = singles + merged_tokens
+        ranks = {t: r for r, t in enumerate(ordered)}
+        base = len(ordered)
+        rank_to_id = np.array([bytes_to_id[t] for t in ordered] + [-1] * len(missing), dtype=np.int64)
+    ranks.update((t, base + k) for k, t in enumerate(missing))
+    return ranks, rank_to_id, identity
+
+
+def _added_tokens_regex(added: Iterable[AddedToken]) -> re.Pattern[str] | None:
+    """One regex matching any added token, longest first; stripping tokens get a named group."""
+    alternatives = []
+    for token in sorted(added, key=lambda t: (-len(t.content), t.content)):
+        if not token.content:
+            continue
+        body = re.escape(token.content)
+        if token.lstrip or token.rstrip:
+            body = (
+                (r"\s*" if token.lstrip else "")
+                + f"(?P<t{token.id}>{body})"
+                + (r"\s*" if token.rstrip else "")
+            )
+        alternatives.append(body)
+    return re.compile("|".join(alternatives)) if alternatives else None
+
+
+def _token_content(value: object) -> str | None:
+    """``bos_token``/``eos_token`` from tokenizer_config: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _post_processor_adds(processor: dict | None, bos: str) -> bool:
+    """Whether a ``TemplateProcessing`` post-processor puts ``bos`` first (Llama 3 style)."""
+    if not processor:
+        return False
+    if processor.get("type") == "Sequence":
+        return any(_post_processor_adds(p, bos) for p in processor.get("processors", []))
+    if processor.get("type") != "TemplateProcessing":
+        return False
+    single = processor.get("single") or []
+    return bool(single) and (single[0].get("SpecialToken") or {}).get("id") == bos
+
+
+def _hf_pattern(pre_tokenizer: dict | None, path: Path) -> str:
+    """The tiktoken regex equivalent to an HF byte-level pre-tokenizer."""
+    steps = []
+    if pre_tokenizer is not None:
+        steps = pre_tokenizer["pretokenizers"] if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    kinds = [step.get("type") for step in steps]
+    byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
+    if len(byte_level) != 1:
+        raise ValueError(f"{path}: expected one ByteLevel pre-tokenizer, found {kinds}.")
+    if byte_level[0].get("add_prefix_space"):
+        raise ValueError(f"{path}: ByteLevel pre-tokenizer with add_prefix_space is not supported.")
+    if kinds == ["ByteLevel"] and byte_level[0].get("use_regex", True):
+        return GPT2_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level[0].get("use_regex", True):
+        return GPT2_DIGITS_PATTERN
+    if kinds == ["Split", "ByteLevel"] and not byte_level[0].get("use_regex", True):
+        split = steps[0]
+        regex = (split.get("pattern") or {}).get("Regex")
+        if regex is not None and split.get("behavior") == "Isolated" and not split.get("invert"):
+            return regex
+    raise ValueError(f"{path}: unsupported pre-tokenizer {kinds}.")
+
+
+_NORMALIZER_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}
+
+
+def _hf_normalizer(normalizer: dict | None, path: Path) -> Callable[[str], str] | None:
+    """Unicode normalization forms are supported (Qwen2 uses NFC); other normalizers are refused."""
+    if normalizer is None:
+        return None
+    steps = normalizer["normalizers"] if normalizer.get("type") == "Sequence" else [normalizer]
+    forms = [step.get("type") for step in steps]
+    if not _NORMALIZER_FORMS.issuperset(forms):
+        raise ValueError(f"{path}: unsupported normalizer {forms}.")
+    if not forms:
+        return None
+
+    def normalize(text: str) -> str:
+        for form in forms:
+            text = unicodedata.normalize(form, text)
+        return text
+
+    return normalize
+
+
+def _hf_chat_template(config: dict, path: Path) -> str | None:
+    """tokenizer_config's ``chat_template`` (a string, or named templates: take "default"),
+    else a ``chat_template.jinja`` file beside it."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default")
+    if template is None and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    return template

@@ -1,0 +1,140 @@
+"""The messages that cross lmserve's boundaries.
+
+Three request shapes (STYLE.md 4): small frozen messages cross boundaries
+(:class:`EngineRequest` into a backend, :class:`EngineOutput` out of it,
+:class:`GenerationOutput` out of the bus); the engine alone owns its mutable
+per-request state; the frontends never see it. Plain dataclasses: pydantic
+lives at the HTTP edge only.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generation ended, spelled as OpenAI's ``finish_reason``."""
+
+    STOP = "stop"  # an end-of-sequence / stop token or a stop string
+    LENGTH = "length"  # max_tokens or the session length was reached
+    ABORT = "abort"  # cancelled by the client or by shutdown
+    ERROR = "error"  # the backend failed this request
+
+
+class InvalidRequestError(ValueError):
+    """Bad input from a client; ``param`` names the offending parameter."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token and when to stop.
+
+    Validated on construction; errors name the parameter, so the HTTP layer
+    can turn them into a 400 with ``param`` set.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means "all tokens"
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(
+                f"max_tokens must be at least 1, got {self.max_tokens!r}.", "max_tokens"
+            )
+        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 2.0):
+            raise InvalidRequestError(
+                f"temperature must be in [0, 2], got {self.temperature!r}.", "temperature"
+            )
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0) or math.isnan(
+            self.top_p
+        ):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}.", "top_p")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(
+                f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}.",
+                "top_k",
+            )
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.", "seed")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a frontend hands to the bus: token ids plus how to sample them."""
+
+    prompt_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+    request_id: str = ""  # the bus assigns one when empty
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+        if not self.prompt_token_ids:
+            raise InvalidRequestError("The prompt is empty: nothing to generate from.", "prompt")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the bus submits to a backend: only ids cross into the engine."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """New token ids of one request after one engine step.
+
+    ``finish_reason`` is set on the last output of a request; ``error`` holds a
+    message when the backend failed it.
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """What the bus yields to a frontend: a text delta and its token ids.
+
+    ``text`` never ends inside a UTF-8 character. The last output of a request
+    carries ``finish_reason`` (and ``error`` when it failed).
+    """
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    usage: Usage
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    extras: dict = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Ways in: the OpenAI REST API on Sanic, and the command line."""

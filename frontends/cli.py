@@ -1,0 +1,122 @@
+"""The ``lmserve`` command.
+
+    lmserve serve api_server MODEL [--server-port 23333] ...
+    lmserve plugins [--json]
+
+``--plugin module.path`` (repeatable, anywhere on the line) registers a plugin
+module before the parsers are built, so its options show up in ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from lmserve.core.config import DEVICES, DTYPES, LOG_LEVELS, ServeConfig
+from lmserve.core.model_source import ModelNotFoundError
+from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
+
+SERVE_API_SERVER = "serve api_server"
+
+
+def _plugin_modules(argv: Sequence[str]) -> list[str]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    return known.plugin
+
+
+def build_parser(pm) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE",
+        help="Import MODULE and register it as a plugin (repeatable).",
+    )
+    parser = argparse.ArgumentParser(prog="lmserve", description="Serve LLMs behind an OpenAI-compatible API.", parents=[common])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="Run a server.")
+    servers = serve.add_subparsers(dest="server", required=True, metavar="SERVER")
+    api_server = servers.add_parser(
+        "api_server", parents=[common], help="Serve MODEL over the OpenAI-compatible REST API.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    api_server.add_argument(
+        "model", metavar="MODEL",
+        help="A local HF directory, a .gguf file, or a hub id found in the local hub cache "
+        "or shipped by an installed package.",
+    )
+    api_server.add_argument("--server-name", default="0.0.0.0", help="Host to bind.")
+    api_server.add_argument("--server-port", type=int, default=23333, help="Port to bind.")
+    api_server.add_argument("--model-name", default=None, help="The model name served in /v1/models (default: MODEL).")
+    api_server.add_argument("--session-len", type=int, default=None, help="Context length in tokens (default: the model's).")
+    api_server.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="Logging level.")
+    api_server.add_argument("--device", default="auto", help=f"One of {', '.join(DEVICES)} or cuda:N; auto picks CUDA when present.")
+    api_server.add_argument("--dtype", default="auto", choices=DTYPES, help="Weights and KV dtype; auto: float32 on the CPU, bfloat16/float16 on CUDA.")
+    call_safely(pm, "lmserve_add_cli_options", command=SERVE_API_SERVER, parser=api_server)
+
+    plugins = commands.add_parser("plugins", parents=[common], help="List the loaded plugins.")
+    plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    call_safely(pm, "lmserve_add_cli_options", command="plugins", parser=plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        pm = create_plugin_manager(_plugin_modules(argv))
+        args = build_parser(pm).parse_args(argv)
+        if args.command == "plugins":
+            return _plugins(pm, as_json=args.json)
+        return _serve_api_server(pm, args)
+    except (PluginError, ModelNotFoundError, ValueError) as exc:
+        print(f"lmserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _plugins(pm, as_json: bool) -> int:
+    infos = list_plugins(pm)
+    if as_json:
+        print(json.dumps([info.__dict__ for info in infos], indent=2))
+        return 0
+    for info in infos:
+        print(f"{info.name}  {info.version or '-'}  ({info.source})")
+        for hook in info.hooks:
+            print(f"    {hook}")
+    return 0
+
+
+def _serve_api_server(pm, args: argparse.Namespace) -> int:
+    config = ServeConfig(
+        model=args.model,
+        model_name=args.model_name,
+        server_name=args.server_name,
+        server_port=args.server_port,
+        session_len=args.session_len,
+        log_level=args.log_level,
+        device=args.device,
+        dtype=args.dtype,
+        plugins=tuple(args.plugin),
+        options=vars(args),
+    )
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Sanic is imported only by the command that serves.
+    from lmserve.frontends.openai.app import build_state, create_app
+
+    state = build_state(config, pm)
+    app = create_app(state, pm)
+    app.run(
+        host=config.server_name,
+        port=config.server_port,
+        single_process=True,
+        motd=False,
+        access_log=config.log_level == "DEBUG",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Errors in OpenAI's shape, with LMDeploy's top-level fields alongside.
+
+Body: ``{"error": {"message", "type", "param", "code"}, "object": "error",
+"message", "type", "param", "code"}`` - OpenAI SDKs read ``error``; LMDeploy's
+clients read the top-level ``code`` (the HTTP status).
+"""
+
+from __future__ import annotations
+
+import json
+
+from sanic import HTTPResponse
+from sanic.response import json as json_response
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """Raised by a route to answer with an error body and status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    detail = {
+        "message": message,
+        "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        "param": param,
+        "code": status,
+    }
+    return {"error": detail, "object": "error", **detail}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> HTTPResponse:
+    return json_response(error_body(status, message, param), status=status)
+
+
+def sse_error(status: int, message: str, param: str | None = None) -> str:
+    """An error sent as a stream event, after streaming began."""
+    return f"data: {json.dumps(error_body(status, message, param), ensure_ascii=False)}\n\n"

@@ -1,0 +1,1 @@
+"""Built-in plugins: they use the same hooks a third-party package would."""

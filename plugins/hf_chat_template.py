@@ -1,0 +1,77 @@
+"""The ``hf`` chat template: the model's own Jinja template, rendered in a sandbox.
+
+The template comes from GGUF ``tokenizer.chat_template`` or
+``tokenizer_config.json``; it is rendered the way HF transformers'
+``apply_chat_template`` renders it (same Jinja options, globals and filters),
+so prompts match token for token.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Sequence
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from lmserve.core import hookimpl
+from lmserve.core.chat_template import Message
+from lmserve.core.types import InvalidRequestError
+
+
+class JinjaChatTemplate:
+    """Renders messages with a Jinja chat template in an immutable sandbox."""
+
+    name = "hf"
+
+    def __init__(self, source: str, bos_token: str | None = None, eos_token: str | None = None):
+        self.source = source
+        self.bos_token = bos_token or ""
+        self.eos_token = eos_token or ""
+        self.stop_words: tuple[str, ...] = (eos_token,) if eos_token else ()
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"The model's chat template does not parse: {exc}") from exc
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except (jinja2.TemplateError, TypeError, KeyError) as exc:
+            raise InvalidRequestError(f"The chat template refused the messages: {exc}", "messages") from exc
+
+
+class _TemplateRaised(jinja2.TemplateError):
+    pass
+
+
+def _raise_exception(message: str):
+    raise _TemplateRaised(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # HF's own tojson: no HTML escaping, unlike Jinja's built-in filter.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+@hookimpl
+def lmserve_chat_template(source, tokenizer, config):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    return JinjaChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token)

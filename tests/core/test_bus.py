@@ -1,0 +1,218 @@
+"""The request bus against a scripted backend that steps in its own thread."""
+
+import asyncio
+import queue
+import threading
+
+import pytest
+
+from lmserve.core.backend import Backend
+from lmserve.core.bus import RequestBus
+from lmserve.core.tokenizer import Tokenizer
+from lmserve.core.types import (
+    EngineOutput,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+)
+
+
+class ScriptedBackend(Backend):
+    """Emits a fixed list of token ids, one per step, from its own thread."""
+
+    def __init__(self, script, eos_token_ids=(), max_model_len=64, step_delay=0.0):
+        self.script = list(script)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.step_delay = step_delay
+        self.aborted: list[str] = []
+        self.submitted = []
+        self._inbox = queue.SimpleQueue()
+        self._thread = None
+
+    def start(self, sink):
+        self._sink = sink
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def submit(self, request):
+        self.submitted.append(request)
+        self._inbox.put(("submit", request))
+
+    def abort(self, request_id):
+        self._inbox.put(("abort", request_id))
+
+    def shutdown(self):
+        self._inbox.put(("stop", None))
+        self._thread.join(5)
+
+    def _run(self):
+        import time
+
+        while True:
+            kind, payload = self._inbox.get()
+            if kind == "stop":
+                return
+            if kind == "abort":
+                self.aborted.append(payload)
+                continue
+            request, params = payload, payload.sampling_params
+            for i, token in enumerate(self.script):
+                time.sleep(self.step_delay)
+                try:
+                    kind2, aborted_id = self._inbox.get_nowait()
+                    if kind2 == "abort" and aborted_id == request.request_id:
+                        self.aborted.append(aborted_id)
+                        self._sink([EngineOutput(request.request_id, (), FinishReason.ABORT)])
+                        break
+                except queue.Empty:
+                    pass
+                last = i + 1 == len(self.script) or i + 1 == params.max_tokens
+                stop = token in self.eos_token_ids and not params.ignore_eos
+                reason = FinishReason.STOP if stop else (FinishReason.LENGTH if last else None)
+                self._sink([EngineOutput(request.request_id, (token,), reason)])
+                if reason is not None:
+                    break
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tok")
+    write_tiny_tokenizer(directory)
+    return Tokenizer.from_hf_dir(directory)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+async def _collect(bus, request):
+    return [out async for out in bus.generate(request)]
+
+
+def test_outputs_text_usage_and_finish(tokenizer):
+    text = "héllo 世界 🙂!"
+    ids = tokenizer.encode(text, add_bos=False)
+    backend = ScriptedBackend(ids)
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        outs = await _collect(bus, GenerationRequest((1, 2, 3), SamplingParams(max_tokens=len(ids))))
+        bus.shutdown()
+        return outs
+
+    outs = _run(main())
+    assert "".join(o.text for o in outs) == text
+    assert all(o.text for o in outs[:-1]), "no empty deltas before the last output"
+    assert all("\ufffd" not in o.text for o in outs)
+    assert outs[-1].finish_reason is FinishReason.LENGTH
+    assert outs[-1].usage.prompt_tokens == 3
+    assert outs[-1].usage.completion_tokens == len(ids)
+    assert len({o.request_id for o in outs}) == 1
+
+
+def test_stop_token_is_counted_but_not_text(tokenizer):
+    eos = tokenizer.eos_token_id
+    ids = tokenizer.encode("ok", add_bos=False) + [eos]
+    backend = ScriptedBackend(ids, eos_token_ids=(eos,))
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        params = SamplingParams(max_tokens=10, skip_special_tokens=False)
+        outs = await _collect(bus, GenerationRequest((1,), params))
+        bus.shutdown()
+        return outs
+
+    outs = _run(main())
+    assert "".join(o.text for o in outs) == "ok"
+    assert outs[-1].finish_reason is FinishReason.STOP
+    assert outs[-1].usage.completion_tokens == len(ids)
+
+
+def test_leaving_early_aborts_in_the_backend(tokenizer):
+    backend = ScriptedBackend([65] * 1000, max_model_len=2048, step_delay=0.005)
+    finished = []
+
+    class Observer:
+        def lmserve_request_started(self, request):
+            pass
+
+        def lmserve_request_finished(self, request, output, elapsed_s):
+            finished.append(output)
+
+    async def main():
+        bus = RequestBus(backend, tokenizer, hooks=Observer())
+        bus.start()
+        stream = bus.generate(GenerationRequest((1,), SamplingParams(max_tokens=1000)))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        await asyncio.sleep(0.1)
+        assert bus.num_in_flight == 0
+        bus.shutdown()
+
+    _run(main())
+    assert backend.aborted == [backend.submitted[0].request_id]
+    assert finished and finished[0].finish_reason is FinishReason.ABORT
+
+
+def test_a_raising_observer_does_not_break_the_request(tokenizer):
+    backend = ScriptedBackend(tokenizer.encode("fine", add_bos=False))
+
+    class Raising:
+        def lmserve_request_started(self, request):
+            raise RuntimeError("observer bug")
+
+        def lmserve_request_finished(self, request, output, elapsed_s):
+            raise RuntimeError("observer bug")
+
+    async def main():
+        bus = RequestBus(backend, tokenizer, hooks=Raising())
+        bus.start()
+        outs = await _collect(bus, GenerationRequest((1,), SamplingParams(max_tokens=50)))
+        bus.shutdown()
+        return outs
+
+    assert "".join(o.text for o in _run(main())) == "fine"
+
+
+def test_prompt_longer_than_the_context_is_refused(tokenizer):
+    backend = ScriptedBackend([65], max_model_len=8)
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        try:
+            with pytest.raises(InvalidRequestError, match="context length"):
+                await _collect(bus, GenerationRequest(tuple(range(8)), SamplingParams(max_tokens=1)))
+            with pytest.raises(InvalidRequestError, match="context length") as info:
+                await _collect(bus, GenerationRequest(tuple(range(4)), SamplingParams(max_tokens=5)))
+            assert "4 in the prompt" in info.value.message and "5 for the completion" in info.value.message
+            assert bus.check_length(4, None) == 4
+        finally:
+            bus.shutdown()
+
+    _run(main())
+    assert backend.submitted == []
+
+
+def test_ids_of_tokens_without_text_ride_with_the_next_delta(tokenizer):
+    special = sorted(tokenizer.special_token_ids)[0]
+    ids = [special, special] + tokenizer.encode("a🙂b", add_bos=False) + [special]
+    backend = ScriptedBackend(ids)
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        outs = await _collect(bus, GenerationRequest((1,), SamplingParams(max_tokens=len(ids))))
+        bus.shutdown()
+        return outs
+
+    outs = _run(main())
+    assert [t for o in outs for t in o.token_ids] == ids
+    assert "".join(o.text for o in outs) == "a🙂b"

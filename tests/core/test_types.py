@@ -1,0 +1,34 @@
+import pytest
+
+from lmserve.core.types import GenerationRequest, InvalidRequestError, SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_sampling_params_errors_name_the_parameter(kwargs, param):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+    assert param in info.value.message
+
+
+def test_greedy_when_temperature_zero_or_top_k_one():
+    assert SamplingParams(temperature=0.0).greedy
+    assert SamplingParams(top_k=1).greedy
+    assert not SamplingParams(temperature=0.7).greedy
+
+
+def test_empty_prompt_is_rejected():
+    with pytest.raises(InvalidRequestError):
+        GenerationRequest((), SamplingParams())

@@ -1,0 +1,141 @@
+"""The OpenAI routes on a live server over a tiny random model."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.base_url + "/v1", api_key="unused")
+
+
+def test_models_lists_the_served_name(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_chat_non_streaming_has_usage(client):
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0
+    assert 1 <= reply.usage.completion_tokens <= 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming_when_greedy(client):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "count"}], max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_stream_and_not(client):
+    whole = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=0)
+    assert whole.object == "text_completion"
+    streamed = list(client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert whole.usage.completion_tokens <= 6
+
+
+def test_completions_default_to_16_tokens(client):
+    reply = client.completions.create(model="tiny", prompt="abc", temperature=0, extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 16
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_sse_ends_with_done(tiny_server):
+    with httpx.stream(
+        "POST", tiny_server.base_url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def _post(server, path, body, **kwargs):
+    return httpx.post(server.base_url + path, json=body, timeout=60, **kwargs)
+
+
+def assert_error(response, status, param=None):
+    assert response.status_code == status, response.text
+    body = response.json()
+    for where in (body["error"], body):
+        assert set(("message", "type", "param", "code")) <= set(where)
+        assert where["code"] == status and where["param"] == param and where["message"]
+    assert body["object"] == "error"
+    return body
+
+
+def test_unknown_model_is_404(tiny_server):
+    body = assert_error(_post(tiny_server, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404, "model")
+    assert body["message"] == "The model 'gpt-9' does not exist."
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"n": 2}, "n"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_invalid_fields_are_400_with_param(tiny_server, body, param):
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **body}
+    assert_error(_post(tiny_server, "/v1/chat/completions", request), 400, param)
+
+
+def test_context_length_is_400_naming_both_counts(tiny_server):
+    response = _post(tiny_server, "/v1/completions", {"model": "tiny", "prompt": "word " * 10, "max_tokens": 250})
+    body = assert_error(response, 400, "max_tokens")
+    assert "context length" in body["message"] and "250" in body["message"]
+    response = _post(tiny_server, "/v1/completions", {"model": "tiny", "prompt": list(range(300))})
+    assert "context length" in assert_error(response, 400, "messages")["message"]
+
+
+def test_malformed_json_and_wrong_content_type_are_400(tiny_server):
+    url = tiny_server.base_url + "/v1/chat/completions"
+    assert_error(httpx.post(url, content=b"{nope", headers={"content-type": "application/json"}), 400)
+    assert_error(httpx.post(url, content=b"model=tiny", headers={"content-type": "text/plain"}), 400)
+    assert_error(httpx.post(url, content=b"[1, 2]", headers={"content-type": "application/json"}), 400)
+
+
+def test_unknown_route_and_wrong_method_keep_the_error_shape(tiny_server):
+    assert_error(httpx.get(tiny_server.base_url + "/v1/nothing"), 404)
+    assert_error(httpx.get(tiny_server.base_url + "/v1/chat/completions"), 405)
+
+
+def test_unknown_keys_are_ignored(tiny_server):
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "kwargs": {"a": 1}, "top_k": 1}
+    response = _post(tiny_server, "/v1/chat/completions", request)
+    assert response.status_code == 200, response.text
+
+
+def test_raw_string_messages_skip_the_template(tiny_server):
+    request = {"model": "tiny", "messages": "abc", "max_tokens": 1, "temperature": 0}
+    raw = _post(tiny_server, "/v1/chat/completions", request).json()
+    templated = _post(tiny_server, "/v1/chat/completions", {**request, "messages": [{"role": "user", "content": "abc"}]}).json()
+    assert raw["usage"]["prompt_tokens"] < templated["usage"]["prompt_tokens"]
+
+
+def test_health(tiny_server):
+    assert httpx.get(tiny_server.base_url + "/health").json() == {"status": "ok"}
