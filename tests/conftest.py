@@ -116,3 +116,25 @@ def smollm2_server(smollm2_gguf):
     server = LiveServer("HuggingFaceTB/SmolLM2-135M-Instruct", "--session-len", "2048")
     yield server
     server.stop()
+
+
+# HF transformers is the reference for correctness (a dev dependency, never a runtime one).
+# Loaded once per session; a missing transformers fails these tests rather than skipping them.
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_model(smollm2_gguf):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+    return model.eval()

@@ -152,7 +152,7 @@ class TorchBackend(Backend):
                 )
             )
             return
-        self.kv_cache.reset()
+        # No reset: a request writes every cache row before it attends to it.
         self._running = _RequestState(
             request,
             make_generator(request.sampling_params, self.device),

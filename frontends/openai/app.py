@@ -51,7 +51,8 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
 
 def create_app(state: ServerState, pm: pluggy.PluginManager) -> Sanic:
     """The Sanic app over ``state``; routes come from :hook:`lmserve_register_routes`."""
-    app = Sanic("lmserve")
+    # lmserve configures logging itself (--log-level); Sanic would add its own handlers.
+    app = Sanic("lmserve", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.ctx.state = state
     _setup_errors(app)

@@ -50,6 +50,11 @@ def error_response(status: int, message: str, param: str | None = None) -> HTTPR
     return json_response(error_body(status, message, param), status=status)
 
 
+def sse_event(payload: dict) -> str:
+    """One server-sent event carrying ``payload`` as compact JSON."""
+    return "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
 def sse_error(status: int, message: str, param: str | None = None) -> str:
     """An error sent as a stream event, after streaming began."""
-    return f"data: {json.dumps(error_body(status, message, param), ensure_ascii=False)}\n\n"
+    return sse_event(error_body(status, message, param))

@@ -22,7 +22,7 @@ from lmserve.core.types import (
     InvalidRequestError,
     SamplingParams,
 )
-from lmserve.frontends.openai.errors import APIError, error_response, sse_error
+from lmserve.frontends.openai.errors import APIError, error_response, sse_error, sse_event
 from lmserve.frontends.openai.protocol import ChatCompletionRequest, CompletionRequest
 from lmserve.frontends.openai.state import ServerState
 
@@ -197,7 +197,7 @@ async def _stream(request: Request, state: ServerState, body, response_id: str, 
         event = {"id": response_id, "object": kind, "created": created, "model": state.model_name, "choices": [choice]}
         if include_usage:
             event["usage"] = None
-        return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        return sse_event(event)
 
     response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     if chat:
@@ -215,7 +215,7 @@ async def _stream(request: Request, state: ServerState, body, response_id: str, 
     if include_usage and last is not None and last.finish_reason is not FinishReason.ERROR:
         event = {"id": response_id, "object": kind, "created": created, "model": state.model_name,
                  "choices": [], "usage": _usage(last)}
-        await response.send(f"data: {json.dumps(event)}\n\n")
+        await response.send(sse_event(event))
     await response.send("data: [DONE]\n\n")
     await response.eof()
 

@@ -34,11 +34,8 @@ def lmserve_bus(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    where = dict(pretrained_model_name_or_path=str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(**where)
+def hf(hf_smollm2_model, hf_smollm2_tokenizer):
+    return hf_smollm2_model, hf_smollm2_tokenizer
 
 
 def hf_greedy(model, prompt_ids, n):

@@ -51,18 +51,13 @@ PROMPTS = {  # name -> chat messages (rendered with the model's template) or raw
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+def hf_tokenizer(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
-    return model.eval()
+def hf_model(hf_smollm2_model):
+    return hf_smollm2_model
 
 
 @pytest.fixture(scope="module")

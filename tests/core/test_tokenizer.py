@@ -22,7 +22,7 @@ from lmserve.core.tokenizer import (
 )
 from tiny_tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, tokenizer_config, tokenizer_json, write_tiny_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the reference; a dev dependency)
 
 HAND_WRITTEN = [
     "Hello, world!",
@@ -275,7 +275,7 @@ def test_refuses_what_it_cannot_do(tiny_dir, tmp_path):
 
 def _write_gguf(path: Path, tiny_dir: Path, model: str = "gpt2", pre: str = "gpt2") -> Path:
     """The tiny tokenizer as llama.cpp would store it in a GGUF file (no tensors)."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     spec = json.loads((tiny_dir / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = spec["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.__getitem__)
@@ -331,8 +331,8 @@ def smollm2(smollm2_gguf) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf(smollm2_gguf):
-    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+def smollm2_hf(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer
 
 
 @pytest.mark.real_model

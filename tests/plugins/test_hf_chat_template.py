@@ -16,9 +16,8 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf_tokenizer(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+def smollm2_hf_tokenizer(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer
 
 
 @pytest.mark.real_model

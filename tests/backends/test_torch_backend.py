@@ -1,0 +1,159 @@
+"""The torch backend's engine thread on a tiny random model."""
+
+import queue
+
+import pytest
+import torch
+
+from lmserve.backends.torch.backend import TorchBackend
+from lmserve.backends.torch.kv_cache import KVCache
+from lmserve.backends.torch.weights import load_model
+from lmserve.core.types import EngineRequest, FinishReason, SamplingParams
+
+PROMPT = (5, 17, 42, 99, 3, 64, 7, 8, 120, 33, 2, 11)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+class Collector:
+    """A sink that files outputs by request id, for a test to wait on."""
+
+    def __init__(self):
+        self.outputs = queue.SimpleQueue()
+
+    def __call__(self, outputs):
+        for out in outputs:
+            self.outputs.put(out)
+
+    def run_until_finished(self, request_ids, timeout=60):
+        tokens = {rid: [] for rid in request_ids}
+        reasons = {}
+        while len(reasons) < len(request_ids):
+            out = self.outputs.get(timeout=timeout)
+            tokens[out.request_id].extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                assert out.request_id not in reasons, "a request finished twice"
+                reasons[out.request_id] = out.finish_reason
+        return tokens, reasons
+
+
+def make_backend(tiny, **kwargs):
+    config, model = tiny
+    kv_cache = KVCache.allocate(config, 256, dtype=torch.float32, device="cpu")
+    backend = TorchBackend(model, kv_cache, max_model_len=256, eos_token_ids=config.eos_token_ids,
+                           device=torch.device("cpu"), **kwargs)
+    collector = Collector()
+    backend.start(collector)
+    return backend, collector
+
+
+def reference_greedy(tiny, prompt, n):
+    """Greedy decoding without reusing the cache: the whole sequence every step."""
+    config, model = tiny
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            cache = KVCache.allocate(config, 256, dtype=torch.float32, device="cpu")
+            hidden = model(torch.tensor(ids), torch.arange(len(ids)), cache)
+            ids.append(int(model.compute_logits(hidden[-1:])[0].argmax()))
+    return ids[len(prompt):]
+
+
+def greedy(max_tokens, **kwargs):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+@pytest.mark.parametrize("max_prefill_token_num", [1024, 5])
+def test_greedy_tokens_equal_a_plain_recompute_loop(tiny, max_prefill_token_num):
+    backend, collector = make_backend(tiny, max_prefill_token_num=max_prefill_token_num)
+    try:
+        backend.submit(EngineRequest("a", PROMPT, greedy(12)))
+        tokens, reasons = collector.run_until_finished(["a"])
+    finally:
+        backend.shutdown()
+    assert reasons["a"] is FinishReason.LENGTH
+    assert tokens["a"] == reference_greedy(tiny, PROMPT, 12)
+
+
+def test_requests_queue_in_order_and_each_is_independent(tiny):
+    backend, collector = make_backend(tiny)
+    try:
+        backend.submit(EngineRequest("long", PROMPT, greedy(6)))
+        backend.submit(EngineRequest("short", PROMPT[:4], greedy(6)))
+        tokens, _ = collector.run_until_finished(["long", "short"])
+    finally:
+        backend.shutdown()
+    assert tokens["long"] == reference_greedy(tiny, PROMPT, 6)
+    assert tokens["short"] == reference_greedy(tiny, PROMPT[:4], 6)
+
+
+def test_abort_of_running_and_waiting_requests(tiny):
+    backend, collector = make_backend(tiny)
+    try:
+        backend.submit(EngineRequest("running", PROMPT, greedy(200)))
+        backend.submit(EngineRequest("waiting", PROMPT, greedy(200)))
+        first = collector.outputs.get(timeout=60)
+        assert first.request_id == "running"
+        backend.abort("waiting")
+        backend.abort("running")
+        backend.abort("never-submitted")  # ignored
+        tokens, reasons = collector.run_until_finished(["running", "waiting"])
+        assert reasons == {"running": FinishReason.ABORT, "waiting": FinishReason.ABORT}
+        assert len(tokens["running"]) < 200 and tokens["waiting"] == []
+        backend.submit(EngineRequest("after", PROMPT, greedy(3)))  # the engine goes on
+        tokens, reasons = collector.run_until_finished(["after"])
+        assert reasons["after"] is FinishReason.LENGTH and len(tokens["after"]) == 3
+    finally:
+        backend.shutdown()
+    assert not backend.is_healthy()
+
+
+def test_shutdown_aborts_everything_in_flight(tiny):
+    backend, collector = make_backend(tiny)
+    backend.submit(EngineRequest("x", PROMPT, greedy(200)))
+    backend.submit(EngineRequest("y", PROMPT, greedy(200)))
+    collector.outputs.get(timeout=60)
+    backend.shutdown()
+    _, reasons = collector.run_until_finished(["x", "y"])
+    assert set(reasons.values()) == {FinishReason.ABORT}
+
+
+def test_eos_stops_unless_ignored(tiny):
+    config, _ = tiny
+    first_token = reference_greedy(tiny, PROMPT, 1)[0]
+    backend, collector = make_backend(tiny)
+    try:
+        backend.submit(EngineRequest("stop", PROMPT, SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=(first_token,))))
+        tokens, reasons = collector.run_until_finished(["stop"])
+        assert reasons["stop"] is FinishReason.STOP and tokens["stop"] == [first_token]
+    finally:
+        backend.shutdown()
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    backend, collector = make_backend(tiny)
+    params = dict(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, ignore_eos=True)
+    try:
+        for rid, seed in (("a", 7), ("b", 7), ("c", 8)):
+            backend.submit(EngineRequest(rid, PROMPT, SamplingParams(seed=seed, **params)))
+        tokens, _ = collector.run_until_finished(["a", "b", "c"])
+    finally:
+        backend.shutdown()
+    assert tokens["a"] == tokens["b"]
+    assert tokens["a"] != tokens["c"]
+
+
+def test_a_request_that_breaks_the_model_fails_alone(tiny):
+    config, _ = tiny
+    backend, collector = make_backend(tiny)
+    try:
+        backend.submit(EngineRequest("bad", (config.vocab_size + 5,), greedy(2)))  # out of the vocabulary
+        backend.submit(EngineRequest("good", PROMPT, greedy(2)))
+        tokens, reasons = collector.run_until_finished(["bad", "good"])
+    finally:
+        backend.shutdown()
+    assert reasons == {"bad": FinishReason.ERROR, "good": FinishReason.LENGTH}
+    assert len(tokens["good"]) == 2
