@@ -128,7 +128,7 @@ class RequestBus:
                 if out.finish_reason is not None:
                     text += detokenizer.flush()
                 pending_ids += out.new_token_ids
-                usage = Usage(num_prompt, num_output)
+                usage = Usage(num_prompt, num_output, out.num_cached_tokens)
                 last = GenerationOutput(
                     request_id, text, pending_ids, usage, out.finish_reason, out.error
                 )

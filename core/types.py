@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 
 
 class FinishReason(str, enum.Enum):
@@ -44,6 +46,11 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 means "all tokens"
+    min_p: float = 0.0  # 0 means off
+    repetition_penalty: float = 1.0  # over prompt and output; 1 means off
+    presence_penalty: float = 0.0  # over the output
+    frequency_penalty: float = 0.0  # over the output
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -67,6 +74,30 @@ class SamplingParams:
                 f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}.",
                 "top_k",
             )
+        if not (_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}.", "min_p")
+        if not (_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0):
+            raise InvalidRequestError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}.",
+                "repetition_penalty",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (_is_number(value) and -2.0 <= value <= 2.0):
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}.", name)
+        bias = {}
+        for token, value in dict(self.logit_bias).items():
+            try:
+                token_id = int(token)
+            except (TypeError, ValueError):
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {token!r}.", "logit_bias") from None
+            if not (_is_number(value) and -100.0 <= value <= 100.0):
+                raise InvalidRequestError(
+                    f"logit_bias values must be in [-100, 100], got {value!r} for token {token_id}.",
+                    "logit_bias",
+                )
+            bias[token_id] = float(value)
+        object.__setattr__(self, "logit_bias", MappingProxyType(bias))
         if self.seed is not None and not isinstance(self.seed, int):
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.", "seed")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -74,6 +105,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 @dataclass(frozen=True)
@@ -111,12 +146,15 @@ class EngineOutput:
     new_token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     error: str | None = None
+    #: Prompt tokens served from the prefix cache (set on every output; stable once known).
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def total_tokens(self) -> int:

@@ -6,9 +6,10 @@ value tensor of the same shape; the keys and values of the token at position
 chunk of one, or one decoded token) writes its rows and attends over
 positions ``[0, last position]`` under a causal mask.
 
-The model touches the cache in two places only: :meth:`KVCache.attention_metadata`
-once per forward pass and :meth:`KVCache.update` once per layer, so a paged
-cache can replace this one by offering the same two methods.
+The model touches a cache in one place: ``attend(layer_idx, metadata, q, k,
+v)`` once per layer, which stores the new keys/values and returns the
+attention output. The paged cache of the engine (``paged_cache.py``) offers
+the same method; this one-sequence cache is the simple reference.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.backends.torch.attention import attention
 from lmserve.backends.torch.model_config import ModelConfig
 
 
@@ -99,3 +101,9 @@ class KVCache:
         key_cache[metadata.positions] = keys.to(key_cache.dtype)
         value_cache[metadata.positions] = values.to(value_cache.dtype)
         return key_cache[: metadata.context_len], value_cache[: metadata.context_len]
+
+    def attend(self, layer_idx: int, metadata: AttentionMetadata, query: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Store the new keys/values, then attend: ``[T, heads * head_dim]``."""
+        all_keys, all_values = self.update(layer_idx, metadata, keys, values)
+        return attention(query, all_keys, all_values, metadata.mask)

@@ -119,17 +119,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
-def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-              mask: torch.Tensor | None) -> torch.Tensor:
-    """Grouped-query attention of ``[T, heads, head_dim]`` queries over
-    ``[S, kv_heads, head_dim]`` keys/values; ``mask`` is ``[T, S]`` bool or
-    None. Returns ``[T, heads * head_dim]``."""
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-        attn_mask=mask, enable_gqa=query.shape[1] != keys.shape[1])
-    return out.transpose(0, 1).reshape(query.shape[0], -1)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -144,16 +133,26 @@ class Attention(nn.Module):
         self.k_proj = make_linear(hidden, kv_size, bias=qkv_bias, parallel="column")
         self.v_proj = make_linear(hidden, kv_size, bias=qkv_bias, parallel="column")
         self.o_proj = make_linear(q_size, hidden, bias=config.attention_output_bias, parallel="row")
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v_proj by one ``qkv_proj`` (one larger matmul instead of three)."""
+        self.qkv_proj = _fuse(self.q_proj, self.k_proj, self.v_proj)
+        self.split_sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, -1, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, -1, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, -1, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(num_tokens, -1, self.head_dim)
+        k = k.reshape(num_tokens, -1, self.head_dim)
+        v = v.reshape(num_tokens, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values = kv_cache.update(self.layer_idx, metadata, k, v)
-        return self.o_proj(attention(q, keys, values, metadata.mask))
+        return self.o_proj(kv_cache.attend(self.layer_idx, metadata, q, k, v))
 
 
 class MLP(nn.Module):
@@ -163,9 +162,34 @@ class MLP(nn.Module):
         self.gate_proj = make_linear(hidden, inner, parallel="column")
         self.up_proj = make_linear(hidden, inner, parallel="column")
         self.down_proj = make_linear(inner, hidden, parallel="row")
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Replace gate/up_proj by one ``gate_up_proj``."""
+        self.gate_up_proj = _fuse(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _fuse(*layers: nn.Linear) -> nn.Linear:
+    """One column-parallel layer whose output is the layers' outputs side by side.
+
+    (Under tensor parallelism each part is sharded on its own, then fused per rank.)
+    """
+    first = layers[0]
+    fused = nn.Linear(first.in_features, sum(layer.out_features for layer in layers),
+                      bias=first.bias is not None, device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -205,6 +229,12 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = make_linear(config.hidden_size, config.vocab_size, parallel="column")
         self.tie_weights()
 
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up into single matmuls (the engine does this after loading)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
     def tie_weights(self) -> None:
         """Share the embedding matrix with ``lm_head`` when the config says so
         (again after moving the model, which can untie them)."""
@@ -213,11 +243,16 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_cache: KVCache) -> torch.Tensor:
-        """Run ``input_ids`` (``[T]``) at ``positions`` (``[T]``, increasing),
-        storing their keys/values in ``kv_cache``; earlier positions must be
-        cached already. Returns the final-norm hidden states ``[T, hidden]``."""
-        metadata = kv_cache.attention_metadata(positions)
+                kv_cache: KVCache, metadata=None) -> torch.Tensor:
+        """Run ``input_ids`` (``[T]``) at ``positions`` (``[T]``), storing their
+        keys/values in ``kv_cache``; earlier positions must be cached already.
+        Returns the final-norm hidden states ``[T, hidden]``.
+
+        ``metadata`` describes the batch for the cache's ``attend`` (the paged
+        engine builds it per step); None asks a one-sequence cache to derive
+        it from ``positions``."""
+        if metadata is None:
+            metadata = kv_cache.attention_metadata(positions)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from lmserve.core import hookimpl
 from lmserve.core.config import ServeConfig
@@ -11,30 +12,42 @@ from lmserve.core.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
 
+SERVE_API_SERVER = "serve api_server"
+
+
+@hookimpl
+def lmserve_add_cli_options(command, parser):
+    if command != SERVE_API_SERVER:
+        return
+    group = parser.add_argument_group("torch engine")
+    group.add_argument("--cache-max-entry-count", type=float, default=0.8,
+                       help="KV-cache size: a fraction (0, 1) of the device memory free after the weights "
+                       "load (on the CPU: of the available RAM), or an integer >= 1: a number of blocks.")
+    group.add_argument("--cache-block-seq-len", type=int, default=64, help="Tokens per KV-cache block.")
+    group.add_argument("--max-batch-size", type=int, default=128, help="Most sequences in one step.")
+    group.add_argument("--max-prefill-token-num", type=int, default=4096,
+                       help="Most prompt tokens computed in one step (longer prompts are prefilled in chunks).")
+    group.add_argument("--enable-prefix-caching", action="store_true",
+                       help="Reuse the KV cache of full blocks shared by prompts (hits are reported as "
+                       "usage.prompt_tokens_details.cached_tokens).")
+
 
 @hookimpl(trylast=True)
 def lmserve_make_backend(config: ServeConfig, source: ModelSource):
     # torch is imported here, not at module level: `lmserve plugins` stays fast.
-    from lmserve.backends.torch.backend import TorchBackend
-    from lmserve.backends.torch.device import resolve_device, resolve_dtype
-    from lmserve.backends.torch.kv_cache import KVCache
-    from lmserve.backends.torch.weights import load_model
+    from lmserve.backends.torch.factory import EngineConfig, create_backend
 
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    model_config, model = load_model(
-        source.path, device=device, dtype=dtype, progress=ProgressBar("Loading weights")
+    options = config.options
+    engine_config = EngineConfig(
+        device=config.device,
+        dtype=config.dtype,
+        session_len=config.session_len,
+        cache_max_entry_count=options.get("cache_max_entry_count", 0.8),
+        cache_block_seq_len=options.get("cache_block_seq_len", 64),
+        max_batch_size=options.get("max_batch_size", 128),
+        max_prefill_token_num=options.get("max_prefill_token_num", 4096),
+        enable_prefix_caching=options.get("enable_prefix_caching", False),
     )
-    max_model_len = config.session_len or model_config.max_position_embeddings
-    kv_cache = KVCache.allocate(model_config, max_model_len, dtype=dtype, device=device)
-    backend = TorchBackend(
-        model,
-        kv_cache,
-        max_model_len=max_model_len,
-        eos_token_ids=model_config.eos_token_ids,
-        device=device,
-        max_prefill_token_num=int(config.options.get("max_prefill_token_num") or 1024),
-    )
-    backend.warm_up()
-    logger.info("torch backend ready on %s (%s), context %d tokens", device, dtype, max_model_len)
+    backend = create_backend(source.path, engine_config, progress=ProgressBar("Loading weights"))
+    print(f"lmserve: {backend.describe()}", file=sys.stderr)
     return backend

@@ -1,44 +1,39 @@
-"""Token sampling in torch, one request at a time.
-
-Greedy when ``temperature == 0`` or ``top_k == 1``; otherwise temperature,
-top-k and top-p, drawn from a per-request generator so that a seed gives the
-same tokens whatever else the engine is doing. (The batched Numba kernels of
-the engine issue replace this file.)
-"""
+"""Batched sampling for the engine (interim torch version; kernels replace it)."""
 
 from __future__ import annotations
 
-import random
+from typing import Sequence as Seq
 
 import torch
 
-from lmserve.core.types import SamplingParams
+from lmserve.backends.torch.sequence import Sequence
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if params.greedy:
-        return None
-    seed = params.seed if params.seed is not None else random.getrandbits(63)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
-    return generator
+def _mix(seed: int, step: int) -> int:
+    """A 63-bit seed for (request seed, output index): the draw for the n-th
+    token of a request never depends on the rest of the batch."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) & 0xFFFF_FFFF_FFFF_FFFF
+    return (x ^ (x >> 29)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick one token id from ``logits`` of shape ``[vocab]``."""
-    logits = logits.float()
-    if params.greedy or generator is None:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens before it already reach top_p
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
+    out = torch.argmax(logits, dim=-1).tolist()
+    for row, seq in enumerate(seqs):
+        params = seq.sampling_params
+        if params.greedy:
+            continue
+        row_logits = logits[row] / params.temperature
+        if 0 < params.top_k < row_logits.numel():
+            kth = torch.topk(row_logits, params.top_k).values[-1]
+            row_logits = row_logits.masked_fill(row_logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, order = torch.sort(row_logits, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            row_logits = torch.full_like(row_logits, float("-inf")).scatter(0, order, sorted_logits)
+        generator = torch.Generator(device=logits.device).manual_seed(_mix(seq.seed, seq.num_output_tokens))
+        out[row] = int(torch.multinomial(torch.softmax(row_logits, dim=-1), 1, generator=generator))
+    return out

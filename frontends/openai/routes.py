@@ -225,4 +225,5 @@ def _usage(out: GenerationOutput) -> dict:
         "prompt_tokens": out.usage.prompt_tokens,
         "completion_tokens": out.usage.completion_tokens,
         "total_tokens": out.usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.usage.cached_tokens},
     }

@@ -5,7 +5,7 @@ import queue
 import pytest
 import torch
 
-from lmserve.backends.torch.backend import TorchBackend
+from lmserve.backends.torch.factory import EngineConfig, create_backend
 from lmserve.backends.torch.kv_cache import KVCache
 from lmserve.backends.torch.weights import load_model
 from lmserve.core.types import EngineRequest, FinishReason, SamplingParams
@@ -40,11 +40,10 @@ class Collector:
         return tokens, reasons
 
 
-def make_backend(tiny, **kwargs):
-    config, model = tiny
-    kv_cache = KVCache.allocate(config, 256, dtype=torch.float32, device="cpu")
-    backend = TorchBackend(model, kv_cache, max_model_len=256, eos_token_ids=config.eos_token_ids,
-                           device=torch.device("cpu"), **kwargs)
+def make_backend(tiny_model_dir, **kwargs):
+    options = dict(cache_max_entry_count=64, cache_block_seq_len=16, session_len=256)
+    options.update(kwargs)
+    backend = create_backend(tiny_model_dir, EngineConfig(**options))
     collector = Collector()
     backend.start(collector)
     return backend, collector
@@ -67,8 +66,8 @@ def greedy(max_tokens, **kwargs):
 
 
 @pytest.mark.parametrize("max_prefill_token_num", [1024, 5])
-def test_greedy_tokens_equal_a_plain_recompute_loop(tiny, max_prefill_token_num):
-    backend, collector = make_backend(tiny, max_prefill_token_num=max_prefill_token_num)
+def test_greedy_tokens_equal_a_plain_recompute_loop(tiny, tiny_model_dir, max_prefill_token_num):
+    backend, collector = make_backend(tiny_model_dir, max_prefill_token_num=max_prefill_token_num)
     try:
         backend.submit(EngineRequest("a", PROMPT, greedy(12)))
         tokens, reasons = collector.run_until_finished(["a"])
@@ -78,8 +77,8 @@ def test_greedy_tokens_equal_a_plain_recompute_loop(tiny, max_prefill_token_num)
     assert tokens["a"] == reference_greedy(tiny, PROMPT, 12)
 
 
-def test_requests_queue_in_order_and_each_is_independent(tiny):
-    backend, collector = make_backend(tiny)
+def test_requests_queue_in_order_and_each_is_independent(tiny, tiny_model_dir):
+    backend, collector = make_backend(tiny_model_dir)
     try:
         backend.submit(EngineRequest("long", PROMPT, greedy(6)))
         backend.submit(EngineRequest("short", PROMPT[:4], greedy(6)))
@@ -90,8 +89,8 @@ def test_requests_queue_in_order_and_each_is_independent(tiny):
     assert tokens["short"] == reference_greedy(tiny, PROMPT[:4], 6)
 
 
-def test_abort_of_running_and_waiting_requests(tiny):
-    backend, collector = make_backend(tiny)
+def test_abort_of_running_and_waiting_requests(tiny, tiny_model_dir):
+    backend, collector = make_backend(tiny_model_dir, max_batch_size=1)
     try:
         backend.submit(EngineRequest("running", PROMPT, greedy(200)))
         backend.submit(EngineRequest("waiting", PROMPT, greedy(200)))
@@ -111,8 +110,8 @@ def test_abort_of_running_and_waiting_requests(tiny):
     assert not backend.is_healthy()
 
 
-def test_shutdown_aborts_everything_in_flight(tiny):
-    backend, collector = make_backend(tiny)
+def test_shutdown_aborts_everything_in_flight(tiny, tiny_model_dir):
+    backend, collector = make_backend(tiny_model_dir)
     backend.submit(EngineRequest("x", PROMPT, greedy(200)))
     backend.submit(EngineRequest("y", PROMPT, greedy(200)))
     collector.outputs.get(timeout=60)
@@ -121,10 +120,10 @@ def test_shutdown_aborts_everything_in_flight(tiny):
     assert set(reasons.values()) == {FinishReason.ABORT}
 
 
-def test_eos_stops_unless_ignored(tiny):
+def test_eos_stops_unless_ignored(tiny, tiny_model_dir):
     config, _ = tiny
     first_token = reference_greedy(tiny, PROMPT, 1)[0]
-    backend, collector = make_backend(tiny)
+    backend, collector = make_backend(tiny_model_dir)
     try:
         backend.submit(EngineRequest("stop", PROMPT, SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=(first_token,))))
         tokens, reasons = collector.run_until_finished(["stop"])
@@ -133,8 +132,8 @@ def test_eos_stops_unless_ignored(tiny):
         backend.shutdown()
 
 
-def test_seeded_sampling_is_reproducible(tiny):
-    backend, collector = make_backend(tiny)
+def test_seeded_sampling_is_reproducible(tiny, tiny_model_dir):
+    backend, collector = make_backend(tiny_model_dir)
     params = dict(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, ignore_eos=True)
     try:
         for rid, seed in (("a", 7), ("b", 7), ("c", 8)):
@@ -146,9 +145,9 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert tokens["a"] != tokens["c"]
 
 
-def test_a_request_that_breaks_the_model_fails_alone(tiny):
+def test_a_request_that_breaks_the_model_fails_alone(tiny, tiny_model_dir):
     config, _ = tiny
-    backend, collector = make_backend(tiny)
+    backend, collector = make_backend(tiny_model_dir)
     try:
         backend.submit(EngineRequest("bad", (config.vocab_size + 5,), greedy(2)))  # out of the vocabulary
         backend.submit(EngineRequest("good", PROMPT, greedy(2)))

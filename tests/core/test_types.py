@@ -14,6 +14,12 @@ from lmserve.core.types import GenerationRequest, InvalidRequestError, SamplingP
         ({"top_p": float("nan")}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"seed": 1.5}, "seed"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias"),
     ],
 )
 def test_sampling_params_errors_name_the_parameter(kwargs, param):

@@ -1,0 +1,103 @@
+"""Attention over a paged KV cache, for a batch that mixes prefill chunks and decodes.
+
+The model runner lays a step's tokens out as ``[decode tokens | prefill
+chunk 1 | prefill chunk 2 | ...]`` and describes them in a
+:class:`PagedAttentionMetadata`; the cache's ``attend`` calls
+:func:`paged_attention` once per layer. Everything here is plain torch, so it
+runs on the CPU and on CUDA alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention of ``[T, heads, head_dim]`` queries over
+    ``[S, kv_heads, head_dim]`` keys/values; ``mask`` is ``[T, S]`` bool or
+    None. Returns ``[T, heads * head_dim]``."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+        attn_mask=mask, enable_gqa=query.shape[1] != keys.shape[1])
+    return out.transpose(0, 1).reshape(query.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class PrefillSegment:
+    """One sequence's chunk of new tokens (more than one token, or its first)."""
+
+    query_start: int
+    query_len: int
+    context_len: int  # cached tokens before the chunk + the chunk
+    #: ``[kv_heads * num_blocks]`` blocks of the cache holding the whole
+    #: context; None when nothing was cached before the chunk.
+    gather_blocks: torch.Tensor | None
+    #: ``[query_len, context_len]`` bool, True where a query may attend; None: plain causal.
+    mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PagedAttentionMetadata:
+    """What every layer needs to attend for one step; built once per step."""
+
+    #: ``[kv_heads * T]`` rows of the flat cache where the new keys/values go.
+    write_rows: torch.Tensor
+    num_decodes: int
+    #: ``[num_decodes * kv_heads * max_blocks]`` cache blocks to gather for the decodes.
+    decode_gather_blocks: torch.Tensor | None
+    #: ``max_blocks * block_size``: the padded context every decode attends over.
+    decode_max_context: int
+    #: ``[num_decodes, 1, 1, decode_max_context]`` bool, True where a decode may attend.
+    decode_mask: torch.Tensor | None
+    prefills: tuple[PrefillSegment, ...]
+
+
+def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: PagedAttentionMetadata,
+                    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    block_size: int) -> torch.Tensor:
+    """Store the step's keys/values, then attend; returns ``[T, heads * head_dim]``.
+
+    ``flat_keys``/``flat_values``: one layer's cache viewed as
+    ``[kv_heads * num_slots, head_dim]``, heads-major, so each (head, block)
+    is one contiguous ``block_size * head_dim`` run and contexts are gathered
+    a block at a time. ``query``: ``[T, heads, head_dim]``; ``keys`` and
+    ``values``: ``[T, kv_heads, head_dim]``.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    flat_keys.index_copy_(0, meta.write_rows, keys.transpose(0, 1).reshape(-1, head_dim))
+    flat_values.index_copy_(0, meta.write_rows, values.transpose(0, 1).reshape(-1, head_dim))
+    key_blocks = flat_keys.view(-1, block_size * head_dim)
+    value_blocks = flat_values.view(-1, block_size * head_dim)
+    out = query.new_empty(num_tokens, num_heads * head_dim)
+
+    n = meta.num_decodes
+    if n:
+        group = num_heads // num_kv_heads
+        shape = (n, num_kv_heads, meta.decode_max_context, head_dim)
+        context_keys = key_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
+        context_values = value_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
+        # Each kv head's query group plays the part of a query sequence: one
+        # fused attention call for every decode, no key/value repetition.
+        q = query[:n].reshape(n, num_kv_heads, group, head_dim)
+        o = F.scaled_dot_product_attention(q, context_keys, context_values, attn_mask=meta.decode_mask)
+        out[:n] = o.reshape(n, num_heads * head_dim)
+
+    for segment in meta.prefills:
+        rows = slice(segment.query_start, segment.query_start + segment.query_len)
+        q = query[rows].transpose(0, 1)
+        if segment.gather_blocks is None:
+            k, v = keys[rows].transpose(0, 1), values[rows].transpose(0, 1)
+        else:
+            shape = (num_kv_heads, -1, head_dim)
+            k = key_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
+            v = value_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=segment.mask, is_causal=segment.mask is None,
+            enable_gqa=num_heads != num_kv_heads)
+        out[rows] = o.transpose(0, 1).reshape(segment.query_len, -1)
+    return out

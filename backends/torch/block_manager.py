@@ -1,0 +1,137 @@
+"""Which KV-cache blocks each sequence owns; prefix caching by block hash.
+
+Blocks are reference-counted: a block reached through the prefix cache can
+belong to several sequences at once. A freed block without a cached hash is
+handed out again first, most recently freed first, so the engine keeps
+reusing memory that is already warm (on the CPU, pages are committed on first
+touch). A freed block with a cached hash stays findable by its prefix until
+no plain free block is left; then cached blocks are evicted least recently
+used first.
+
+The hash of a full block chains the hash of the block before it with the
+block's token ids, so equal hashes mean equal prefixes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from lmserve.backends.torch.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() is next
+        self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU order
+        self._hash_to_block: dict[int, int] = {}
+        self._block_to_hash: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence holds (cached-but-unused blocks included)."""
+        return len(self._free_plain) + len(self._free_cached)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._hash_to_block)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # --------------------------------------------------------------- allocation
+
+    def allocate(self, seq: Sequence, token_budget: int) -> int:
+        """Give ``seq`` the blocks for its next chunk; return the chunk's size.
+
+        The chunk is ``min(uncomputed tokens, token_budget)``. A sequence
+        without blocks first takes the longest cached prefix of its tokens (at
+        least one token is always left to compute: its logits are needed).
+        Returns 0, changing nothing, when there are not enough free blocks.
+        """
+        cached: list[int] = []
+        if not seq.block_table and self.enable_prefix_caching:
+            cached = self._match_prefix(seq)
+        num_computed = seq.num_computed_tokens + len(cached) * self.block_size
+        num_new_tokens = min(seq.num_tokens - num_computed, token_budget)
+        if num_new_tokens <= 0:
+            return 0
+        needed = self.blocks_for(num_computed + num_new_tokens) - len(seq.block_table) - len(cached)
+        reusable_free = sum(1 for block in cached if self.ref_counts[block] == 0)
+        if needed > self.num_free_blocks - reusable_free:
+            return 0
+        for block in cached:
+            self._acquire(block)
+        if cached:
+            seq.block_table.extend(cached)
+            seq.block_hashes.extend(self._block_to_hash[block] for block in cached)
+            seq.num_computed_tokens = num_computed
+            if seq.num_preemptions == 0:  # usage reports hits of the first schedule only
+                seq.num_cached_tokens = min(num_computed, seq.num_prompt_tokens)
+        for _ in range(needed):
+            seq.block_table.append(self._take_free_block())
+        return num_new_tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Release every block of ``seq`` (finished, aborted or preempted)."""
+        # Tail blocks first: they are the least likely to be shared, so they are evicted first.
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] < 0:
+                raise AssertionError(f"block {block} freed more often than taken")
+            if self.ref_counts[block] == 0:
+                if block in self._block_to_hash:
+                    self._free_cached[block] = None
+                else:
+                    self._free_plain.append(block)
+        seq.block_table.clear()
+        seq.block_hashes.clear()
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Add ``seq``'s newly computed full blocks to the prefix cache; called after each step."""
+        if not self.enable_prefix_caching:
+            return
+        size = self.block_size
+        for index in range(len(seq.block_hashes), seq.num_computed_tokens // size):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            block_hash = hash((parent, tuple(seq.token_ids[index * size : (index + 1) * size])))
+            seq.block_hashes.append(block_hash)
+            block = seq.block_table[index]
+            if block_hash not in self._hash_to_block and block not in self._block_to_hash:
+                self._hash_to_block[block_hash] = block
+                self._block_to_hash[block] = block_hash
+
+    # ---------------------------------------------------------------- internals
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        size = self.block_size
+        blocks: list[int] = []
+        parent = None
+        for index in range((seq.num_tokens - 1) // size):
+            parent = hash((parent, tuple(seq.token_ids[index * size : (index + 1) * size])))
+            block = self._hash_to_block.get(parent)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def _acquire(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self._free_cached[block]  # only cached blocks are found by hash
+        self.ref_counts[block] += 1
+
+    def _take_free_block(self) -> int:
+        if self._free_plain:
+            block = self._free_plain.pop()
+        else:  # evict the least recently used cached block
+            block, _ = self._free_cached.popitem(last=False)
+            del self._hash_to_block[self._block_to_hash.pop(block)]
+        self.ref_counts[block] = 1
+        return block

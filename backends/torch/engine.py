@@ -1,0 +1,114 @@
+"""The engine's step: schedule, run the model, sample, post-process.
+
+Single-threaded by design: the backend's thread owns the engine and is the
+only caller. No hook is called in here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from typing import Callable, Sequence as Seq
+
+import torch
+
+from lmserve.backends.torch.model_runner import ModelRunner
+from lmserve.backends.torch.scheduler import Scheduler
+from lmserve.backends.torch.sequence import Sequence, SequenceStatus
+from lmserve.core.types import EngineOutput, EngineRequest, FinishReason
+
+logger = logging.getLogger(__name__)
+
+#: (logits [N, vocab] float32, the N sequences) -> N sampled token ids
+SampleFn = Callable[[torch.Tensor, Seq[Sequence]], list[int]]
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sample: SampleFn, *,
+                 eos_token_ids: tuple[int, ...], max_model_len: int):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.sample = sample
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.sequences: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+
+    @property
+    def block_manager(self):
+        return self.scheduler.block_manager
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def add_request(self, request: EngineRequest) -> EngineOutput | None:
+        """Queue a request; an output (an error) when it can never run."""
+        if request.request_id in self.sequences:
+            return EngineOutput(request.request_id, (), FinishReason.ERROR,
+                                f"Request id {request.request_id!r} is already running.")
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            return EngineOutput(request.request_id, (), FinishReason.ERROR,
+                                f"The prompt ({len(request.prompt_token_ids)} tokens) does not fit "
+                                f"the context length ({self.max_model_len} tokens).")
+        vocab_size = self.runner.model.config.vocab_size
+        if any(not 0 <= token < vocab_size for token in request.prompt_token_ids):
+            return EngineOutput(request.request_id, (), FinishReason.ERROR,
+                                f"The prompt holds token ids outside the vocabulary [0, {vocab_size}).")
+        seed = request.sampling_params.seed
+        seq = Sequence(request, next(self._arrivals),
+                       seed=random.getrandbits(63) if seed is None else seed)
+        self.sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+        return None
+
+    def abort_request(self, request_id: str) -> EngineOutput | None:
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, FinishReason.ABORT, ())
+
+    def abort_all(self) -> list[EngineOutput]:
+        return [self._finish(seq, FinishReason.ABORT, ()) for seq in list(self.sequences.values())]
+
+    def step(self) -> list[EngineOutput]:
+        """One iteration: every scheduled sequence computes its chunk; those
+        that caught up with their tokens sample one more."""
+        plan = self.scheduler.schedule()
+        outputs = [self._finish(seq, FinishReason.ERROR, (), reason) for seq, reason in plan.rejected]
+        if plan.is_empty:
+            return outputs
+        scheduled = plan.scheduled
+        sample_rows = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
+        try:
+            logits = self.runner.run(scheduled, sample_rows)
+            to_sample = [scheduled[i][0] for i in sample_rows]
+            token_ids = self.sample(logits, to_sample) if to_sample else []
+        except Exception as exc:  # fail the step's requests, keep the engine alive
+            logger.exception("An engine step failed.")
+            message = f"The engine failed: {type(exc).__name__}: {exc}"
+            return outputs + [self._finish(seq, FinishReason.ERROR, (), message) for seq, _ in scheduled]
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        for seq, token_id in zip(to_sample, token_ids):
+            seq.token_ids.append(token_id)
+            outputs.append(self._after_token(seq, token_id))
+        return outputs
+
+    def _after_token(self, seq: Sequence, token_id: int) -> EngineOutput:
+        params = seq.sampling_params
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            return self._finish(seq, FinishReason.STOP, (token_id,))
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, FinishReason.LENGTH, (token_id,))
+        return EngineOutput(seq.request_id, (token_id,), num_cached_tokens=seq.num_cached_tokens)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, token_ids: tuple[int, ...],
+                error: str | None = None) -> EngineOutput:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        del self.sequences[seq.request_id]
+        return EngineOutput(seq.request_id, token_ids, reason, error, seq.num_cached_tokens)

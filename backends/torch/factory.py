@@ -1,0 +1,98 @@
+"""Build the torch backend: load weights, size the KV cache, assemble the engine, warm up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lmserve.backends.torch.backend import TorchBackend
+from lmserve.backends.torch.block_manager import BlockManager
+from lmserve.backends.torch.device import resolve_device, resolve_dtype
+from lmserve.backends.torch.engine import LLMEngine
+from lmserve.backends.torch.model_runner import ModelRunner
+from lmserve.backends.torch.paged_cache import PagedKVCache
+from lmserve.backends.torch.sampler import sample
+from lmserve.backends.torch.scheduler import Scheduler
+from lmserve.backends.torch.weights import load_model
+from lmserve.core.types import EngineRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"
+    dtype: str = "auto"
+    session_len: int | None = None
+    cache_max_entry_count: float = 0.8
+    cache_block_seq_len: int = 64
+    max_batch_size: int = 128
+    max_prefill_token_num: int = 4096
+    enable_prefix_caching: bool = False
+
+    def __post_init__(self) -> None:
+        count = self.cache_max_entry_count
+        if not (0 < count < 1 or (count >= 1 and float(count).is_integer())):
+            raise ValueError(
+                f"--cache-max-entry-count must be a fraction in (0, 1) or a whole number of blocks >= 1, got {count}."
+            )
+        for name in ("cache_block_seq_len", "max_batch_size", "max_prefill_token_num"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now: free GPU memory, or the RAM available to new allocations."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def create_backend(path: str | Path, config: EngineConfig,
+                   progress: Callable[[int, int], None] | None = None) -> TorchBackend:
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model_config, model = load_model(path, device=device, dtype=dtype, progress=progress)
+    model.fuse_projections()
+    max_model_len = config.session_len or model_config.max_position_embeddings
+
+    block_size = config.cache_block_seq_len
+    if config.cache_max_entry_count >= 1:
+        num_blocks = int(config.cache_max_entry_count)
+    else:
+        per_block = PagedKVCache.bytes_per_block(model_config, block_size, dtype)
+        num_blocks = int(available_memory(device) * config.cache_max_entry_count) // per_block
+    if num_blocks < 1:
+        raise ValueError("No memory is left for the KV cache; raise --cache-max-entry-count or free memory.")
+
+    kv_cache = PagedKVCache.allocate(model_config, num_blocks, block_size, dtype, device)
+    runner = ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window)
+    scheduler = Scheduler(
+        BlockManager(num_blocks, block_size, config.enable_prefix_caching),
+        max_batch_size=config.max_batch_size,
+        max_prefill_token_num=config.max_prefill_token_num,
+    )
+    engine = LLMEngine(runner, scheduler, sample, eos_token_ids=model_config.eos_token_ids,
+                       max_model_len=max_model_len)
+    warm_up(engine)
+    return TorchBackend(engine, eos_token_ids=model_config.eos_token_ids)
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """Run a prefill, a batched decode and sampling once, so the first request pays no first-call costs."""
+    greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=2, temperature=1.0, top_p=0.9, top_k=5, seed=0, ignore_eos=True)
+    with torch.inference_mode():
+        engine.add_request(EngineRequest("warm-up-0", (0, 1, 2), greedy))
+        engine.add_request(EngineRequest("warm-up-1", (3, 4), sampled))
+        while engine.has_work:
+            engine.step()

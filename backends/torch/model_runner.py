@@ -1,0 +1,119 @@
+"""Turns a scheduled step into tensors, runs the model, returns the logits to sample.
+
+The step's tokens are laid out ``[decodes | prefill chunk 1 | chunk 2 | ...]``.
+Slot arithmetic (block tables -> cache rows) is done here once per step with
+numpy, so the layers only index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmserve.backends.torch.attention import PagedAttentionMetadata, PrefillSegment
+from lmserve.backends.torch.paged_cache import PagedKVCache
+from lmserve.backends.torch.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, device: torch.device,
+                 sliding_window: int | None = None):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.sliding_window = sliding_window
+        self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
+        self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_blocks
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
+        """Compute the scheduled tokens; return float32 logits ``[len(sample_rows), vocab]``.
+
+        ``sample_rows`` are indices into ``scheduled`` of the sequences whose
+        next token is sampled this step (those whose chunk ends their tokens).
+        """
+        input_ids, positions, metadata, last_rows = self.prepare(scheduled)
+        hidden = self.model(input_ids, positions, self.kv_cache, metadata)
+        rows = torch.as_tensor([last_rows[i] for i in sample_rows], dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)).float()
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]):
+        block_size = self.kv_cache.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        last_rows: list[int] = []
+        num_decodes = 0  # the leading one-token chunks attend as one batch
+        for seq, n in scheduled:
+            if n != 1:
+                break
+            num_decodes += 1
+        decodes = scheduled[:num_decodes]
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            last_rows.append(len(ids) - 1)
+        positions_np = np.asarray(positions, dtype=np.int64)
+
+        # The slot of every new token, from its sequence's block table.
+        block_ids = np.empty(len(ids), dtype=np.int64)
+        row = 0
+        for seq, n in scheduled:
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            block_ids[row : row + n] = table[positions_np[row : row + n] // block_size]
+            row += n
+        slots = block_ids * block_size + positions_np % block_size
+        write_rows = (self._head_offsets[:, None] + slots[None, :]).reshape(-1)
+
+        decode_gather_blocks = decode_mask = None
+        max_context = 0
+        if num_decodes:
+            context_lens = positions_np[:num_decodes] + 1
+            max_blocks = -(-int(context_lens.max()) // block_size)
+            max_context = max_blocks * block_size
+            tables = np.zeros((num_decodes, max_blocks), dtype=np.int64)  # padding: block 0, masked
+            for i, (seq, _) in enumerate(scheduled[:num_decodes]):
+                table = seq.block_table[:max_blocks]
+                tables[i, : len(table)] = table
+            decode_gather_blocks = self._tensor(self._head_blocks(tables).reshape(-1))
+            token_index = np.arange(max_context)
+            mask = token_index[None, :] < context_lens[:, None]
+            if self.sliding_window is not None:
+                mask &= token_index[None, :] > (context_lens[:, None] - 1 - self.sliding_window)
+            decode_mask = torch.from_numpy(mask[:, None, None, :]).to(self.device)
+
+        prefills = []
+        row = num_decodes
+        for seq, n in scheduled[num_decodes:]:
+            start = seq.num_computed_tokens
+            context_len = start + n
+            gather_blocks = mask = None
+            if start > 0:
+                table = np.asarray(seq.block_table[: -(-context_len // block_size)], dtype=np.int64)
+                gather_blocks = self._tensor(self._head_blocks(table[None, :]).reshape(-1))
+            if start > 0 or self.sliding_window is not None:
+                query_pos = np.arange(start, context_len)[:, None]
+                key_pos = np.arange(context_len)[None, :]
+                allowed = key_pos <= query_pos
+                if self.sliding_window is not None:
+                    allowed &= key_pos > query_pos - self.sliding_window
+                mask = torch.from_numpy(allowed).to(self.device)
+            prefills.append(PrefillSegment(row, n, context_len, gather_blocks, mask))
+            row += n
+
+        metadata = PagedAttentionMetadata(
+            write_rows=self._tensor(write_rows),
+            num_decodes=num_decodes,
+            decode_gather_blocks=decode_gather_blocks,
+            decode_max_context=max_context,
+            decode_mask=decode_mask,
+            prefills=tuple(prefills),
+        )
+        return self._tensor(np.asarray(ids, dtype=np.int64)), self._tensor(positions_np), metadata, last_rows
+
+    def _head_blocks(self, tables: np.ndarray) -> np.ndarray:
+        """``[N, blocks]`` block ids -> ``[N, kv_heads, blocks]`` rows of the cache's block view."""
+        return self._head_offsets_in_blocks[None, :, None] + tables[:, None, :]
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

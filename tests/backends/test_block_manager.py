@@ -1,0 +1,118 @@
+"""Invariants of the block manager: ref counts, no double free, prefix hits, eviction."""
+
+import pytest
+
+from lmserve.backends.torch.block_manager import BlockManager
+from lmserve.backends.torch.sequence import Sequence
+from lmserve.core.types import EngineRequest, SamplingParams
+
+_count = iter(range(10**6))
+
+
+def seq(tokens, max_tokens=8):
+    return Sequence(EngineRequest(f"s{next(_count)}", tuple(tokens), SamplingParams(max_tokens=max_tokens)),
+                    arrival_index=next(_count))
+
+
+def compute(manager, s, n):
+    """What the engine does after a step: the chunk is computed."""
+    s.num_computed_tokens += n
+    manager.register_full_blocks(s)
+
+
+def test_allocate_and_free_return_every_block():
+    manager = BlockManager(8, 4)
+    a, b = seq(range(10)), seq(range(5))
+    assert manager.allocate(a, 100) == 10 and len(a.block_table) == 3
+    assert manager.allocate(b, 100) == 5 and len(b.block_table) == 2
+    assert manager.num_free_blocks == 3
+    assert len(set(a.block_table) | set(b.block_table)) == 5, "no block is handed out twice"
+    manager.free(a)
+    manager.free(b)
+    assert manager.num_free_blocks == 8 and set(manager.ref_counts) == {0}
+
+
+def test_a_failed_allocation_changes_nothing():
+    manager = BlockManager(2, 4)
+    s = seq(range(12))
+    assert manager.allocate(s, 100) == 0
+    assert s.block_table == [] and manager.num_free_blocks == 2 and s.num_computed_tokens == 0
+
+
+def test_freeing_a_block_twice_is_caught():
+    manager = BlockManager(4, 4)
+    s = seq(range(4))
+    manager.allocate(s, 100)
+    table = list(s.block_table)
+    manager.free(s)
+    s.block_table.extend(table)  # a bug that frees the same blocks again
+    with pytest.raises(AssertionError, match="freed more often"):
+        manager.free(s)
+
+
+def test_chunks_grow_the_table_only_as_needed():
+    manager = BlockManager(8, 4)
+    s = seq(range(10))
+    assert manager.allocate(s, 3) == 3 and len(s.block_table) == 1
+    compute(manager, s, 3)
+    assert manager.allocate(s, 3) == 3 and len(s.block_table) == 2
+    compute(manager, s, 3)
+    assert manager.allocate(s, 100) == 4 and len(s.block_table) == 3
+
+
+def test_prefix_hits_share_blocks_and_count_references():
+    manager = BlockManager(16, 4, enable_prefix_caching=True)
+    prompt = list(range(100, 110))  # two full blocks + 2 tokens
+    first = seq(prompt)
+    compute(manager, first, manager.allocate(first, 100))
+    second = seq(prompt + [7, 8, 9])
+    n = manager.allocate(second, 100)
+    assert second.num_computed_tokens == 8 and second.num_cached_tokens == 8
+    assert n == 5
+    assert second.block_table[:2] == first.block_table[:2]
+    assert [manager.ref_counts[b] for b in first.block_table[:2]] == [2, 2]
+    manager.free(first)
+    assert [manager.ref_counts[b] for b in second.block_table[:2]] == [1, 1]
+    manager.free(second)
+    assert manager.num_free_blocks == 16 and set(manager.ref_counts) == {0}
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    manager = BlockManager(16, 4, enable_prefix_caching=True)
+    prompt = list(range(8))  # exactly two blocks
+    first = seq(prompt)
+    compute(manager, first, manager.allocate(first, 100))
+    manager.free(first)
+    again = seq(prompt)
+    assert manager.allocate(again, 100) == 4  # one block reused, the last recomputed
+    assert again.num_cached_tokens == 4
+
+
+def test_freed_cached_blocks_are_found_again_until_evicted():
+    manager = BlockManager(4, 4, enable_prefix_caching=True)
+    cached = seq(list(range(50, 59)))  # 2 full blocks + 1
+    compute(manager, cached, manager.allocate(cached, 100))
+    manager.free(cached)
+    assert manager.num_free_blocks == 4 and manager.num_cached_blocks == 2
+    hit = seq(list(range(50, 59)))
+    manager.allocate(hit, 100)
+    assert hit.num_cached_tokens == 8
+    manager.free(hit)
+    # Plain free blocks go first; then cached ones are evicted (LRU) and forgotten.
+    big = seq(list(range(200, 216)))
+    assert manager.allocate(big, 100) == 16
+    assert manager.num_cached_blocks == 0
+    manager.free(big)
+    miss = seq(list(range(50, 59)))
+    manager.allocate(miss, 100)
+    assert miss.num_cached_tokens == 0
+
+
+def test_different_prefixes_do_not_match():
+    manager = BlockManager(16, 4, enable_prefix_caching=True)
+    a = seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    compute(manager, a, manager.allocate(a, 100))
+    b = seq([1, 2, 3, 4, 0, 6, 7, 8, 9])  # same first block, different second
+    manager.allocate(b, 100)
+    assert b.num_cached_tokens == 4
+    assert b.block_table[0] == a.block_table[0] and b.block_table[1] != a.block_table[1]
