@@ -2,8 +2,9 @@
 
     python loadtests/bench_kernels.py [--vocab 49152] [--repeat 50]
 
-Sampling: one engine step (penalties off) for B rows of a V-token vocabulary,
-logits ~ N(0, 3^2); the input copy is not timed. Cache: one layer's call
+Sampling: one engine step for B rows of a V-token vocabulary, logits ~ N(0, 3^2)
+(penalised rows: a 500-token prompt and 100 output tokens); the input copy and
+the batch building are not timed. Cache: one layer's call
 (keys and values) at B=64, ctx=512, 3 KV heads x 64, block size 64.
 """
 
@@ -11,27 +12,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 
 import numba
 import numpy as np
 
 from lmserve.backends.torch.kernels import cache, sampling, warm_up
-
-
-@dataclass(frozen=True)
-class Params:
-    temperature: float
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = 0
+from lmserve.core.types import SamplingParams
 
 
 SAMPLING_CASES = {
-    "greedy": Params(0.0),
-    "t=1.0": Params(1.0),
-    "t=0.7 top_p=0.9": Params(0.7, 0.9),
-    "t=0.7 top_p=0.9 top_k=40": Params(0.7, 0.9, 40),
+    "greedy": SamplingParams(temperature=0.0),
+    "t=1.0": SamplingParams(temperature=1.0),
+    "t=0.7 top_p=0.9": SamplingParams(temperature=0.7, top_p=0.9),
+    "t=0.7 top_p=0.9 top_k=40": SamplingParams(temperature=0.7, top_p=0.9, top_k=40),
+    "t=0.7 top_p=0.9 rep=1.1 freq=0.1": SamplingParams(temperature=0.7, top_p=0.9,
+                                                       repetition_penalty=1.1,
+                                                       frequency_penalty=0.1),
 }
 
 
@@ -49,19 +45,21 @@ def time_call(function, prepare, repeat: int) -> float:
 def bench_sampling(vocab_size: int, repeat: int, parallel: bool | None) -> None:
     rng = np.random.default_rng(0)
     print(f"sampling, V={vocab_size}, {numba.get_num_threads()} threads, parallel={parallel}")
-    print(f"{'case':28s} {'B=1':>9s} {'B=8':>9s} {'B=64':>9s} {'B=256':>9s}")
+    print(f"{'case':34s} {'B=1':>9s} {'B=8':>9s} {'B=64':>9s} {'B=256':>9s}")
     workspace = sampling.SamplingWorkspace()
     for name, params in SAMPLING_CASES.items():
         row = []
         for size in (1, 8, 64, 256):
             logits = (rng.standard_normal((size, vocab_size)) * 3).astype(np.float32)
+            history = [rng.integers(0, vocab_size, 500), rng.integers(0, vocab_size, 100)]
             batch = sampling.SamplingBatch.from_requests(
-                [params] * size, [[]] * size, seeds=list(range(size)))
+                [params] * size, [history[1]] * size, [history[0]] * size,
+                seeds=list(range(size)))
             seconds = time_call(
                 lambda x: sampling.sample_cpu(x, batch, workspace, parallel=parallel),
                 lambda: (logits.copy(),), repeat)
             row.append(f"{seconds * 1e3:7.3f}ms")
-        print(f"{name:28s} " + " ".join(f"{cell:>9s}" for cell in row))
+        print(f"{name:34s} " + " ".join(f"{cell:>9s}" for cell in row))
 
 
 def bench_cache(repeat: int, parallel: bool | None) -> None:

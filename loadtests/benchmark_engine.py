@@ -48,10 +48,9 @@ def workload(tokenizer, count: int, max_tokens: int) -> list[tuple[list[int], in
     return requests
 
 
-def run_lmserve(backend, requests) -> float:
+def run_lmserve(backend, outputs: queue.SimpleQueue, requests) -> float:
     from lmserve.core.types import EngineRequest, SamplingParams
 
-    outputs: queue.SimpleQueue = queue.SimpleQueue()
     pending = set()
     start = time.perf_counter()
     for i, (ids, n) in enumerate(requests):
@@ -60,17 +59,13 @@ def run_lmserve(backend, requests) -> float:
         backend.submit(EngineRequest(rid, tuple(ids), SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
     produced = 0
     while pending:
-        out = outputs_get(outputs)
+        out = outputs.get(timeout=600)
         produced += len(out.new_token_ids)
         if out.finish_reason is not None:
             pending.discard(out.request_id)
     elapsed = time.perf_counter() - start
     assert produced == sum(n for _, n in requests), (produced, sum(n for _, n in requests))
     return produced / elapsed
-
-
-def outputs_get(q):
-    return q.get(timeout=600)
 
 
 def run_hf(model, tokenizer, requests) -> float:
@@ -103,14 +98,12 @@ def main(argv=None) -> int:
 
     backend = create_backend(path, EngineConfig(session_len=2048, cache_max_entry_count=0.2,
                                                 max_batch_size=max(args.concurrency)))
-    sink: queue.SimpleQueue = queue.SimpleQueue()
-    backend.start(lambda outs: [sink.put(o) for o in outs])
-    global outputs_get
-    outputs_get = lambda _q: sink.get(timeout=600)  # noqa: E731
+    outputs: queue.SimpleQueue = queue.SimpleQueue()
+    backend.start(lambda outs: [outputs.put(o) for o in outs])
 
     rows = []
     for c in args.concurrency:
-        ours = run_lmserve(backend, requests[:c])
+        ours = run_lmserve(backend, outputs, requests[:c])
         print(f"lmserve  concurrency {c:3d}: {ours:8.1f} tok/s", file=sys.stderr, flush=True)
         rows.append([c, ours, None])
     backend.shutdown()

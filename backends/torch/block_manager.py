@@ -31,6 +31,9 @@ class BlockManager:
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU order
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
+        #: Blocks handed out since the last :meth:`take_fresh_blocks`; their memory
+        #: still holds whatever was there before and must be cleared before use.
+        self._fresh_blocks: list[int] = []
 
     # ------------------------------------------------------------------ queries
 
@@ -108,6 +111,11 @@ class BlockManager:
                 self._hash_to_block[block_hash] = block
                 self._block_to_hash[block] = block_hash
 
+    def take_fresh_blocks(self) -> list[int]:
+        """The blocks handed out since the last call (the runner clears them)."""
+        fresh, self._fresh_blocks = self._fresh_blocks, []
+        return fresh
+
     # ---------------------------------------------------------------- internals
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
@@ -134,4 +142,5 @@ class BlockManager:
             block, _ = self._free_cached.popitem(last=False)
             del self._hash_to_block[self._block_to_hash.pop(block)]
         self.ref_counts[block] = 1
+        self._fresh_blocks.append(block)
         return block

@@ -82,7 +82,7 @@ class LLMEngine:
         scheduled = plan.scheduled
         sample_rows = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
         try:
-            logits = self.runner.run(scheduled, sample_rows)
+            logits = self.runner.run(scheduled, sample_rows, self.block_manager.take_fresh_blocks())
             to_sample = [scheduled[i][0] for i in sample_rows]
             token_ids = self.sample(logits, to_sample) if to_sample else []
         except Exception as exc:  # fail the step's requests, keep the engine alive

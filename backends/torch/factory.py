@@ -15,7 +15,8 @@ from lmserve.backends.torch.device import resolve_device, resolve_dtype
 from lmserve.backends.torch.engine import LLMEngine
 from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.paged_cache import PagedKVCache
-from lmserve.backends.torch.sampler import sample
+from lmserve.backends.torch.kernels import warm_up as warm_up_kernels
+from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.weights import load_model
 from lmserve.core.types import EngineRequest, SamplingParams
@@ -81,14 +82,16 @@ def create_backend(path: str | Path, config: EngineConfig,
         max_batch_size=config.max_batch_size,
         max_prefill_token_num=config.max_prefill_token_num,
     )
-    engine = LLMEngine(runner, scheduler, sample, eos_token_ids=model_config.eos_token_ids,
+    engine = LLMEngine(runner, scheduler, Sampler(), eos_token_ids=model_config.eos_token_ids,
                        max_model_len=max_model_len)
     warm_up(engine)
     return TorchBackend(engine, eos_token_ids=model_config.eos_token_ids)
 
 
 def warm_up(engine: LLMEngine) -> None:
-    """Run a prefill, a batched decode and sampling once, so the first request pays no first-call costs."""
+    """Compile the kernels, then run a prefill, a batched decode and sampling once,
+    so the first request pays no first-call costs."""
+    warm_up_kernels(use_cuda=engine.runner.device.type == "cuda")
     greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     sampled = SamplingParams(max_tokens=2, temperature=1.0, top_p=0.9, top_k=5, seed=0, ignore_eos=True)
     with torch.inference_mode():

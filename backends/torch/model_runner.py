@@ -23,15 +23,18 @@ class ModelRunner:
         self.device = device
         self.sliding_window = sliding_window
         self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
-        self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_blocks
+        self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * (kv_cache.num_blocks + 1)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
+    def run(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
+            fresh_blocks: list[int] = ()) -> torch.Tensor:
         """Compute the scheduled tokens; return float32 logits ``[len(sample_rows), vocab]``.
 
         ``sample_rows`` are indices into ``scheduled`` of the sequences whose
-        next token is sampled this step (those whose chunk ends their tokens).
+        next token is sampled this step (those whose chunk ends their tokens);
+        ``fresh_blocks`` were just handed out and are cleared first.
         """
+        self.kv_cache.clear_blocks(fresh_blocks)
         input_ids, positions, metadata, last_rows = self.prepare(scheduled)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         rows = torch.as_tensor([last_rows[i] for i in sample_rows], dtype=torch.long, device=self.device)
@@ -71,7 +74,7 @@ class ModelRunner:
             context_lens = positions_np[:num_decodes] + 1
             max_blocks = -(-int(context_lens.max()) // block_size)
             max_context = max_blocks * block_size
-            tables = np.zeros((num_decodes, max_blocks), dtype=np.int64)  # padding: block 0, masked
+            tables = np.full((num_decodes, max_blocks), self.kv_cache.null_block, dtype=np.int64)
             for i, (seq, _) in enumerate(scheduled[:num_decodes]):
                 table = seq.block_table[:max_blocks]
                 tables[i, : len(table)] = table

@@ -27,17 +27,31 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.num_slots = num_blocks * block_size
+        # One more block than the block manager hands out: the null block, always
+        # zero, that padding points at.
+        self.null_block = num_blocks
+        self.num_slots = (num_blocks + 1) * block_size
         # torch.empty: on the CPU, pages are only committed once a block is used.
+        # Blocks are cleared when handed out (clear_blocks): a masked position
+        # still multiplies its value by 0, and leftover memory may hold NaN.
         shape = (num_kv_heads * self.num_slots, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.clear_blocks([self.null_block])
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str) -> PagedKVCache:
         return cls(config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
                    config.head_dim, dtype, device)
+
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Zero ``blocks`` in every layer; called before a step uses newly handed-out blocks."""
+        if not blocks:
+            return
+        index = torch.as_tensor(blocks, dtype=torch.long, device=self.keys[0].device)
+        for tensor in (*self.keys, *self.values):
+            tensor.view(self.num_kv_heads, -1, self.block_size * self.head_dim).index_fill_(1, index, 0)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -123,13 +123,22 @@ def _sampling_params(state: ServerState, body, max_tokens: int) -> SamplingParam
         raise APIError(400, "Stop strings are not supported yet; use stop_token_ids.", "stop")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options")
+    bad = [token for token in (body.logit_bias or {}) if not (token.isdigit() and int(token) < state.tokenizer.vocab_size)]
+    if bad:
+        raise APIError(400, f"logit_bias key {bad[0]!r} is not a token id of this model.", "logit_bias")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=0 if body.top_k is None else body.top_k,
+        min_p=0.0 if body.min_p is None else body.min_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=body.logit_bias or {},
         seed=body.seed,
-        stop_token_ids=state.default_stop_token_ids,
+        # The template's stop words end a turn like EOS does; ignore_eos ignores both.
+        stop_token_ids=() if body.ignore_eos else state.default_stop_token_ids,
         ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens,
     )

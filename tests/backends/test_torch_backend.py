@@ -156,3 +156,21 @@ def test_a_request_that_breaks_the_model_fails_alone(tiny, tiny_model_dir):
         backend.shutdown()
     assert reasons == {"bad": FinishReason.ERROR, "good": FinishReason.LENGTH}
     assert len(tokens["good"]) == 2
+
+
+def test_leftover_memory_in_the_cache_never_leaks_into_attention(tiny, tiny_model_dir):
+    """Freshly handed-out blocks may hold anything (even NaN): the result must not change."""
+    backend, collector = make_backend(tiny_model_dir, cache_max_entry_count=16)
+    cache = backend.engine.runner.kv_cache
+    for tensor in (*cache.keys, *cache.values):
+        tensor.fill_(float("nan"))
+    cache.clear_blocks([cache.null_block])
+    try:
+        prompts = {"a": PROMPT, "b": PROMPT[:3], "c": PROMPT[:7]}
+        for rid, prompt in prompts.items():
+            backend.submit(EngineRequest(rid, prompt, greedy(20)))
+        tokens, _ = collector.run_until_finished(list(prompts))
+    finally:
+        backend.shutdown()
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == reference_greedy(tiny, prompt, 20)

@@ -97,6 +97,12 @@ def test_unknown_model_is_404(tiny_server):
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ({"n": 2}, "n"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"min_p": 2}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"logit_bias": {"999999": 5}}, "logit_bias"),
+        ({"logit_bias": {"1": 500}}, "logit_bias"),
     ],
 )
 def test_invalid_fields_are_400_with_param(tiny_server, body, param):
@@ -139,3 +145,36 @@ def test_raw_string_messages_skip_the_template(tiny_server):
 
 def test_health(tiny_server):
     assert httpx.get(tiny_server.base_url + "/health").json() == {"status": "ok"}
+
+
+def test_logit_bias_steers_every_token(tiny_server, tiny_model_dir):
+    from lmserve.core.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_hf_dir(tiny_model_dir)
+    token = tokenizer.encode("a", add_bos=False)[0]
+    body = {"model": "tiny", "prompt": "xyz", "max_tokens": 4, "temperature": 0.7, "seed": 3,
+            "logit_bias": {str(token): 100}}
+    reply = _post(tiny_server, "/v1/completions", body).json()
+    assert reply["choices"][0]["text"] == "a" * 4
+
+
+def test_cached_tokens_are_reported(tiny_server):
+    reply = _post(tiny_server, "/v1/completions", {"model": "tiny", "prompt": "abc", "max_tokens": 1}).json()
+    assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_prefix_caching_reports_hits_and_changes_nothing(tiny_model_dir):
+    from conftest import LiveServer
+
+    server = LiveServer(tiny_model_dir, "--model-name", "tiny", "--enable-prefix-caching",
+                        "--cache-block-seq-len", "16", "--cache-max-entry-count", "64")
+    try:
+        body = {"model": "tiny", "prompt": "the same long prefix " * 6, "max_tokens": 8, "temperature": 0}
+        first = _post(server, "/v1/completions", body).json()
+        second = _post(server, "/v1/completions", body).json()
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0 and cached % 16 == 0 and cached < second["usage"]["prompt_tokens"]
+        assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    finally:
+        server.stop()

@@ -44,6 +44,7 @@ from numba import cuda, njit, prange, types
 from numba.extending import intrinsic
 
 from lmserve.backends.torch.kernels.random import uniform, uniform_cuda
+from lmserve.core.types import SamplingParams
 
 # Probability levels (relative to the most likely token) for candidate sets.
 _LEVELS = np.exp(-np.array([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 18.0])).astype(np.float32)
@@ -58,7 +59,10 @@ _COUNT_MASK = _PROMPT_BIT - 1
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM)
 _SCAN_BLOCK = 1024
-PARALLEL_MIN_ROWS = 8
+# Rows go over Numba's threads only with this many rows and threads: with few
+# cores, the engine's other threads keep a worker waiting (milliseconds).
+PARALLEL_MIN_ROWS = 16
+PARALLEL_MIN_THREADS = 4
 # A level is trusted to hold the top-p nucleus only with this much mass to spare
 # (covers the rounding of the CPU kernel's float32 level sums).
 _MASS_SLACK = 1.0 + 1e-4
@@ -97,27 +101,23 @@ class SamplingBatch:
         return len(self.temperature)
 
     @classmethod
-    def from_requests(cls, params: Sequence, output_token_ids: Sequence[Sequence[int]],
+    def from_requests(cls, params: Sequence[SamplingParams],
+                      output_token_ids: Sequence[Sequence[int]],
                       prompt_token_ids: Sequence[Sequence[int]] | None = None,
                       seeds: Sequence[int | None] | None = None) -> SamplingBatch:
-        """Build a batch from per-request parameter objects.
+        """Build a batch from each request's parameters and token ids.
 
-        ``params[i]`` has ``temperature``, ``top_p``, ``top_k``, ``seed`` and
-        optionally ``min_p``, ``repetition_penalty``, ``presence_penalty``,
-        ``frequency_penalty`` and ``logit_bias`` (``dict[int, float]``);
         ``output_token_ids[i]`` are the tokens generated so far (their number
         is the row's step). History is copied only for rows with penalties,
-        prompts only for rows with a repetition penalty. The seed is
-        ``seeds[i]``, else ``params[i].seed``, else a fresh random one.
+        prompts only for rows with a repetition penalty (so
+        ``prompt_token_ids`` may be None when no row has one). The seed is
+        ``seeds[i]``, else ``params[i].seed``, else a fresh random one per call.
         """
         size = len(params)
-        temperature = np.empty(size, np.float32)
-        top_p = np.empty(size, np.float32)
-        top_k = np.empty(size, np.int32)
-        min_p = np.empty(size, np.float32)
-        repetition = np.empty(size, np.float32)
-        presence = np.empty(size, np.float32)
-        frequency = np.empty(size, np.float32)
+        columns = {name: np.empty(size, dtype) for name, dtype in (
+            ("temperature", np.float32), ("top_p", np.float32), ("top_k", np.int32),
+            ("min_p", np.float32), ("repetition_penalty", np.float32),
+            ("presence_penalty", np.float32), ("frequency_penalty", np.float32))}
         seed_array = np.empty(size, np.uint64)
         steps = np.empty(size, np.int64)
         num_prompt = np.zeros(size, np.int32)
@@ -127,37 +127,31 @@ class SamplingBatch:
         token_offsets = np.zeros(size + 1, np.int64)
         bias_offsets = np.zeros(size + 1, np.int64)
         for i, p in enumerate(params):
-            greedy = p.temperature < _GREEDY_EPS or p.top_k == 1
-            temperature[i] = 0.0 if greedy else p.temperature
-            top_p[i], top_k[i] = p.top_p, p.top_k
-            min_p[i] = getattr(p, "min_p", 0.0)
-            repetition[i] = getattr(p, "repetition_penalty", 1.0)
-            presence[i] = getattr(p, "presence_penalty", 0.0)
-            frequency[i] = getattr(p, "frequency_penalty", 0.0)
+            for name, column in columns.items():
+                column[i] = getattr(p, name)
+            if p.greedy or p.temperature < _GREEDY_EPS:
+                columns["temperature"][i] = 0.0
             seed = seeds[i] if seeds is not None and seeds[i] is not None else p.seed
             seed_array[i] = (random.getrandbits(64) if seed is None else seed) & 0xFFFF_FFFF_FFFF_FFFF
-            outputs = output_token_ids[i]
-            steps[i] = len(outputs)
+            steps[i] = len(output_token_ids[i])
             count = 0
-            if repetition[i] != 1.0:
+            if p.repetition_penalty != 1.0:
                 if prompt_token_ids is None:
                     raise ValueError("a repetition penalty needs prompt_token_ids")
-                prompt = np.asarray(prompt_token_ids[i], np.int32)
-                histories.append(prompt)
-                num_prompt[i] = count = len(prompt)
-            if repetition[i] != 1.0 or presence[i] != 0.0 or frequency[i] != 0.0:
-                histories.append(np.asarray(outputs, np.int32))
-                count += len(outputs)
+                histories.append(np.asarray(prompt_token_ids[i], np.int32))
+                num_prompt[i] = count = len(histories[-1])
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                histories.append(np.asarray(output_token_ids[i], np.int32))
+                count += len(histories[-1])
             token_offsets[i + 1] = token_offsets[i] + count
-            logit_bias = getattr(p, "logit_bias", None) or {}
-            bias_ids.extend(logit_bias.keys())
-            bias_values.extend(logit_bias.values())
+            bias_ids.extend(p.logit_bias.keys())
+            bias_values.extend(p.logit_bias.values())
             bias_offsets[i + 1] = len(bias_ids)
         token_ids = np.concatenate(histories) if histories else np.empty(0, np.int32)
-        return cls(temperature, top_p, top_k, min_p, repetition, presence, frequency,
-                   seed_array, steps, token_ids.astype(np.int32, copy=False), token_offsets,
-                   num_prompt, np.asarray(bias_ids, np.int32), np.asarray(bias_values, np.float32),
-                   bias_offsets)
+        return cls(**columns, seeds=seed_array, steps=steps, token_ids=token_ids,
+                   token_offsets=token_offsets, num_prompt_tokens=num_prompt,
+                   bias_token_ids=np.asarray(bias_ids, np.int32),
+                   bias_values=np.asarray(bias_values, np.float32), bias_offsets=bias_offsets)
 
     def kernel_args(self) -> tuple[np.ndarray, ...]:
         """The arrays in kernel argument order, dtypes enforced (steps as uint64)."""
@@ -257,9 +251,15 @@ def _exp_nonpositive(x):
 def _row_max(x):
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x[0]
     n8 = x.size // 8 * 8
-    for i in range(0, n8, 8):
-        a0 = max(a0, x[i]); a1 = max(a1, x[i + 1]); a2 = max(a2, x[i + 2]); a3 = max(a3, x[i + 3])  # noqa: E702
-        a4 = max(a4, x[i + 4]); a5 = max(a5, x[i + 5]); a6 = max(a6, x[i + 6]); a7 = max(a7, x[i + 7])  # noqa: E702
+    for i in range(0, n8, 8):  # eight chains: a single one does not vectorize
+        a0 = max(a0, x[i])
+        a1 = max(a1, x[i + 1])
+        a2 = max(a2, x[i + 2])
+        a3 = max(a3, x[i + 3])
+        a4 = max(a4, x[i + 4])
+        a5 = max(a5, x[i + 5])
+        a6 = max(a6, x[i + 6])
+        a7 = max(a7, x[i + 7])
     m = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
     for i in range(n8, x.size):
         m = max(m, x[i])
@@ -307,6 +307,18 @@ def _count_at_least(p, threshold):
     for i in range(p.size):
         count += np.int32(p[i] >= threshold)
     return count
+
+
+@njit(cache=True)
+def _first_index_of(x, value):
+    """The first ``i`` with ``x[i] >= value`` (the argmax when ``value`` is the max)."""
+    for start in range(0, x.size, 256):
+        block = x[start:start + 256]
+        if _count_at_least(block, value):
+            for j in range(block.size):
+                if block[j] >= value:
+                    return start + j
+    return 0
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -368,7 +380,7 @@ def _draw(p, threshold, u):
     mass = _masked_sum(p, threshold)
     target = u * mass
     cumulative = 0.0
-    token = -1
+    token = 0
     for start in range(0, p.size, _SCAN_BLOCK):
         block = p[start:start + _SCAN_BLOCK]
         block_mass = _masked_sum(block, threshold)
@@ -385,7 +397,7 @@ def _draw(p, threshold, u):
                 if cumulative > target:
                     break
         break
-    while p[token] < threshold or p[token] <= 0.0:  # after a rounding fallback
+    while token > 0 and (p[token] < threshold or p[token] <= 0.0):  # after a rounding fallback
         token -= 1
     return token, math.log(p[token]) - math.log(mass)
 
@@ -417,12 +429,12 @@ def _support(x, temperature, top_k, top_p, min_p):
     """Turn processed logits into unnormalised probabilities in place; the kept threshold."""
     m = _row_max(x)
     total = _exp_in_place(x, m, np.float32(1.0) / temperature)
+    if not (0 < top_k < x.size or top_p < 1.0 or min_p > 0.0):
+        return np.float32(0.0)
     level_counts = np.empty(_NUM_LEVELS, np.int64)
     level_masses = np.empty(_NUM_LEVELS, np.float64)
     _level_stats(x, level_counts, level_masses)
     level = _choose_level_cpu(level_counts, level_masses, total, top_k, top_p, min_p, x.size)
-    if level < 0 and not (0 < top_k < x.size or top_p < 1.0 or min_p > 0.0):
-        return np.float32(0.0)
     floor = _LEVELS[level] if level >= 0 else np.float32(0.0)
     count = level_counts[level] if level >= 0 else x.size
     candidates = _gather_at_least(x, floor, count)
@@ -438,9 +450,7 @@ def _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, prese
                  num_prompt_tokens, repetition, presence, frequency, token_counts)
     if temperature[row] <= 0.0:
         m = _row_max(x)
-        token = 0
-        while x[token] != m and token < x.size - 1:
-            token += 1
+        token = _first_index_of(x, m)
         out_tokens[row] = token
         out_logprobs[row] = -math.log(_exp_in_place(x, m, np.float32(1.0)))
     else:
@@ -487,11 +497,7 @@ def _probs_rows(logits, temperature, top_p, top_k, min_p, out):
         x = logits[row]
         out[row] = 0.0
         if temperature[row] <= 0.0:
-            m = _row_max(x)
-            token = 0
-            while x[token] != m and token < x.size - 1:
-                token += 1
-            out[row, token] = 1.0
+            out[row, _first_index_of(x, _row_max(x))] = 1.0
         else:
             threshold = _support(x, temperature[row], top_k[row], top_p[row], min_p[row])
             mass = _masked_sum(x, threshold)
@@ -502,11 +508,13 @@ def _probs_rows(logits, temperature, top_p, top_k, min_p, out):
 # ---- CUDA kernel: one block per row -------------------------------------------------------
 
 _MAX_THREADS = 256  # block size limit (a power of two); shared buffers are sized for it
+_F64_SHARED = (_NUM_LEVELS + 2, _MAX_THREADS)  # level masses, the total, scan scratch
+_I32_SHARED = (_NUM_LEVELS + 1, _MAX_THREADS)  # level counts, scratch
 
 
 @cuda.jit(device=True)
-def _block_sum_f64(buf, value):
-    """Sum of ``value`` over the block (every thread gets it); ``buf`` is a shared row."""
+def _block_sum(buf, value):
+    """Sum of ``value`` over the block, for every thread; ``buf``: a shared row of its type."""
     tid = cuda.threadIdx.x
     buf[tid] = value
     cuda.syncthreads()
@@ -522,14 +530,16 @@ def _block_sum_f64(buf, value):
 
 
 @cuda.jit(device=True)
-def _block_sum_i32(buf, value):
+def _block_max(buf, value):
+    """Like :func:`_block_sum`, the maximum."""
     tid = cuda.threadIdx.x
     buf[tid] = value
     cuda.syncthreads()
     stride = cuda.blockDim.x // 2
     while stride > 0:
         if tid < stride:
-            buf[tid] += buf[tid + stride]
+            if buf[tid + stride] > buf[tid]:
+                buf[tid] = buf[tid + stride]
         cuda.syncthreads()
         stride //= 2
     total = buf[0]
@@ -538,30 +548,16 @@ def _block_sum_i32(buf, value):
 
 
 @cuda.jit(device=True)
-def _block_max_f64(buf, value):
+def _block_min(buf, value):
+    """Like :func:`_block_sum`, the minimum."""
     tid = cuda.threadIdx.x
     buf[tid] = value
     cuda.syncthreads()
     stride = cuda.blockDim.x // 2
     while stride > 0:
         if tid < stride:
-            buf[tid] = max(buf[tid], buf[tid + stride])
-        cuda.syncthreads()
-        stride //= 2
-    total = buf[0]
-    cuda.syncthreads()
-    return total
-
-
-@cuda.jit(device=True)
-def _block_min_i32(buf, value):
-    tid = cuda.threadIdx.x
-    buf[tid] = value
-    cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if tid < stride:
-            buf[tid] = min(buf[tid], buf[tid + stride])
+            if buf[tid + stride] < buf[tid]:
+                buf[tid] = buf[tid + stride]
         cuda.syncthreads()
         stride //= 2
     total = buf[0]
@@ -610,9 +606,9 @@ def _bisect_cut(candidates, candidate_bits, n, low, goal, by_mass, fbuf, ibuf):
                 count += 1
                 mass += candidates[j]
         if by_mass:
-            kept = _block_sum_f64(fbuf, mass) >= goal
+            kept = _block_sum(fbuf, mass) >= goal
         else:
-            kept = _block_sum_i32(ibuf, count) >= goal
+            kept = _block_sum(ibuf, count) >= goal
         if kept:
             low = mid
         else:
@@ -627,16 +623,20 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
                    out_tokens, out_logprobs):
     row = cuda.blockIdx.x
     tid, threads = cuda.threadIdx.x, cuda.blockDim.x
-    fbuf = cuda.shared.array((_NUM_LEVELS + 2, _MAX_THREADS), types.float64)
-    ibuf = cuda.shared.array((_NUM_LEVELS + 1, _MAX_THREADS), types.int32)
+    fbuf = cuda.shared.array(_F64_SHARED, types.float64)
+    ibuf = cuda.shared.array(_I32_SHARED, types.int32)
     x, bits = logits[row], logit_bits[row]
     vocab_size = x.size
+    if tid == 0:  # what a row of NaNs gets; the drawing thread overwrites it
+        out_tokens[row] = 0
+        out_logprobs[row] = math.nan
     _penalize_row_cuda(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
                        num_prompt_tokens, repetition, presence, frequency, token_counts)
     local_max = -math.inf
     for i in range(tid, vocab_size, threads):
-        local_max = max(local_max, x[i])
-    m = np.float32(_block_max_f64(fbuf[0], local_max))
+        if x[i] > local_max:
+            local_max = x[i]
+    m = np.float32(_block_max(fbuf[0], local_max))
 
     if temperature[row] <= 0.0:  # greedy: the first maximum
         first = vocab_size
@@ -644,11 +644,11 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
             if x[i] == m:
                 first = i
                 break
-        token = _block_min_i32(ibuf[0], first)
+        token = _block_min(ibuf[0], first)
         total = 0.0
         for i in range(tid, vocab_size, threads):
             total += math.exp(x[i] - m)
-        total = _block_sum_f64(fbuf[0], total)
+        total = _block_sum(fbuf[0], total)
         if tid == 0:
             out_tokens[row] = token
             out_logprobs[row] = -math.log(total)
@@ -718,15 +718,16 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
                 for j in range(tid, n, threads):
                     if row_candidate_bits[j] >= threshold:
                         top_k_mass += row_candidates[j]
-                top_k_mass = _block_sum_f64(fbuf[0], top_k_mass)
+                top_k_mass = _block_sum(fbuf[0], top_k_mass)
             threshold = _bisect_cut(row_candidates, row_candidate_bits, n, threshold,
                                     nucleus * top_k_mass, True, fbuf[0], ibuf[0])
-        threshold = max(threshold, min_p_bits[row])
+        if min_p_bits[row] > threshold:
+            threshold = min_p_bits[row]
 
     # inverse CDF in token order: each thread owns a contiguous chunk
     chunk = (vocab_size + threads - 1) // threads
-    begin = min(tid * chunk, vocab_size)
-    stop = min(begin + chunk, vocab_size)
+    begin = tid * chunk if tid * chunk < vocab_size else vocab_size
+    stop = begin + chunk if begin + chunk < vocab_size else vocab_size
     chunk_mass = 0.0
     for i in range(begin, stop):
         if bits[i] >= threshold:
@@ -789,9 +790,14 @@ def _host_logits(logits) -> np.ndarray:
     return array
 
 
-def _check_batch(batch: SamplingBatch, rows: int) -> None:
+def _check_batch(batch: SamplingBatch, rows: int, vocab_size: int) -> None:
+    """Shapes, and token ids inside the vocabulary (the kernels index with them unchecked)."""
     if batch.size != rows:
         raise ValueError(f"the batch has {batch.size} rows but logits have {rows}")
+    for name in ("bias_token_ids", "token_ids"):
+        ids = getattr(batch, name)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"{name} holds ids outside a vocabulary of {vocab_size}")
 
 
 def _token_counts(batch: SamplingBatch, rows: int, vocab_size: int,
@@ -809,16 +815,18 @@ def sample_cpu(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None
     Returns ``(token_ids int64 [B], logprobs float32 [B])``. ``logits`` is
     overwritten (scratch) when it is a C-contiguous writable float32 array.
     ``parallel``: rows over Numba's threads; None does so from
-    ``PARALLEL_MIN_ROWS`` rows on (below that, waking threads costs more).
+    ``PARALLEL_MIN_ROWS`` rows and ``PARALLEL_MIN_THREADS`` threads on.
     """
     logits = _host_logits(logits)
     rows, vocab_size = logits.shape
-    _check_batch(batch, rows)
+    _check_batch(batch, rows, vocab_size)
     tokens = np.empty(rows, np.int64)
     logprobs = np.empty(rows, np.float32)
+    if rows == 0:
+        return tokens, logprobs
     counts = _token_counts(batch, rows, vocab_size, workspace, device=False)
     if parallel is None:
-        parallel = rows >= PARALLEL_MIN_ROWS and numba.get_num_threads() > 1
+        parallel = rows >= PARALLEL_MIN_ROWS and numba.get_num_threads() >= PARALLEL_MIN_THREADS
     kernel = _sample_rows_parallel if parallel else _sample_rows_serial
     kernel(logits, *batch.kernel_args(), counts, tokens, logprobs)
     return tokens, logprobs
@@ -828,7 +836,7 @@ def apply_penalties_cpu(logits, batch: SamplingBatch,
                         workspace: SamplingWorkspace | None = None) -> np.ndarray:
     """Add the logit bias and apply the penalties in place (the first stage of sampling)."""
     logits = _host_logits(logits)
-    _check_batch(batch, logits.shape[0])
+    _check_batch(batch, *logits.shape)
     args = batch.kernel_args()
     counts = _token_counts(batch, logits.shape[0], logits.shape[1], workspace, device=False)
     _penalize_rows(logits, *args[4:7], *args[9:], counts)
@@ -852,6 +860,12 @@ def _device_array(array):
     return array
 
 
+def _cuda_kernel_args(logits, batch_args, token_counts, candidates, tokens, logprobs) -> tuple:
+    """``_sample_kernel``'s arguments in order; float32 arrays are also passed as their bits."""
+    return (logits, logits.view(np.int32), *batch_args[:4], batch_args[3].view(np.int32),
+            *batch_args[4:], token_counts, candidates, candidates.view(np.int32), tokens, logprobs)
+
+
 def sample_cuda(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None = None, *,
                 threads: int = _MAX_THREADS, stream=0) -> tuple[np.ndarray, np.ndarray]:
     """:func:`sample_cpu` on the GPU: ``logits`` is a float32 ``[B, V]`` CUDA tensor or
@@ -866,7 +880,9 @@ def sample_cuda(logits, batch: SamplingBatch, workspace: SamplingWorkspace | Non
     if logits.dtype != np.float32 or len(logits.shape) != 2:
         raise ValueError(f"logits must be float32 [batch, vocab], got {logits.dtype} {logits.shape}")
     rows, vocab_size = logits.shape
-    _check_batch(batch, rows)
+    _check_batch(batch, rows, vocab_size)
+    if rows == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
     args = [cuda.to_device(a, stream=stream) for a in batch.kernel_args()]
     workspace = workspace or SamplingWorkspace()
     counts = _token_counts(batch, rows, vocab_size, workspace, device=True)
@@ -874,8 +890,7 @@ def sample_cuda(logits, batch: SamplingBatch, workspace: SamplingWorkspace | Non
     tokens = cuda.device_array(rows, np.int64, stream=stream)
     logprobs = cuda.device_array(rows, np.float32, stream=stream)
     _sample_kernel[rows, threads, stream](
-        logits, logits.view(np.int32), *args[:4], args[3].view(np.int32), *args[4:], counts,
-        candidates, candidates.view(np.int32), tokens, logprobs)
+        *_cuda_kernel_args(logits, args, counts, candidates, tokens, logprobs))
     return tokens.copy_to_host(stream=stream), logprobs.copy_to_host(stream=stream)
 
 
@@ -886,21 +901,10 @@ def warm_up(use_cuda: bool | None = None) -> None:
     CUDA kernel when a GPU (or the simulator) is available.
     """
 
-    @dataclass(frozen=True)
-    class _Params:
-        temperature: float
-        top_p: float = 1.0
-        top_k: int = 0
-        seed: int | None = 0
-        min_p: float = 0.0
-        repetition_penalty: float = 1.0
-        presence_penalty: float = 0.0
-        frequency_penalty: float = 0.0
-        logit_bias: dict | None = None
-
-    params = [_Params(0.0), _Params(0.8, 0.9, 5, min_p=0.05, repetition_penalty=1.2,
-                                      presence_penalty=0.5, frequency_penalty=0.5,
-                                      logit_bias={1: 2.0})]
+    params = [SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=5, min_p=0.05, seed=0,
+                             repetition_penalty=1.2, presence_penalty=0.5,
+                             frequency_penalty=0.5, logit_bias={1: 2.0})]
     batch = SamplingBatch.from_requests(params, [[1, 2], [3]], [[4], [5, 6]])
     logits = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     sample_cpu(logits.copy(), batch, parallel=False)

@@ -159,6 +159,33 @@ def test_cuda_kernels_match_cpu_under_the_simulator():
             np.testing.assert_array_equal(got, expected)
 
 
+def nvvm_available() -> bool:
+    from numba.cuda.cudadrv import nvvm
+
+    try:
+        return nvvm.is_available()
+    except Exception:  # noqa: BLE001 - any failure to load the toolkit means "no"
+        return False
+
+
+@pytest.mark.skipif(not nvvm_available(), reason="needs the CUDA toolkit's NVVM to compile")
+@pytest.mark.parametrize("bits", [np.int16, np.int32])
+def test_cuda_kernels_compile_for_a_gpu(bits):
+    """The simulator runs the kernels as Python; NVVM compiles them as a GPU would."""
+    import numba
+    from numba import cuda
+
+    from lmserve.backends.torch.kernels import cache
+
+    slots, rows = np.zeros((8, 4), bits), np.zeros((2, 4), bits)
+    write = (slots, slots, rows, rows, np.zeros(2, np.int64))
+    gather = (slots, slots, TABLES, CONTEXT_LENS, np.zeros((4, 3, 4), bits),
+              np.zeros((4, 3, 4), bits), BLOCK_SIZE)
+    for kernel, args in ((cache._write_kernel, write), (cache._gather_kernel, gather)):
+        ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(numba.typeof(a) for a in args), cc=(8, 0))
+        assert ".entry" in ptx
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_kernels_match_cpu_on_a_gpu_with_bfloat16_tensors():

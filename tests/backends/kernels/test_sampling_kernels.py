@@ -11,7 +11,8 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,19 +29,8 @@ from lmserve.backends.torch.kernels.sampling import (
 from lmserve.core.types import SamplingParams
 
 
-@dataclass(frozen=True)
-class Params:
-    """SamplingParams plus the fields the engine adds for these kernels."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict = field(default_factory=dict)
+def Params(temperature=1.0, top_p=1.0, top_k=0, seed=0, **fields) -> SamplingParams:  # noqa: N802
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **fields)
 
 
 # ---- the reference --------------------------------------------------------------------------
@@ -188,6 +178,18 @@ def test_kept_sets_when_every_token_is_a_candidate(params):
     np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-9)
 
 
+def test_masked_tokens_are_never_drawn():
+    logits = (np.random.default_rng(5).standard_normal((3, 100)) * 2).astype(np.float32)
+    logits[:, 1::2] = -np.inf  # e.g. padded vocabulary entries
+    logits[0, 1] = 50.0  # ... except one of them, in one row
+    params = [Params(temperature=0.0), Params(1.5, seed=1), Params(1.0, top_p=0.95, seed=2)]
+    for seed in range(50):
+        params[1:] = [replace(p, seed=seed) for p in params[1:]]
+        tokens, logprobs = sample_cpu(logits.copy(), SamplingBatch.from_requests(params, [[]] * 3))
+        assert tokens[0] == 1 and (tokens[1:] % 2 == 0).all() and np.isfinite(logprobs).all()
+    assert sample_cpu(np.empty((0, 100), np.float32), SamplingBatch.from_requests([], []))[0].size == 0
+
+
 def test_a_seed_and_step_give_the_same_token_whatever_the_batch():
     rng = np.random.default_rng(2)
     params = [Params(temperature=1.0, seed=seed) for seed in range(12)]
@@ -251,7 +253,8 @@ def test_parallel_and_serial_rows_agree_and_torch_tensors_are_accepted():
 def test_builder_reads_sampling_params():
     params = [SamplingParams(temperature=0.0, seed=5), SamplingParams(top_k=1, seed=None),
               SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=-1),
-              Params(temperature=0.5, seed=7, frequency_penalty=0.5, logit_bias={2: 1.0, 9: -1.0})]
+              SamplingParams(temperature=0.5, seed=7, frequency_penalty=0.5,
+                             logit_bias={2: 1.0, 9: -1.0})]
     batch = SamplingBatch.from_requests(params, [[1], [2, 3], [], [4, 4]], [[9], [8], [7], [6]],
                                         seeds=[None, 11, None, None])
     assert batch.temperature.tolist() == [0.0, 0.0, pytest.approx(0.7), 0.5]
@@ -269,13 +272,13 @@ def test_builder_reads_sampling_params():
 
 SIMULATOR_CASES = [
     # (vocab, threads, params): small, the simulator runs every thread in Python
-    (300, 8, [Params(temperature=0.0), Params(0.7, 0.9, seed=2),
+    (200, 4, [Params(temperature=0.0), Params(0.7, 0.9, seed=2),
               Params(1.0, top_k=20, min_p=0.05, seed=3),
               Params(0.8, 0.8, 10, 4, repetition_penalty=1.3, presence_penalty=0.4,
                      frequency_penalty=0.2, logit_bias={5: 3.0, 7: -2.0}),
               Params(1.2, seed=5),
               Params(temperature=0.0, repetition_penalty=1.5, logit_bias={3: 10.0})]),
-    (257, 16, [Params(1.0, top_k=256, seed=6), Params(1.0, top_p=0.9999, seed=7),
+    (131, 8, [Params(0.3, top_k=130, seed=6), Params(1.0, top_p=0.9999, seed=7),
                Params(0.6, top_k=3, top_p=0.5, seed=8)]),
 ]
 
@@ -290,6 +293,7 @@ def simulator_results() -> list[dict]:
     for case, (vocab_size, threads, params) in enumerate(SIMULATOR_CASES):
         rng = np.random.default_rng(case)
         logits, prompts, outputs = make_case(rng, params, vocab_size, scale=2.5)
+        logits[:, -5:] = -np.inf  # masked tokens
         batch = SamplingBatch.from_requests(params, outputs, prompts)
         cpu_tokens, cpu_logprobs = sample_cpu(logits.copy(), batch)
         gpu_tokens, gpu_logprobs = sample_cuda(cuda.to_device(logits.copy()), batch, threads=threads)
@@ -310,6 +314,36 @@ def test_cuda_kernel_matches_cpu_under_the_simulator():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     check_results(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def nvvm_available() -> bool:
+    from numba.cuda.cudadrv import nvvm
+
+    try:
+        return nvvm.is_available()
+    except Exception:  # noqa: BLE001 - any failure to load the toolkit means "no"
+        return False
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not nvvm_available(),
+                    reason="needs the CUDA toolkit's NVVM and no GPU (the GPU test covers it)")
+def test_cuda_kernel_compiles_for_a_gpu(monkeypatch):
+    """The simulator runs the kernel as Python; NVVM compiles it as a GPU would."""
+    import numba
+    from numba import cuda
+
+    from lmserve.backends.torch.kernels import sampling
+
+    # compiling device functions asks the (absent) driver for the compute capability
+    monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
+                        lambda: SimpleNamespace(compute_capability=(8, 0)))
+    batch = SamplingBatch.from_requests([SamplingParams()], [[]])
+    scratch = np.zeros((1, 8), np.float32)
+    args = sampling._cuda_kernel_args(scratch, batch.kernel_args(), scratch.view(np.int32),
+                                      scratch, np.zeros(1, np.int64), np.zeros(1, np.float32))
+    ptx, _ = cuda.compile_ptx(sampling._sample_kernel.py_func,
+                              tuple(numba.typeof(a) for a in args), cc=(8, 0))
+    assert ".entry" in ptx
 
 
 @pytest.mark.cuda
