@@ -57,4 +57,5 @@ def test_health_p99_under_50ms_while_64_streams_decode(smollm2_server):
     assert len(latencies) >= 20, "too few probes to judge"
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    print(f"/health p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms over {len(latencies)} probes")
     assert p99 < 0.050, f"/health p99 {p99 * 1000:.1f} ms over {len(latencies)} probes"
