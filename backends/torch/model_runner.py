@@ -41,6 +41,8 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, rows)).float()
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
+        """``(input_ids, positions, metadata, last_rows)`` for a step; ``last_rows[i]``
+        is the row of the last token of ``scheduled[i]``."""
         block_size = self.kv_cache.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -50,7 +52,6 @@ class ModelRunner:
             if n != 1:
                 break
             num_decodes += 1
-        decodes = scheduled[:num_decodes]
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start : start + n])

@@ -20,7 +20,7 @@ from lmserve.core.tokenizer import (
     bytes_to_spelled,
     spelled_to_bytes,
 )
-from tiny_tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, tokenizer_config, tokenizer_json, write_tiny_tokenizer
+from tiny_tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, tokenizer_config, write_tiny_tokenizer
 
 import transformers  # noqa: E402  (the reference; a dev dependency)
 

@@ -1,6 +1,5 @@
 """The OpenAI routes on a live server over a tiny random model."""
 
-import json
 
 import httpx
 import openai
