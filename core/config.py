@@ -10,6 +10,9 @@ LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
+#: The ``command`` that :hook:`lmserve_add_cli_options` gets for the API server's parser.
+SERVE_API_SERVER = "serve api_server"
+
 
 @dataclass(frozen=True)
 class ServeConfig:

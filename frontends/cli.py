@@ -15,12 +15,9 @@ import logging
 import sys
 from typing import Sequence
 
-from lmserve.core.config import DEVICES, DTYPES, LOG_LEVELS, ServeConfig
+from lmserve.core.config import DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
-
-SERVE_API_SERVER = "serve api_server"
-
 
 def _plugin_modules(argv: Sequence[str]) -> list[str]:
     pre = argparse.ArgumentParser(add_help=False)

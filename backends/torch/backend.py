@@ -24,14 +24,13 @@ _SUBMIT, _ABORT, _SHUTDOWN = "submit", "abort", "shutdown"
 
 
 class TorchBackend(Backend):
-    def __init__(self, engine: LLMEngine, *, eos_token_ids: tuple[int, ...]):
+    def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.max_model_len = engine.max_model_len
-        self.eos_token_ids = tuple(eos_token_ids)
+        self.eos_token_ids = tuple(sorted(engine.eos_token_ids))
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._sink: OutputSink | None = None
         self._thread: threading.Thread | None = None
-        self._failed: BaseException | None = None
 
     # ------------------------------------------------------------ Backend interface
 
@@ -78,8 +77,7 @@ class TorchBackend(Backend):
                     if self.engine.has_work:
                         outputs.extend(self.engine.step())
                     self._emit(outputs)
-        except BaseException as exc:  # the engine is gone: fail everything, /health says 503
-            self._failed = exc
+        except BaseException:  # the engine is gone: fail everything, /health says 503
             logger.exception("The engine thread died.")
             self._emit(self.engine.abort_all())
             raise

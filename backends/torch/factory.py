@@ -85,7 +85,7 @@ def create_backend(path: str | Path, config: EngineConfig,
     engine = LLMEngine(runner, scheduler, Sampler(), eos_token_ids=model_config.eos_token_ids,
                        max_model_len=max_model_len)
     warm_up(engine)
-    return TorchBackend(engine, eos_token_ids=model_config.eos_token_ids)
+    return TorchBackend(engine)
 
 
 def warm_up(engine: LLMEngine) -> None:

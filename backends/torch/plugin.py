@@ -6,14 +6,11 @@ import logging
 import sys
 
 from lmserve.core import hookimpl
-from lmserve.core.config import ServeConfig
+from lmserve.core.config import SERVE_API_SERVER, ServeConfig
 from lmserve.core.model_source import ModelSource
 from lmserve.core.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
-
-SERVE_API_SERVER = "serve api_server"
-
 
 @hookimpl
 def lmserve_add_cli_options(command, parser):
