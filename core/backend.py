@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from lmserve.core.types import EngineOutput, EngineRequest
 
 OutputSink = Callable[[Sequence[EngineOutput]], None]
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    """What a backend reports about its load (zeros where it cannot tell)."""
+
+    num_running: int = 0  # requests being computed
+    num_waiting: int = 0  # requests queued for room in the batch or the cache
+    kv_cache_usage: float = 0.0  # fraction of the KV cache in use, 0..1
+    num_preemptions: int = 0  # since start
 
 
 class Backend(abc.ABC):
@@ -51,3 +62,7 @@ class Backend(abc.ABC):
     def is_healthy(self) -> bool:
         """True while the backend can step (the engine thread is alive)."""
         return True
+
+    def stats(self) -> BackendStats:
+        """A snapshot for ``/metrics``; callable from any thread, cheap."""
+        return BackendStats()

@@ -24,6 +24,7 @@ from lmserve.core.types import (
     GenerationOutput,
     GenerationRequest,
     InvalidRequestError,
+    RequestTiming,
     Usage,
 )
 
@@ -113,6 +114,9 @@ class RequestBus:
         num_prompt = len(request.prompt_token_ids)
         num_output = 0
         started = time.monotonic()
+        first_token: float | None = None
+        previous = started
+        gaps: list[float] = []
         last: GenerationOutput | None = None
         pending_ids: tuple[int, ...] = ()  # ids whose text is still held back
         self._observe("lmserve_request_started", request=request)
@@ -120,6 +124,13 @@ class RequestBus:
             self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, params))
             while True:
                 out = await queue.get()
+                if out.new_token_ids:
+                    now = time.monotonic()
+                    if first_token is None:
+                        first_token = now
+                    else:
+                        gaps.append(now - previous)
+                    previous = now
                 num_output += len(out.new_token_ids)
                 text_ids = out.new_token_ids
                 if out.finish_reason is FinishReason.STOP and text_ids and text_ids[-1] in stop_ids:
@@ -129,8 +140,11 @@ class RequestBus:
                     text += detokenizer.flush()
                 pending_ids += out.new_token_ids
                 usage = Usage(num_prompt, num_output, out.num_cached_tokens)
+                timing = None
+                if out.finish_reason is not None:
+                    timing = RequestTiming(started, first_token, time.monotonic(), tuple(gaps))
                 last = GenerationOutput(
-                    request_id, text, pending_ids, usage, out.finish_reason, out.error
+                    request_id, text, pending_ids, usage, out.finish_reason, out.error, timing=timing
                 )
                 if out.finish_reason is not None:
                     yield last
@@ -142,8 +156,9 @@ class RequestBus:
             del self._queues[request_id]
             if last is None or last.finish_reason is None:
                 self.backend.abort(request_id)
+                timing = RequestTiming(started, first_token, time.monotonic(), tuple(gaps))
                 last = GenerationOutput(
-                    request_id, "", (), Usage(num_prompt, num_output), FinishReason.ABORT
+                    request_id, "", (), Usage(num_prompt, num_output), FinishReason.ABORT, timing=timing
                 )
             self._observe(
                 "lmserve_request_finished",

@@ -162,6 +162,25 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class RequestTiming:
+    """When a request's outputs reached the bus (``time.monotonic()`` seconds)."""
+
+    arrival: float
+    first_token: float | None  # None: no token came
+    finished: float
+    #: Seconds between consecutive outputs after the first (one per engine step).
+    inter_token: tuple[float, ...] = ()
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> float:
+        return self.finished - self.arrival
+
+
+@dataclass(frozen=True)
 class GenerationOutput:
     """What the bus yields to a frontend: a text delta and its token ids.
 
@@ -176,3 +195,5 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     extras: dict = field(default_factory=dict)
+    #: Set on the last output only.
+    timing: RequestTiming | None = None

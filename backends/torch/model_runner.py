@@ -32,7 +32,7 @@ class ModelRunner:
 
         ``sample_rows`` are indices into ``scheduled`` of the sequences whose
         next token is sampled this step (those whose chunk ends their tokens);
-        ``fresh_blocks`` were just handed out and are cleared first.
+        ``fresh_blocks`` were just handed out for the first time and are cleared first.
         """
         self.kv_cache.clear_blocks(fresh_blocks)
         input_ids, positions, metadata, last_rows = self.prepare(scheduled)
@@ -69,7 +69,7 @@ class ModelRunner:
         slots = block_ids * block_size + positions_np % block_size
         write_rows = (self._head_offsets[:, None] + slots[None, :]).reshape(-1)
 
-        decode_gather_blocks = decode_mask = None
+        decode_gather_blocks = decode_bias = None
         max_context = 0
         if num_decodes:
             context_lens = positions_np[:num_decodes] + 1
@@ -84,7 +84,8 @@ class ModelRunner:
             mask = token_index[None, :] < context_lens[:, None]
             if self.sliding_window is not None:
                 mask &= token_index[None, :] > (context_lens[:, None] - 1 - self.sliding_window)
-            decode_mask = torch.from_numpy(mask[:, None, None, :]).to(self.device)
+            bias = np.where(mask, np.float32(0), np.float32(-np.inf))
+            decode_bias = torch.from_numpy(bias[:, None, None, :]).to(self.device)
 
         prefills = []
         row = num_decodes
@@ -110,7 +111,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             decode_gather_blocks=decode_gather_blocks,
             decode_max_context=max_context,
-            decode_mask=decode_mask,
+            decode_bias=decode_bias,
             prefills=tuple(prefills),
         )
         return self._tensor(np.asarray(ids, dtype=np.int64)), self._tensor(positions_np), metadata, last_rows

@@ -32,7 +32,7 @@ class PagedKVCache:
         self.null_block = num_blocks
         self.num_slots = (num_blocks + 1) * block_size
         # torch.empty: on the CPU, pages are only committed once a block is used.
-        # Blocks are cleared when handed out (clear_blocks): a masked position
+        # Blocks are cleared when first handed out (clear_blocks): a masked position
         # still multiplies its value by 0, and leftover memory may hold NaN.
         shape = (num_kv_heads * self.num_slots, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]

@@ -14,6 +14,7 @@ from lmserve.core.config import ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely
 from lmserve.frontends.openai.errors import APIError, error_response
+from lmserve.frontends.openai.openapi import setup_openapi
 from lmserve.frontends.openai.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def create_app(state: ServerState, pm: pluggy.PluginManager) -> Sanic:
     _setup_errors(app)
     _setup_lifecycle(app, state, pm)
     call_safely(pm, "lmserve_register_routes", app=app, state=state)
+    setup_openapi(app, disable_docs=bool(state.config.options.get("disable_docs", False)))
     return app
 
 

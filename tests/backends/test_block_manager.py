@@ -116,3 +116,17 @@ def test_different_prefixes_do_not_match():
     manager.allocate(b, 100)
     assert b.num_cached_tokens == 4
     assert b.block_table[0] == a.block_table[0] and b.block_table[1] != a.block_table[1]
+
+
+def test_only_never_used_blocks_are_handed_out_for_clearing():
+    manager = BlockManager(4, 4)
+    a = seq(range(6))
+    manager.allocate(a, 100)
+    first = manager.take_fresh_blocks()
+    assert sorted(first) == sorted(a.block_table) and manager.take_fresh_blocks() == []
+    manager.free(a)
+    b = seq(range(14))  # reuses a's two blocks, then needs two never-used ones
+    manager.allocate(b, 100)
+    fresh = manager.take_fresh_blocks()
+    assert len(fresh) == 2 and not set(fresh) & set(first)
+    assert set(fresh) | set(first) == set(b.block_table)

@@ -159,11 +159,17 @@ def test_a_request_that_breaks_the_model_fails_alone(tiny, tiny_model_dir):
 
 
 def test_leftover_memory_in_the_cache_never_leaks_into_attention(tiny, tiny_model_dir):
-    """Freshly handed-out blocks may hold anything (even NaN): the result must not change."""
+    """Never-used blocks may hold anything (even NaN), reused ones an earlier
+    sequence's keys/values: the result must not change."""
     backend, collector = make_backend(tiny_model_dir, cache_max_entry_count=16)
     cache = backend.engine.runner.kv_cache
+    used = torch.tensor([b for b in range(cache.num_blocks) if backend.engine.block_manager._ever_used[b]])
+    assert len(used), "the warm-up used some blocks"
     for tensor in (*cache.keys, *cache.values):
-        tensor.fill_(float("nan"))
+        blocks = tensor.view(cache.num_kv_heads, -1, cache.block_size * cache.head_dim)
+        stale = blocks[:, used].clone().uniform_(-1e4, 1e4)
+        blocks.fill_(float("nan"))
+        blocks[:, used] = stale
     cache.clear_blocks([cache.null_block])
     try:
         prompts = {"a": PROMPT, "b": PROMPT[:3], "c": PROMPT[:7]}
