@@ -68,3 +68,28 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int]]
+
+
+class EncodeRequest(_Request):
+    """LMDeploy's ``POST /v1/encode``."""
+
+    input: Union[str, list[str]]
+    do_preprocess: bool = False  # render ``input`` as one user turn through the chat template
+    add_bos: bool = True
+
+
+class TokenizeRequest(_Request):
+    """``POST /tokenize`` (vLLM's shape): a ``prompt``, or ``messages`` rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
