@@ -9,6 +9,7 @@ detokenize stage. Frontends call :meth:`RequestBus.generate` and iterate.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -25,8 +26,10 @@ from lmserve.core.types import (
     GenerationRequest,
     InvalidRequestError,
     RequestTiming,
+    TokenLogprob,
     Usage,
 )
+from lmserve.core.stop_strings import StopStringMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +106,13 @@ class RequestBus:
         if request_id in self._queues:
             raise InvalidRequestError(f"Request id {request_id!r} is already in use.", "request_id")
         if not request.request_id:
-            request = GenerationRequest(request.prompt_token_ids, params, request_id)
+            request = dataclasses.replace(request, request_id=request_id)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.backend.eos_token_ids)
+        stop_strings = (
+            StopStringMatcher(request.stop, request.include_stop_str_in_output) if request.stop else None
+        )
 
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self._queues[request_id] = queue
@@ -118,7 +124,9 @@ class RequestBus:
         previous = started
         gaps: list[float] = []
         last: GenerationOutput | None = None
-        pending_ids: tuple[int, ...] = ()  # ids whose text is still held back
+        # Ids (and their logprobs) whose text is still held back ride with the next text.
+        pending_ids: tuple[int, ...] = ()
+        pending_logprobs: tuple[TokenLogprob, ...] | None = () if params.logprobs is not None else None
         self._observe("lmserve_request_started", request=request)
         try:
             self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, params))
@@ -132,25 +140,38 @@ class RequestBus:
                         gaps.append(now - previous)
                     previous = now
                 num_output += len(out.new_token_ids)
+                finish_reason = out.finish_reason
                 text_ids = out.new_token_ids
-                if out.finish_reason is FinishReason.STOP and text_ids and text_ids[-1] in stop_ids:
+                if finish_reason is FinishReason.STOP and text_ids and text_ids[-1] in stop_ids:
                     text_ids = text_ids[:-1]  # the stop token itself is not text
                 text = detokenizer.push(text_ids)
-                if out.finish_reason is not None:
+                if finish_reason is not None:
                     text += detokenizer.flush()
+                if stop_strings is not None:
+                    text, matched = stop_strings.push(text, can_stop=num_output >= params.min_tokens)
+                    if matched and finish_reason is None:
+                        self.backend.abort(request_id)  # its abort output finds no queue
+                        finish_reason = FinishReason.STOP
+                    elif finish_reason is not None:
+                        text += stop_strings.flush()
                 pending_ids += out.new_token_ids
+                if pending_logprobs is not None:
+                    pending_logprobs += out.logprobs or ()
                 usage = Usage(num_prompt, num_output, out.num_cached_tokens)
                 timing = None
-                if out.finish_reason is not None:
+                if finish_reason is not None:
                     timing = RequestTiming(started, first_token, time.monotonic(), tuple(gaps))
                 last = GenerationOutput(
-                    request_id, text, pending_ids, usage, out.finish_reason, out.error, timing=timing
+                    request_id, text, pending_ids, usage, finish_reason, out.error,
+                    timing=timing, logprobs=pending_logprobs,
                 )
-                if out.finish_reason is not None:
+                if finish_reason is not None:
                     yield last
                     return
-                if text:  # no empty deltas; held ids ride with the next text
+                if text:  # no empty deltas
                     pending_ids = ()
+                    if pending_logprobs is not None:
+                        pending_logprobs = ()
                     yield last
         finally:
             del self._queues[request_id]

@@ -55,6 +55,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    min_tokens: int = 0  # EOS and stop tokens are not sampled before this many output tokens
+    #: Return the sampled token's log-probability and this many top alternatives
+    #: (None: no log-probabilities).
+    logprobs: int | None = None
+
+    #: The most top alternatives a request may ask for.
+    MAX_LOGPROBS = 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -100,6 +107,16 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", MappingProxyType(bias))
         if self.seed is not None and not isinstance(self.seed, int):
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.", "seed")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}.", "min_tokens"
+            )
+        if self.logprobs is not None and not (
+            isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS
+        ):
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}.", "logprobs"
+            )
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     @property
@@ -113,16 +130,25 @@ def _is_number(value) -> bool:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What a frontend hands to the bus: token ids plus how to sample them."""
+    """What a frontend hands to the bus: token ids plus how to sample them.
+
+    Stop strings are the bus's business (they are found in the decoded text),
+    so they travel here rather than in :class:`SamplingParams`.
+    """
 
     prompt_token_ids: tuple[int, ...]
     sampling_params: SamplingParams
     request_id: str = ""  # the bus assigns one when empty
+    stop: tuple[str, ...] = ()  # end the text before the first of these
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
         if not self.prompt_token_ids:
             raise InvalidRequestError("The prompt is empty: nothing to generate from.", "prompt")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(stop, str) or not stop for stop in self.stop):
+            raise InvalidRequestError("Stop strings must be non-empty strings.", "stop")
 
 
 @dataclass(frozen=True)
@@ -132,6 +158,15 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling_params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, with the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -148,6 +183,8 @@ class EngineOutput:
     error: str | None = None
     #: Prompt tokens served from the prefix cache (set on every output; stable once known).
     num_cached_tokens: int = 0
+    #: One per new token when the request asked for log-probabilities.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -197,3 +234,5 @@ class GenerationOutput:
     extras: dict = field(default_factory=dict)
     #: Set on the last output only.
     timing: RequestTiming | None = None
+    #: One per id in ``token_ids`` when the request asked for log-probabilities.
+    logprobs: tuple[TokenLogprob, ...] | None = None

@@ -14,9 +14,10 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from lmserve.backends.torch.model_runner import ModelRunner
+from lmserve.backends.torch.sampler import Logprobs, suppress_stop_tokens
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.sequence import Sequence, SequenceStatus
-from lmserve.core.types import EngineOutput, EngineRequest, FinishReason
+from lmserve.core.types import EngineOutput, EngineRequest, FinishReason, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class LLMEngine:
         try:
             logits = self.runner.run(scheduled, sample_rows, self.block_manager.take_fresh_blocks())
             to_sample = [scheduled[i][0] for i in sample_rows]
+            logprobs = Logprobs(logits, to_sample)
+            suppress_stop_tokens(logits, to_sample, self.eos_token_ids)
             token_ids = self.sample(logits, to_sample) if to_sample else []
         except Exception as exc:  # fail the step's requests, keep the engine alive
             logger.exception("An engine step failed.")
@@ -92,23 +95,24 @@ class LLMEngine:
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        for seq, token_id in zip(to_sample, token_ids):
+        for row, (seq, token_id) in enumerate(zip(to_sample, token_ids)):
             seq.token_ids.append(token_id)
-            outputs.append(self._after_token(seq, token_id))
+            outputs.append(self._after_token(seq, token_id, logprobs.of(row, token_id)))
         return outputs
 
-    def _after_token(self, seq: Sequence, token_id: int) -> EngineOutput:
+    def _after_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> EngineOutput:
         params = seq.sampling_params
+        logprobs = None if logprob is None else (logprob,)
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
-            return self._finish(seq, FinishReason.STOP, (token_id,))
+            return self._finish(seq, FinishReason.STOP, (token_id,), logprobs=logprobs)
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return self._finish(seq, FinishReason.LENGTH, (token_id,))
-        return EngineOutput(seq.request_id, (token_id,), num_cached_tokens=seq.num_cached_tokens)
+            return self._finish(seq, FinishReason.LENGTH, (token_id,), logprobs=logprobs)
+        return EngineOutput(seq.request_id, (token_id,), num_cached_tokens=seq.num_cached_tokens, logprobs=logprobs)
 
     def _finish(self, seq: Sequence, reason: FinishReason, token_ids: tuple[int, ...],
-                error: str | None = None) -> EngineOutput:
+                error: str | None = None, logprobs: tuple[TokenLogprob, ...] | None = None) -> EngineOutput:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
         del self.sequences[seq.request_id]
-        return EngineOutput(seq.request_id, token_ids, reason, error, seq.num_cached_tokens)
+        return EngineOutput(seq.request_id, token_ids, reason, error, seq.num_cached_tokens, logprobs)

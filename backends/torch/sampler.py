@@ -14,6 +14,7 @@ import torch
 
 from lmserve.backends.torch.kernels.sampling import SamplingBatch, SamplingWorkspace, sample_cpu, sample_cuda
 from lmserve.backends.torch.sequence import Sequence
+from lmserve.core.types import TokenLogprob
 
 
 class Sampler:
@@ -36,3 +37,45 @@ class Sampler:
             tokens, _ = sample_cpu(logits, batch, self._workspace)
         return tokens.tolist()
 
+
+
+class Logprobs:
+    """Log-probabilities under the model (before temperature, penalties or any
+    other processing, as vLLM reports them) for the rows that asked for them.
+
+    Built from the logits before sampling, which overwrites them; read after.
+    """
+
+    def __init__(self, logits: torch.Tensor, seqs: Seq[Sequence]):
+        self._position = {row: i for i, row in enumerate(
+            row for row, seq in enumerate(seqs) if seq.sampling_params.logprobs is not None)}
+        self._wanted = [seqs[row].sampling_params.logprobs for row in self._position]
+        if not self._position:
+            return
+        rows = torch.as_tensor(list(self._position), device=logits.device)
+        self._logprobs = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
+        k = max(self._wanted)
+        top = self._logprobs.topk(k, dim=-1) if k else None
+        self._top_values = top.values.tolist() if top else None
+        self._top_ids = top.indices.tolist() if top else None
+
+    def of(self, row: int, token_id: int) -> TokenLogprob | None:
+        """The logprob of ``token_id`` sampled for ``row``, or None if the row did not ask."""
+        i = self._position.get(row)
+        if i is None:
+            return None
+        k = self._wanted[i]
+        top = tuple(zip(self._top_ids[i][:k], self._top_values[i][:k])) if k else ()
+        return TokenLogprob(token_id, float(self._logprobs[i, token_id]), top)
+
+
+def suppress_stop_tokens(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: frozenset[int]) -> None:
+    """Make EOS and stop tokens impossible for sequences short of their ``min_tokens``."""
+    for row, seq in enumerate(seqs):
+        params = seq.sampling_params
+        if seq.num_output_tokens < params.min_tokens:
+            banned = set(params.stop_token_ids)
+            if not params.ignore_eos:
+                banned |= eos_token_ids
+            if banned:
+                logits[row, sorted(banned)] = float("-inf")

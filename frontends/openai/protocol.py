@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
@@ -37,6 +37,10 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+
+
 class _Sampling(_Request):
     """Fields shared by chat and completions."""
 
@@ -52,22 +56,42 @@ class _Sampling(_Request):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
-    n: int = 1
+    #: Choices per prompt; the prompt is computed and counted once.
+    n: int = Field(1, ge=1, le=128)
     stop: Union[str, list[str], None] = None
+    include_stop_str_in_output: bool = False
+    stop_token_ids: list[int] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    #: EOS and stop tokens are not generated before this many tokens (LMDeploy: min_new_tokens).
+    min_tokens: int | None = Field(None, validation_alias=AliasChoices("min_tokens", "min_new_tokens"))
+    response_format: ResponseFormat | None = None
     user: str | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class ChatCompletionRequest(_Sampling):
     # A plain string is a raw prompt: no chat template (as in LMDeploy).
     messages: Union[str, list[ChatMessage]] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    #: False: no chat template; the messages' texts are the prompt (LMDeploy).
+    do_preprocess: bool = True
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int]]
+    #: A string, a list of strings, token ids, or a list of token-id lists;
+    #: each prompt gets its own ``n`` choices.
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    #: Log-probabilities of each token and of this many top alternatives.
+    logprobs: int | None = None
+    echo: bool = False  # prepend the prompt to each choice's text
 
 
 class EncodeRequest(_Request):

@@ -1,0 +1,262 @@
+"""One chat or completions request: its choices, run through the bus, as one
+JSON body or as a stream of server-sent events.
+
+A request has one or more prompts (completions may send a list) and ``n``
+choices per prompt; every choice is its own generation on the bus, run
+concurrently. Choice ``index`` = prompt index * n + choice number. Usage counts
+each prompt once and every choice's completion tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from sanic import Request
+from sanic.response import json as json_response
+
+from lmserve.core.types import (
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+    TokenLogprob,
+)
+from lmserve.frontends.openai.errors import APIError, error_response, sse_error, sse_event
+from lmserve.frontends.openai.logprobs import LogprobsFormatter
+from lmserve.frontends.openai.state import ServerState
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_index: int
+    request: GenerationRequest
+    echo: str = ""  # text put before the generated text (completions' echo)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    last: GenerationOutput | None = None
+
+    @property
+    def text_length(self) -> int:
+        return len(self.echo) + sum(len(piece) for piece in self.text)
+
+
+class Generation:
+    """Validates a parsed chat/completions body into choices, then answers it."""
+
+    def __init__(self, state: ServerState, body, prompts: Sequence[Sequence[int]], *, chat: bool,
+                 echo_texts: Sequence[str] | None = None):
+        self.state = state
+        self.body = body
+        self.chat = chat
+        self.prompts = [list(prompt) for prompt in prompts]
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+        self.formatter = LogprobsFormatter(state.tokenizer)
+        self.choices = self._choices(echo_texts)
+
+    # ----------------------------------------------------------------- validation
+
+    def _choices(self, echo_texts: Sequence[str] | None) -> list[Choice]:
+        body, state = self.body, self.state
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if requested is not None and requested < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {requested}.", "max_tokens")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, f"response_format type {body.response_format.type!r} is not supported yet "
+                           "(no constrained decoding); use 'text'.", "response_format")
+        vocab_size = state.tokenizer.vocab_size
+        bad = [token for token in (body.logit_bias or {}) if not (token.isdigit() and int(token) < vocab_size)]
+        if bad:
+            raise APIError(400, f"logit_bias key {bad[0]!r} is not a token id of this model.", "logit_bias")
+        bad = [token for token in (body.stop_token_ids or ()) if not 0 <= token < vocab_size]
+        if bad:
+            raise APIError(400, f"stop_token_ids: {bad[0]} is not a token id of this model.", "stop_token_ids")
+        logprobs, logprobs_param = self._logprobs_request()
+        stop = body.stop_strings()
+        stop_token_ids = tuple(body.stop_token_ids or ())
+        if not body.ignore_eos:  # the template's stop words end a turn like EOS does
+            stop_token_ids += state.default_stop_token_ids
+
+        choices = []
+        for prompt_index, prompt in enumerate(self.prompts):
+            try:
+                max_tokens = state.bus.check_length(len(prompt), requested)
+            except InvalidRequestError as exc:
+                param = exc.param if exc.param != "messages" or self.chat else "prompt"
+                raise APIError(400, exc.message, param) from exc
+            for number in range(body.n):
+                try:
+                    params = self._sampling_params(max_tokens, logprobs, stop_token_ids, number)
+                    request = GenerationRequest(tuple(prompt), params, stop=stop,
+                                                include_stop_str_in_output=body.include_stop_str_in_output)
+                except InvalidRequestError as exc:
+                    param = logprobs_param if exc.param == "logprobs" else exc.param
+                    raise APIError(400, exc.message, param) from exc
+                echo = echo_texts[prompt_index] if echo_texts else ""
+                choices.append(Choice(prompt_index * body.n + number, prompt_index, request, echo))
+        return choices
+
+    def _logprobs_request(self) -> tuple[int | None, str]:
+        """(top alternatives wanted or None, the parameter that asked)."""
+        body = self.body
+        if self.chat:
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true.", "top_logprobs")
+            return (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs"
+        if body.logprobs is not None and body.echo:
+            raise APIError(400, "echo together with logprobs is not supported (no prompt log-probabilities yet).",
+                           "echo")
+        return body.logprobs, "logprobs"
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, stop_token_ids: tuple[int, ...],
+                         number: int) -> SamplingParams:
+        body = self.body
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=0 if body.top_k is None else body.top_k,
+            min_p=0.0 if body.min_p is None else body.min_p,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=body.logit_bias or {},
+            # Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
+            seed=None if body.seed is None else body.seed + number,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=body.ignore_eos,
+            skip_special_tokens=body.skip_special_tokens,
+            min_tokens=min(body.min_tokens or 0, max_tokens),
+            logprobs=logprobs,
+        )
+
+    # -------------------------------------------------------------------- running
+
+    async def respond(self, request: Request):
+        if self.body.stream:
+            return await self._stream(request)
+        return await self._complete()
+
+    async def _complete(self):
+        async def run(choice: Choice) -> None:
+            async for out in self.state.bus.generate(choice.request):
+                choice.text.append(out.text)
+                choice.logprobs.extend(out.logprobs or ())
+                choice.last = out
+
+        await asyncio.gather(*(run(choice) for choice in self.choices))
+        for choice in self.choices:
+            if choice.last.finish_reason is FinishReason.ERROR:
+                return error_response(500, choice.last.error or "The engine failed this request.")
+        body = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": [self._final_choice(choice) for choice in self.choices],
+            "usage": self._usage(),
+        }
+        return json_response(body)
+
+    def _final_choice(self, choice: Choice) -> dict:
+        text = choice.echo + "".join(choice.text)
+        body: dict = {"index": choice.index, "logprobs": None, "finish_reason": choice.last.finish_reason.value}
+        wants_logprobs = choice.request.sampling_params.logprobs is not None
+        if self.chat:
+            body["message"] = {"role": "assistant", "content": text}
+            if wants_logprobs:
+                body["logprobs"] = self.formatter.chat(choice.logprobs)
+        else:
+            body["text"] = text
+            if wants_logprobs:
+                body["logprobs"] = self.formatter.completion(choice.logprobs, len(choice.echo))
+        return body
+
+    async def _stream(self, request: Request):
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        events: asyncio.Queue[tuple[Choice, GenerationOutput | BaseException]] = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for out in self.state.bus.generate(choice.request):
+                    await events.put((choice, out))
+            except Exception as exc:  # reported as an error event
+                await events.put((choice, exc))
+
+        response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        tasks = [asyncio.create_task(pump(choice)) for choice in self.choices]
+        try:
+            for choice in self.choices:
+                if self.chat:
+                    await response.send(self._chunk(choice, {"role": "assistant", "content": ""}, None, include_usage))
+                if choice.echo:
+                    await response.send(self._chunk(choice, choice.echo, None, include_usage))
+            unfinished = len(self.choices)
+            while unfinished:
+                choice, out = await events.get()
+                if isinstance(out, BaseException) or out.finish_reason is FinishReason.ERROR:
+                    message = str(out) if isinstance(out, BaseException) else out.error
+                    await response.send(sse_error(500, message or "The engine failed this request."))
+                    break
+                choice.last = out
+                finish_reason = out.finish_reason.value if out.finish_reason is not None else None
+                if out.text or out.logprobs or finish_reason:
+                    delta = {"content": out.text} if self.chat and out.text else ({} if self.chat else out.text)
+                    await response.send(self._chunk(choice, delta, finish_reason, include_usage, out.logprobs))
+                    choice.text.append(out.text)
+                if finish_reason is not None:
+                    unfinished -= 1
+            else:
+                if include_usage:
+                    await response.send(sse_event({
+                        "id": self.id, "object": self._chunk_object, "created": self.created,
+                        "model": self.state.model_name, "choices": [], "usage": self._usage(),
+                    }))
+            await response.send("data: [DONE]\n\n")
+            await response.eof()
+        finally:  # a client gone, an error: stop every choice (their generators abort)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _chunk(self, choice: Choice, delta, finish_reason: str | None, include_usage: bool,
+               logprobs: Sequence[TokenLogprob] | None = None) -> str:
+        body: dict = {"index": choice.index, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            body["delta"] = delta
+            if logprobs is not None:
+                body["logprobs"] = self.formatter.chat(logprobs)
+        else:
+            body["text"] = delta
+            if logprobs is not None:
+                body["logprobs"] = self.formatter.completion(logprobs, choice.text_length)
+        event = {"id": self.id, "object": self._chunk_object, "created": self.created,
+                 "model": self.state.model_name, "choices": [body]}
+        if include_usage:
+            event["usage"] = None
+        return sse_event(event)
+
+    def _usage(self) -> dict:
+        prompt_tokens = sum(len(prompt) for prompt in self.prompts)
+        completion_tokens = sum(choice.last.usage.completion_tokens for choice in self.choices if choice.last)
+        cached = sum(choice.last.usage.cached_tokens for choice in self.choices
+                     if choice.last and choice.index % self.body.n == 0)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }

@@ -1,0 +1,59 @@
+"""Tokenizer routes: LMDeploy's ``POST /v1/encode`` and vLLM's ``POST /tokenize`` / ``/detokenize``."""
+
+from __future__ import annotations
+
+from sanic import Request, Sanic
+from sanic.response import json as json_response
+
+from lmserve.frontends.openai.errors import APIError
+from lmserve.frontends.openai.parsing import check_model, parse_body
+from lmserve.frontends.openai.protocol import DetokenizeRequest, EncodeRequest, TokenizeRequest
+from lmserve.frontends.openai.state import ServerState
+
+
+def register_tokenization_routes(app: Sanic, state: ServerState) -> None:
+    tokenizer = state.tokenizer
+
+    def render_user_turn(text: str) -> str:
+        return state.chat_template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+
+    async def encode(request: Request):
+        body = parse_body(request, EncodeRequest)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        ids = []
+        for text in texts:
+            if body.do_preprocess:  # the template spells out BOS itself where the model wants one
+                ids.append(tokenizer.encode(render_user_turn(text), add_bos=False))
+            else:
+                ids.append(tokenizer.encode(text, add_bos=body.add_bos))
+        if isinstance(body.input, str):
+            return json_response({"input_ids": ids[0], "length": len(ids[0])})
+        return json_response({"input_ids": ids, "length": [len(item) for item in ids]})
+
+    async def tokenize(request: Request):
+        body = parse_body(request, TokenizeRequest)
+        if body.model is not None:
+            check_model(state, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "Send exactly one of prompt and messages.", "prompt")
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            prompt = state.chat_template.render(messages, add_generation_prompt=body.add_generation_prompt)
+            ids = tokenizer.encode(prompt, add_bos=False)
+        else:
+            ids = tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
+        return json_response({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids})
+
+    async def detokenize(request: Request):
+        body = parse_body(request, DetokenizeRequest)
+        if body.model is not None:
+            check_model(state, body.model)
+        bad = [token for token in body.tokens if not 0 <= token < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"Token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size}).",
+                           "tokens")
+        return json_response({"prompt": tokenizer.decode(body.tokens)})
+
+    app.add_route(encode, "/v1/encode", methods=["POST"], name="encode")
+    app.add_route(tokenize, "/tokenize", methods=["POST"], name="tokenize")
+    app.add_route(detokenize, "/detokenize", methods=["POST"], name="detokenize")
