@@ -180,3 +180,52 @@ def test_leftover_memory_in_the_cache_never_leaks_into_attention(tiny, tiny_mode
         backend.shutdown()
     for rid, prompt in prompts.items():
         assert tokens[rid] == reference_greedy(tiny, prompt, 20)
+
+
+def reference_logprobs(tiny, ids):
+    """log_softmax of the reference model's next-token logits after ``ids``."""
+    config, model = tiny
+    with torch.inference_mode():
+        cache = KVCache.allocate(config, 256, dtype=torch.float32, device="cpu")
+        hidden = model(torch.tensor(ids), torch.arange(len(ids)), cache)
+        return torch.log_softmax(model.compute_logits(hidden[-1:])[0].float(), dim=-1)
+
+
+def test_logprobs_are_the_models_and_ride_with_each_token(tiny, tiny_model_dir):
+    backend, collector = make_backend(tiny_model_dir)
+    outputs = []
+    try:
+        backend.submit(EngineRequest("lp", PROMPT, greedy(4, logprobs=3)))
+        backend.submit(EngineRequest("plain", PROMPT, greedy(4)))
+        done = 0
+        while done < 2:
+            out = collector.outputs.get(timeout=60)
+            outputs.append(out)
+            done += out.finish_reason is not None
+    finally:
+        backend.shutdown()
+    assert all(out.logprobs is None for out in outputs if out.request_id == "plain")
+    records = [lp for out in outputs if out.request_id == "lp" for lp in out.logprobs]
+    tokens = [t for out in outputs if out.request_id == "lp" for t in out.new_token_ids]
+    assert [r.token_id for r in records] == tokens and len(tokens) == 4
+    for i, record in enumerate(records):
+        expected = reference_logprobs(tiny, list(PROMPT) + tokens[:i])
+        assert record.logprob == pytest.approx(float(expected[record.token_id]), abs=1e-4)
+        top_values, top_ids = expected.topk(3)
+        assert [t for t, _ in record.top] == top_ids.tolist()
+        assert [v for _, v in record.top] == pytest.approx(top_values.tolist(), abs=1e-4)
+        assert record.top[0][0] == record.token_id, "greedy picks the most likely token"
+
+
+def test_min_tokens_holds_back_eos_and_stop_tokens(tiny, tiny_model_dir):
+    first = reference_greedy(tiny, PROMPT, 1)[0]
+    backend, collector = make_backend(tiny_model_dir)
+    try:
+        # The first greedy token is a stop token: without min_tokens the request ends at once.
+        backend.submit(EngineRequest("free", PROMPT, greedy(8, stop_token_ids=(first,))))
+        backend.submit(EngineRequest("held", PROMPT, greedy(8, stop_token_ids=(first,), min_tokens=3)))
+        tokens, reasons = collector.run_until_finished(["free", "held"])
+    finally:
+        backend.shutdown()
+    assert tokens["free"] == [first] and reasons["free"] is FinishReason.STOP
+    assert len(tokens["held"]) >= 3 and first not in tokens["held"][:3]

@@ -216,3 +216,47 @@ def test_ids_of_tokens_without_text_ride_with_the_next_delta(tokenizer):
     outs = _run(main())
     assert [t for o in outs for t in o.token_ids] == ids
     assert "".join(o.text for o in outs) == "a🙂b"
+
+
+def test_a_stop_string_across_tokens_ends_the_text_and_the_generation(tokenizer):
+    ids = tokenizer.encode("one two three four five six", add_bos=False)
+    assert len(ids) > 6
+    backend = ScriptedBackend(ids + [65] * 200, max_model_len=512, step_delay=0.002)
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        try:
+            params = SamplingParams(max_tokens=200)
+            cut = await _collect(bus, GenerationRequest((1,), params, stop=("ree fo", "zzz")))
+            kept = await _collect(bus, GenerationRequest((1,), params, stop=("ree fo",),
+                                                         include_stop_str_in_output=True))
+            await asyncio.sleep(0.05)
+            return cut, kept
+        finally:
+            bus.shutdown()
+
+    cut, kept = _run(main())
+    assert "".join(o.text for o in cut) == "one two th"
+    assert "".join(o.text for o in kept) == "one two three fo"
+    assert cut[-1].finish_reason is FinishReason.STOP and kept[-1].finish_reason is FinishReason.STOP
+    assert cut[-1].usage.completion_tokens < 20, "the generation stopped at the stop string"
+    assert len(backend.aborted) == 2, "the engine was told to stop both"
+
+
+def test_timing_is_reported_on_the_last_output(tokenizer):
+    backend = ScriptedBackend(tokenizer.encode("abcdef", add_bos=False), step_delay=0.01)
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        outs = await _collect(bus, GenerationRequest((1,), SamplingParams(max_tokens=50)))
+        bus.shutdown()
+        return outs
+
+    outs = _run(main())
+    assert all(o.timing is None for o in outs[:-1])
+    timing = outs[-1].timing
+    assert 0 < timing.time_to_first_token <= timing.e2e
+    assert len(timing.inter_token) == outs[-1].usage.completion_tokens - 1
+    assert all(gap >= 0 for gap in timing.inter_token)
