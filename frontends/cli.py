@@ -18,6 +18,8 @@ from typing import Sequence
 from lmserve.core.config import DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
+from lmserve.frontends.openai.http_config import HTTPConfig
+
 
 def _plugin_modules(argv: Sequence[str]) -> list[str]:
     pre = argparse.ArgumentParser(add_help=False)
@@ -39,26 +41,66 @@ def build_parser(pm) -> argparse.ArgumentParser:
     servers = serve.add_subparsers(dest="server", required=True, metavar="SERVER")
     api_server = servers.add_parser(
         "api_server", parents=[common], help="Serve MODEL over the OpenAI-compatible REST API.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     api_server.add_argument(
         "model", metavar="MODEL",
         help="A local HF directory, a .gguf file, or a hub id found in the local hub cache "
         "or shipped by an installed package.",
     )
-    api_server.add_argument("--server-name", default="0.0.0.0", help="Host to bind.")
-    api_server.add_argument("--server-port", type=int, default=23333, help="Port to bind.")
-    api_server.add_argument("--model-name", default=None, help="The model name served in /v1/models (default: MODEL).")
-    api_server.add_argument("--session-len", type=int, default=None, help="Context length in tokens (default: the model's).")
-    api_server.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="Logging level.")
-    api_server.add_argument("--device", default="auto", help=f"One of {', '.join(DEVICES)} or cuda:N; auto picks CUDA when present.")
-    api_server.add_argument("--dtype", default="auto", choices=DTYPES, help="Weights and KV dtype; auto: float32 on the CPU, bfloat16/float16 on CUDA.")
+    _add_api_server_options(api_server)
     call_safely(pm, "lmserve_add_cli_options", command=SERVE_API_SERVER, parser=api_server)
 
     plugins = commands.add_parser("plugins", parents=[common], help="List the loaded plugins.")
     plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     call_safely(pm, "lmserve_add_cli_options", command="plugins", parser=plugins)
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing (not None, not off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-name", default=None, metavar="NAME", help="The model name served in /v1/models (default: MODEL).")
+    model.add_argument("--session-len", type=int, default=None, metavar="TOKENS", help="Context length in tokens (default: the model's).")
+    model.add_argument("--device", default="auto", help=f"One of {', '.join(DEVICES)} or cuda:N; auto picks CUDA when present.")
+    model.add_argument("--dtype", default="auto", choices=DTYPES, help="Weights and KV dtype; auto: float32 on the CPU, bfloat16/float16 on CUDA.")
+
+    server = parser.add_argument_group("server")
+    server.add_argument("--server-name", default="0.0.0.0", metavar="HOST", help="Host to bind.")
+    server.add_argument("--server-port", type=int, default=23333, metavar="PORT", help="Port to bind.")
+    server.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="Logging level.")
+    server.add_argument("--shutdown-timeout", type=float, default=HTTPConfig.shutdown_timeout, metavar="SECONDS",
+                        help="On SIGTERM or Ctrl+C, seconds in-flight requests may run on before they are aborted.")
+    server.add_argument("--disable-docs", action="store_true", help="Serve neither /openapi.json nor the Swagger UI.")
+
+    security = parser.add_argument_group("security")
+    security.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
+                          help="Require 'Authorization: Bearer KEY' (any of these keys) on /v1/*, /tokenize and "
+                          "/detokenize.")
+    security.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN",
+                          help="Origins allowed by CORS ('*': any); without it no CORS headers are sent.")
+    security.add_argument("--allow-methods", nargs="+", default=list(HTTPConfig.allow_methods), metavar="METHOD",
+                          help="Methods allowed by CORS.")
+    security.add_argument("--allow-headers", nargs="+", default=list(HTTPConfig.allow_headers), metavar="HEADER",
+                          help="Request headers allowed by CORS.")
+    security.add_argument("--allow-credentials", action="store_true", help="Allow credentials (cookies) with CORS.")
+
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N",
+                        help="Most generation requests run at once (default: unlimited).")
+    limits.add_argument("--max-queued-requests", type=int, default=None, metavar="N",
+                        help="Most generation requests waiting for a slot; more get 503 with Retry-After "
+                        "(default: --max-concurrent-requests).")
+    limits.add_argument("--max-request-bytes", type=int, default=HTTPConfig.max_request_bytes, metavar="BYTES",
+                        help="Largest request body; larger ones get 413.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +141,7 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         plugins=tuple(args.plugin),
         options=vars(args),
     )
+    http_config = HTTPConfig.from_options(config.options)  # bad flags fail before the weights load
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Sanic is imported only by the command that serves.
     from lmserve.frontends.openai.app import build_state, create_app
@@ -112,6 +155,8 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         motd=False,
         access_log=config.log_level == "DEBUG",
     )
+    # Sanic returns after SIGTERM/SIGINT once in-flight requests finished or
+    # http_config.shutdown_timeout passed (shutdown.py).
     return 0
 
 

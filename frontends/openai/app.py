@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
 import pluggy
 from sanic import Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import PayloadTooLarge, SanicException
 
 from lmserve.core.bus import RequestBus
 from lmserve.core.config import ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely
+from lmserve.frontends.openai.auth import setup_auth
+from lmserve.frontends.openai.cors import setup_cors
 from lmserve.frontends.openai.errors import APIError, error_response
+from lmserve.frontends.openai.http_config import HTTPConfig
+from lmserve.frontends.openai.limits import setup_limits
 from lmserve.frontends.openai.openapi import setup_openapi
+from lmserve.frontends.openai.shutdown import setup_graceful_shutdown
 from lmserve.frontends.openai.state import ServerState
 
 logger = logging.getLogger(__name__)
+
+#: Sanic's RESPONSE_TIMEOUT: a day, i.e. none a generation would reach.
+NO_RESPONSE_TIMEOUT_S = 24 * 3600
+#: Seconds cancelled handlers get to unwind at shutdown before the engine stops.
+UNWIND_TIMEOUT_S = 2.0
 
 
 def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
@@ -51,15 +62,27 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
 
 
 def create_app(state: ServerState, pm: pluggy.PluginManager) -> Sanic:
-    """The Sanic app over ``state``; routes come from :hook:`lmserve_register_routes`."""
+    """The Sanic app over ``state``; routes come from :hook:`lmserve_register_routes`.
+
+    Request middleware runs in this order: CORS preflight, API key, then the
+    route, generation routes through the admission queue.
+    """
+    config = HTTPConfig.from_options(state.config.options)
     # lmserve configures logging itself (--log-level); Sanic would add its own handlers.
     app = Sanic("lmserve", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
+    # Sanic answers 503 when a handler has sent nothing for RESPONSE_TIMEOUT (60 s): a
+    # long non-streaming generation sends nothing until it is done.
+    app.config.RESPONSE_TIMEOUT = NO_RESPONSE_TIMEOUT_S
     app.ctx.state = state
     _setup_errors(app)
     _setup_lifecycle(app, state, pm)
+    setup_graceful_shutdown(app, config.shutdown_timeout)
+    setup_cors(app, config)
+    setup_auth(app, config.api_keys)
     call_safely(pm, "lmserve_register_routes", app=app, state=state)
-    setup_openapi(app, disable_docs=bool(state.config.options.get("disable_docs", False)))
+    setup_limits(app, config)  # wraps the generation routes: after every route is registered
+    setup_openapi(app, disable_docs=config.disable_docs)
     return app
 
 
@@ -67,6 +90,13 @@ def _setup_errors(app: Sanic) -> None:
     @app.exception(APIError)
     async def api_error(request: Request, exc: APIError):
         return error_response(exc.status, exc.message, exc.param)
+
+    @app.exception(PayloadTooLarge)
+    async def too_large(request: Request, exc: PayloadTooLarge):
+        message = str(exc) or "Payload too large."
+        if "body" in message:
+            message = f"The request body is larger than this server accepts ({app.config.REQUEST_MAX_SIZE} bytes)."
+        return error_response(413, message)
 
     @app.exception(SanicException)
     async def sanic_error(request: Request, exc: SanicException):
@@ -96,7 +126,13 @@ def _setup_lifecycle(app: Sanic, state: ServerState, pm: pluggy.PluginManager) -
             flush=True,
         )
 
-    @app.before_server_stop
+    # After the drain (shutdown.py): the engine serves in-flight requests until then.
+    @app.after_server_stop
     async def stop_engine(app: Sanic):
+        # Handlers still running when the drain timed out were cancelled: let them
+        # unwind (abort their generations, notify observers) while the engine runs.
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=UNWIND_TIMEOUT_S)
         state.bus.shutdown()
         pm.hook.lmserve_shutdown()
