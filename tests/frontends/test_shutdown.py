@@ -1,0 +1,102 @@
+"""SIGTERM: the server stops accepting, lets in-flight requests finish for up to
+--shutdown-timeout seconds, aborts the rest and exits with status 0."""
+
+import json
+import shutil
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a 32k-token context: generations long enough to interrupt."""
+    directory = tmp_path_factory.mktemp("tiny-long")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["max_position_embeddings"] = 32768
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def start_stream(server, max_tokens: int) -> tuple[socket.socket, bytes]:
+    """A raw keep-alive connection streaming a completion; returns it once tokens flow."""
+    data = json.dumps({"model": "tiny", "prompt": "abc", "max_tokens": max_tokens, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    received = b""
+    while b"data: {" not in received:
+        received += sock.recv(65536)
+    return sock, received
+
+
+def read_to_close(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """Everything until the server closes the connection, and when that happened."""
+    sock.settimeout(timeout)
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received, time.monotonic()
+
+
+def test_sigterm_lets_a_stream_finish_then_exits_0(long_model_dir):
+    from conftest import LiveServer
+
+    server = LiveServer(long_model_dir, "--model-name", "tiny", "--shutdown-timeout", "120")
+    try:
+        sock, head = start_stream(server, max_tokens=1000)
+        server.process.send_signal(signal.SIGTERM)
+        # The listening socket closes at once, while the stream goes on.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(server.base_url + "/health", timeout=1)
+            except httpx.TransportError:
+                break
+            assert time.monotonic() < deadline, "the server still accepts connections after SIGTERM"
+            time.sleep(0.05)
+        # The stream completes...
+        sock.settimeout(60)
+        body = head
+        while not body.endswith(b"\r\n0\r\n\r\n"):  # the last chunk
+            chunk = sock.recv(65536)
+            assert chunk, f"the stream was cut: {body[-300:]!r}"
+            body += chunk
+        assert b"data: [DONE]" in body and b'"completion_tokens":1000' in body
+        # ...then the server closes the keep-alive connection itself, long before
+        # Sanic's 5 s keep-alive timeout would, and exits.
+        ended = time.monotonic()
+        rest, closed = read_to_close(sock, timeout=10)
+        assert rest == b"" and closed - ended < 3
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
+def test_sigterm_aborts_what_outlasts_the_timeout(long_model_dir):
+    from conftest import LiveServer
+
+    server = LiveServer(long_model_dir, "--model-name", "tiny", "--shutdown-timeout", "1")
+    try:
+        sock, head = start_stream(server, max_tokens=30000)  # minutes of decoding
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        rest, closed = read_to_close(sock, timeout=30)
+        assert b"data: [DONE]" not in rest  # cut off, not finished
+        assert 0.9 < closed - signalled < 10
+        assert server.process.wait(timeout=30) == 0
+        assert "Task was destroyed but it is pending" not in server.log()
+    finally:
+        server.stop()
