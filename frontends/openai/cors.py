@@ -9,6 +9,8 @@ limits: browsers send no credentials on a preflight.
 
 from __future__ import annotations
 
+import re
+
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, empty
 
@@ -18,6 +20,8 @@ from lmserve.frontends.openai.http_config import HTTPConfig
 ALL_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 #: Seconds a browser may cache a preflight answer.
 PREFLIGHT_MAX_AGE_S = 600
+#: A header name (RFC 9110 token), lower-cased; nothing else is echoed back.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 
 
 class CORSPolicy:
@@ -32,6 +36,8 @@ class CORSPolicy:
         self.credentials = credentials
 
     def allows_origin(self, origin: str) -> bool:
+        if not (origin.isascii() and origin.isprintable()):  # never echo odd bytes back
+            return False
         return self.any_origin or origin in self.origins
 
     def origin_headers(self, origin: str) -> dict[str, str]:
@@ -53,7 +59,8 @@ class CORSPolicy:
             return error_response(400, f"CORS: the origin {origin!r} is not allowed.")
         if not self.any_method and method not in self.methods:
             return error_response(400, f"CORS: the method {method!r} is not allowed.")
-        refused = [name for name in asked if not self.any_header and name not in self.headers]
+        refused = [name for name in asked if not _HEADER_NAME.fullmatch(name)
+                   or not (self.any_header or name in self.headers)]
         if refused:
             return error_response(400, f"CORS: the header {refused[0]!r} is not allowed.")
         headers = {

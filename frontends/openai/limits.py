@@ -89,8 +89,8 @@ def is_generation_route(route) -> bool:
 def busy_response(admission: AdmissionQueue) -> HTTPResponse:
     response = error_response(
         503,
-        f"The server is busy: {admission.num_running} requests are running and "
-        f"{admission.num_waiting} waiting, the most it queues. Retry after {RETRY_AFTER_S} s.",
+        f"The server is busy: generation requests running: {admission.num_running}, waiting: "
+        f"{admission.num_waiting} (the most it queues). Retry after {RETRY_AFTER_S} s.",
     )
     response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response

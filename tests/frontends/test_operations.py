@@ -9,12 +9,14 @@ import json
 import shutil
 import socket
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
 from lmserve.frontends.cli import main
+from lmserve.frontends.openai.cors import CORSPolicy
 from lmserve.frontends.openai.limits import AdmissionQueue
 
 KEYS = ("key-one", "key-two")
@@ -315,3 +317,28 @@ def test_without_a_limit_everyone_is_admitted():
 def test_bad_flag_values_exit_2_before_loading(flags, message, capsys):
     assert main(["serve", "api_server", "/nonexistent/model", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- CORS, in-process
+
+
+def preflight(policy, origin=ORIGIN, method="POST", headers=None):
+    request = SimpleNamespace(headers={"origin": origin, "access-control-request-method": method,
+                                       **({"access-control-request-headers": headers} if headers else {})})
+    return policy.preflight(request)
+
+
+def test_cors_policy_limits_methods_and_headers_and_never_echoes_odd_bytes():
+    policy = CORSPolicy((ORIGIN,), ("GET", "POST"), ("authorization",), credentials=False)
+    assert preflight(policy, method="post").status == 204
+    assert preflight(policy, method="DELETE").status == 400
+    assert preflight(policy, headers="Authorization").status == 204
+    assert preflight(policy, headers="authorization, x-other").status == 400
+    anything = CORSPolicy(("*",), ("*",), ("*",), credentials=True)
+    ok = preflight(anything, origin="https://any.example", headers="x-a, x-b")
+    assert ok.headers["access-control-allow-origin"] == "https://any.example"  # credentials: never "*"
+    assert ok.headers["access-control-allow-headers"] == "x-a, x-b"
+    assert preflight(anything, origin="https://\udcff.example").status == 400
+    assert preflight(anything, headers="x-\udcff").status == 400
+    assert CORSPolicy(("*",), ("*",), ("*",), credentials=False).origin_headers("https://a.example") == {
+        "Access-Control-Allow-Origin": "*"}
