@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from lmserve.core.config import DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
@@ -141,7 +141,7 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         plugins=tuple(args.plugin),
         options=vars(args),
     )
-    http_config = HTTPConfig.from_options(config.options)  # bad flags fail before the weights load
+    HTTPConfig.from_options(config.options)  # bad flags fail here, before the weights load
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Sanic is imported only by the command that serves.
     from lmserve.frontends.openai.app import build_state, create_app
@@ -156,7 +156,7 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         access_log=config.log_level == "DEBUG",
     )
     # Sanic returns after SIGTERM/SIGINT once in-flight requests finished or
-    # http_config.shutdown_timeout passed (shutdown.py).
+    # --shutdown-timeout passed (frontends/openai/shutdown.py).
     return 0
 
 

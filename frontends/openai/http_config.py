@@ -9,8 +9,9 @@ import: the CLI imports this module before it knows whether it will serve.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 MiB = 1 << 20
 

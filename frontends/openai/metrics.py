@@ -12,7 +12,7 @@ Names follow vLLM's (``vllm:`` becomes ``lmserve:``); every series carries a
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram

@@ -98,7 +98,8 @@ class FakeBackend:
         return self._stats
 
 
-def fake_app_and_state(stats: BackendStats = BackendStats()):
+def fake_app_and_state(stats: BackendStats | None = None):
+    stats = stats or BackendStats()
     state = SimpleNamespace(model_name="tiny", bus=SimpleNamespace(backend=FakeBackend(stats)))
     return SimpleNamespace(ctx=SimpleNamespace()), state
 

@@ -90,7 +90,7 @@ def test_sigterm_aborts_what_outlasts_the_timeout(long_model_dir):
 
     server = LiveServer(long_model_dir, "--model-name", "tiny", "--shutdown-timeout", "1")
     try:
-        sock, head = start_stream(server, max_tokens=30000)  # minutes of decoding
+        sock, _ = start_stream(server, max_tokens=30000)  # minutes of decoding
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         rest, closed = read_to_close(sock, timeout=30)
