@@ -49,10 +49,18 @@ class StopStringMatcher:
         return held
 
     def _first_match(self, text: str) -> tuple[int, str] | None:
+        """The occurrence that is complete first (earliest end; then the longest).
+
+        Ending first, not starting first, is what makes the cut independent of
+        how the text was split into deltas: with stops "abcd" and "bc", "xabcd"
+        is cut to "xa" whether it arrives whole or a character at a time.
+        """
         best: tuple[int, str] | None = None
         for stop in self.stops:
             index = text.find(stop)
-            if index != -1 and (best is None or index < best[0]):
+            if index == -1:
+                continue
+            if best is None or (index + len(stop), index) < (best[0] + len(best[1]), best[0]):
                 best = (index, stop)
         return best
 

@@ -83,9 +83,10 @@ class SamplingParams:
             )
         if not (_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}.", "min_p")
-        if not (_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0):
+        # Logits are divided by it in float32: values below 1e-6 would round to 0.
+        if not (_is_number(self.repetition_penalty) and 1e-6 <= self.repetition_penalty <= 2.0):
             raise InvalidRequestError(
-                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}.",
+                f"repetition_penalty must be in [1e-6, 2], got {self.repetition_penalty!r}.",
                 "repetition_penalty",
             )
         for name in ("presence_penalty", "frequency_penalty"):

@@ -65,16 +65,21 @@ class Generation:
 
     def _choices(self, echo_texts: Sequence[str] | None) -> list[Choice]:
         body, state = self.body, self.state
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        # max_completion_tokens wins; errors name the field the client sent.
+        if body.max_completion_tokens is not None:
+            requested, requested_param = body.max_completion_tokens, "max_completion_tokens"
+        else:
+            requested, requested_param = body.max_tokens, "max_tokens"
         if requested is not None and requested < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {requested}.", "max_tokens")
+            raise APIError(400, f"{requested_param} must be at least 1, got {requested}.", requested_param)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options")
         if body.response_format is not None and body.response_format.type != "text":
             raise APIError(400, f"response_format type {body.response_format.type!r} is not supported yet "
                            "(no constrained decoding); use 'text'.", "response_format")
         vocab_size = state.tokenizer.vocab_size
-        bad = [token for token in (body.logit_bias or {}) if not (token.isdigit() and int(token) < vocab_size)]
+        bad = [token for token in (body.logit_bias or {})
+               if not (token.isascii() and token.isdigit() and int(token) < vocab_size)]
         if bad:
             raise APIError(400, f"logit_bias key {bad[0]!r} is not a token id of this model.", "logit_bias")
         bad = [token for token in (body.stop_token_ids or ()) if not 0 <= token < vocab_size]
@@ -91,8 +96,9 @@ class Generation:
             try:
                 max_tokens = state.bus.check_length(len(prompt), requested)
             except InvalidRequestError as exc:
-                param = exc.param if exc.param != "messages" or self.chat else "prompt"
-                raise APIError(400, exc.message, param) from exc
+                param = {"max_tokens": requested_param, "messages": "messages" if self.chat else "prompt"}
+                message = exc.message.replace("max_tokens", requested_param)
+                raise APIError(400, message, param.get(exc.param, exc.param)) from exc
             for number in range(body.n):
                 try:
                     params = self._sampling_params(max_tokens, logprobs, stop_token_ids, number)
@@ -135,7 +141,7 @@ class Generation:
             stop_token_ids=stop_token_ids,
             ignore_eos=body.ignore_eos,
             skip_special_tokens=body.skip_special_tokens,
-            min_tokens=min(body.min_tokens or 0, max_tokens),
+            min_tokens=body.min_tokens or 0,
             logprobs=logprobs,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Sequence
 
 from lmserve.core.types import TokenLogprob
@@ -14,8 +15,14 @@ class LogprobsFormatter:
         self.tokenizer = tokenizer
 
     def _token(self, token_id: int) -> tuple[str, list[int]]:
+        """The token's text and bytes. A token that is not valid UTF-8 on its own
+        (part of a character) is named ``bytes:\\xe4...`` as OpenAI does, so
+        distinct tokens never share a name."""
         data = self.tokenizer.token_bytes(token_id)
-        return data.decode("utf-8", errors="replace"), list(data)
+        try:
+            return data.decode("utf-8"), list(data)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data), list(data)
 
     def chat(self, logprobs: Sequence[TokenLogprob]) -> dict:
         """``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
@@ -33,11 +40,23 @@ class LogprobsFormatter:
         """``{tokens, token_logprobs, top_logprobs, text_offset}``; offsets start at
         ``text_offset`` (the length of the choice's text before these tokens)."""
         tokens, token_logprobs, tops, offsets = [], [], [], []
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for item in logprobs:
-            token, _ = self._token(item.token_id)
+            token, data = self._token(item.token_id)
             tokens.append(token)
             token_logprobs.append(item.logprob)
             tops.append({self._token(token_id)[0]: logprob for token_id, logprob in item.top})
-            offsets.append(text_offset)
-            text_offset += len(token)
+            offsets.append(text_offset + _chars_owed(decoder.getstate()[0], data))
+            text_offset += len(decoder.decode(bytes(data)))
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chars_owed(pending: bytes, data: list[int]) -> int:
+    """Characters of the text that belong before a token although the decoder
+    has not emitted them yet: bytes left pending by earlier tokens that this
+    token does not continue (a character cut short) become U+FFFD first. A
+    token that continues a pending character starts where that character does.
+    """
+    if not pending or not data or data[0] & 0xC0 == 0x80:
+        return 0
+    return len(pending.decode("utf-8", errors="replace"))

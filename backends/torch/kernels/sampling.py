@@ -57,6 +57,7 @@ _APPLIED_BIT = 1 << 30
 _COUNT_MASK = _PROMPT_BIT - 1
 # fastmath without nnan/ninf: -inf logits (masked tokens) must stay -inf.
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_INT32_MAX = 2**31 - 1
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM)
 _SCAN_BLOCK = 1024
 # Rows go over Numba's threads only with this many rows and threads: with few
@@ -128,7 +129,7 @@ class SamplingBatch:
         bias_offsets = np.zeros(size + 1, np.int64)
         for i, p in enumerate(params):
             for name, column in columns.items():
-                column[i] = getattr(p, name)
+                column[i] = getattr(p, name) if name != "top_k" else min(p.top_k, _INT32_MAX)  # > vocab: all
             if p.greedy or p.temperature < _GREEDY_EPS:
                 columns["temperature"][i] = 0.0
             seed = seeds[i] if seeds is not None and seeds[i] is not None else p.seed
