@@ -145,9 +145,18 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Sanic is imported only by the command that serves.
     from lmserve.frontends.openai.app import build_state, create_app
+    from lmserve.frontends.openai.loading import LoadingServer
 
-    state = build_state(config, pm)
-    app = create_app(state, pm)
+    loading = LoadingServer(config.server_name, config.server_port)
+    try:
+        loading.start()  # the port answers 503 until the server itself takes it
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {config.server_name}:{config.server_port}: {exc.strerror or exc}") from exc
+    try:
+        state = build_state(config, pm)
+        app = create_app(state, pm)
+    finally:
+        loading.stop()
     app.run(
         host=config.server_name,
         port=config.server_port,

@@ -36,24 +36,32 @@ class _LoadingHandler(BaseHTTPRequestHandler):
 
 
 class LoadingServer:
-    """``with LoadingServer(host, port): load()`` answers 503 on the port meanwhile."""
+    """``start()``, load, ``stop()``: the port answers 503 meanwhile (also a context manager)."""
 
     def __init__(self, host: str, port: int):
         self.host = host
         self.port = port
         self._server: ThreadingHTTPServer | None = None
 
-    def __enter__(self) -> LoadingServer:
+    def start(self) -> None:
+        """Bind the port (``OSError`` when it is taken) and start answering."""
         server_class = type("_Server", (ThreadingHTTPServer,), {
             "address_family": socket.AF_INET6 if ":" in self.host else socket.AF_INET,
             "daemon_threads": True,
         })
         self._server = server_class((self.host, self.port), _LoadingHandler)
         threading.Thread(target=self._server.serve_forever, name="lmserve-loading", daemon=True).start()
-        return self
 
-    def __exit__(self, *exc_info) -> None:
+    def stop(self) -> None:
+        """Free the port."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def __enter__(self) -> LoadingServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
