@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,6 +55,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     config = json.loads(config_path.read_text())
     config.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], max_position_embeddings=256)
     config_path.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a 32k-token context: generations long enough to interrupt."""
+    directory = tmp_path_factory.mktemp("tiny-long")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["max_position_embeddings"] = 32768
+    (directory / "config.json").write_text(json.dumps(config))
     return directory
 
 

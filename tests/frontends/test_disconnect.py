@@ -8,7 +8,6 @@ have finished.
 """
 
 import json
-import shutil
 import socket
 import time
 
@@ -16,18 +15,6 @@ import httpx
 import pytest
 
 MAX_TOKENS = 30000  # minutes of decoding on the tiny model; the test takes a second
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a 32k-token context: generations long enough to interrupt."""
-    directory = tmp_path_factory.mktemp("tiny-long")
-    for file in tiny_model_dir.iterdir():
-        shutil.copy(file, directory)
-    config = json.loads((directory / "config.json").read_text())
-    config["max_position_embeddings"] = 32768
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ slot busy with a long stream from the tiny model given a 32k-token context.
 
 import asyncio
 import json
-import shutil
 import socket
 import time
 from types import SimpleNamespace
@@ -23,18 +22,6 @@ KEYS = ("key-one", "key-two")
 ORIGIN = "https://app.example.com"
 MAX_BYTES = 65536
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a 32k-token context: generations long enough to interrupt."""
-    directory = tmp_path_factory.mktemp("tiny-long")
-    for file in tiny_model_dir.iterdir():
-        shutil.copy(file, directory)
-    config = json.loads((directory / "config.json").read_text())
-    config["max_position_embeddings"] = 32768
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -2,25 +2,12 @@
 --shutdown-timeout seconds, aborts the rest and exits with status 0."""
 
 import json
-import shutil
 import signal
 import socket
 import time
 
 import httpx
 import pytest
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a 32k-token context: generations long enough to interrupt."""
-    directory = tmp_path_factory.mktemp("tiny-long")
-    for file in tiny_model_dir.iterdir():
-        shutil.copy(file, directory)
-    config = json.loads((directory / "config.json").read_text())
-    config["max_position_embeddings"] = 32768
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 def start_stream(server, max_tokens: int) -> tuple[socket.socket, bytes]:
