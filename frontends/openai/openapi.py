@@ -1,9 +1,340 @@
-"""OpenAPI document and Swagger UI for the HTTP API (in progress)."""
+"""The OpenAPI document (``GET /openapi.json``) and Swagger UI (``GET /``).
+
+The document is OpenAPI 3.1, generated from the same pydantic models that
+validate the requests (protocol.py) plus the models of the response bodies
+(responses.py). Every route on the app appears: the built-in ones with the
+summary, body and responses :data:`ROUTE_DOCS` gives their route name, a
+plugin's route with a bare operation (a plugin may add an entry to
+``ROUTE_DOCS`` from its :hook:`lmserve_register_routes`).
+
+sanic-ext serves both: its OpenAPI extension, moved from ``/docs`` to the root,
+serves Swagger UI and the document. Its own generator is not used: it writes
+OpenAPI 3.0.3 and flattens pydantic models, which cannot say "string or null"
+the way pydantic's JSON Schema does, nor describe the events of a stream. So
+the document is built here when the server starts and handed to sanic-ext as
+its ``OAS_CUSTOM_FILE``. Only that extension is enabled: sanic-ext's CORS,
+automatic OPTIONS/HEAD routes, injection and health monitor stay off, so the
+server behaves the same with or without the docs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
 from sanic import Sanic
+
+from lmserve.frontends.openai import responses
+from lmserve.frontends.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EncodeRequest,
+    TokenizeRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+OPENAPI_VERSION = "3.1.0"
+#: Swagger UI 5 is the first to render OpenAPI 3.1 (sanic-ext's default is 4.10.3).
+SWAGGER_UI_VERSION = "5.17.14"
+_REF = "#/components/schemas/{model}"
+
+
+@dataclass(frozen=True)
+class RouteDoc:
+    """What the document says about one route (by route name)."""
+
+    summary: str
+    tag: str
+    request: type[BaseModel] | None = None  # the JSON body
+    response: type[BaseModel] | None = None  # the JSON body of a 200
+    stream: type[BaseModel] | None = None  # one event of a ``stream: true`` 200
+    text_response: bool = False  # the 200 is text/plain
+    errors: tuple[int, ...] = ()
+    description: str = ""
+    #: Needs no API key (when the server has ``--api-keys``).
+    public: bool = False
+    #: Goes through the admission queue (limits.py): its 503 carries ``Retry-After``.
+    admitted: bool = False
+
+
+_GENERATION_ERRORS = (400, 404, 413, 500, 503)
+
+ROUTE_DOCS: dict[str, RouteDoc] = {
+    "models": RouteDoc("List the served model", "OpenAI", response=responses.ModelList),
+    "chat_completions": RouteDoc(
+        "Create a chat completion", "OpenAI", ChatCompletionRequest, responses.ChatCompletion,
+        responses.ChatCompletionChunk, errors=_GENERATION_ERRORS, admitted=True,
+        description="With `stream: true` the answer is a stream of server-sent events, one "
+        "`ChatCompletionChunk` each, ending with `data: [DONE]`.",
+    ),
+    "completions": RouteDoc(
+        "Create a text completion", "OpenAI", CompletionRequest, responses.Completion,
+        responses.CompletionChunk, errors=_GENERATION_ERRORS, admitted=True,
+        description="With `stream: true` the answer is a stream of server-sent events, one "
+        "`CompletionChunk` each, ending with `data: [DONE]`.",
+    ),
+    "encode": RouteDoc(
+        "Token ids of texts (LMDeploy)", "Tokenizer", EncodeRequest, responses.EncodeResponse,
+        errors=(400, 413), description="A string gives one list of ids; a list of strings, one list per string.",
+    ),
+    "tokenize": RouteDoc(
+        "Token ids of a prompt or of chat messages", "Tokenizer", TokenizeRequest, responses.TokenizeResponse,
+        errors=(400, 404, 413), description="Send exactly one of `prompt` and `messages`.",
+    ),
+    "detokenize": RouteDoc(
+        "Text of token ids", "Tokenizer", DetokenizeRequest, responses.DetokenizeResponse, errors=(400, 404, 413),
+    ),
+    "health": RouteDoc(
+        "Whether the engine runs", "Server", response=responses.HealthResponse, errors=(503,), public=True,
+    ),
+    "metrics": RouteDoc("Prometheus metrics", "Server", text_response=True, public=True),
+}
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request; `param` names the field at fault.",
+    401: "Missing or wrong API key.",
+    404: "No such model (or route).",
+    413: "The body is too large.",
+    500: "The engine failed the request.",
+    503: "The engine is not running or the server is full.",
+}
+
+
+# ------------------------------------------------------------------- the document
+
+
+def build_openapi(app: Sanic) -> dict:
+    """The OpenAPI document of every route now registered on ``app``."""
+    state = getattr(app.ctx, "state", None)
+    options = state.config.options if state is not None else {}
+    builder = _DocumentBuilder(
+        model_name=getattr(state, "model_name", None) or "MODEL",
+        example_ids=_example_ids(state),
+        api_keys=bool(options.get("api_keys")),
+    )
+    for route in sorted(app.router.routes, key=lambda route: route.uri):
+        builder.add_route(route)
+    return builder.document()
+
+
+class _DocumentBuilder:
+    def __init__(self, model_name: str, example_ids: list[int], api_keys: bool):
+        self.model_name = model_name
+        self.example_ids = example_ids
+        self.api_keys = api_keys
+        self.paths: dict[str, dict[str, Any]] = {}
+        self.schemas: dict[str, dict] = {}
+        self.operation_ids: set[str] = set()
+
+    def document(self) -> dict:
+        try:
+            version = importlib.metadata.version("lmserve")
+        except importlib.metadata.PackageNotFoundError:
+            version = "0.0.0"
+        self.schema_ref(responses.ErrorResponse)  # always there, whether used or not
+        document: dict[str, Any] = {
+            "openapi": OPENAPI_VERSION,
+            "info": {
+                "title": "lmserve",
+                "version": version,
+                "description": f"An OpenAI-compatible API serving `{self.model_name}`. Errors have the shape "
+                "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` (`ErrorResponse`).",
+            },
+            "paths": self.paths,
+            "components": {"schemas": dict(sorted(self.schemas.items()))},
+        }
+        if self.api_keys:
+            document["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+        return document
+
+    # ------------------------------------------------------------------ routes
+
+    def add_route(self, route) -> None:
+        name = route.name.split(".", 1)[-1]  # Sanic prefixes the app's name
+        if name.startswith("openapi.") or route.extra.static or route.extra.websocket:
+            return  # the docs themselves, files, websockets
+        path, parameters = _openapi_path(route.uri)
+        doc = ROUTE_DOCS.get(name)
+        methods = sorted(method for method in route.methods if method not in ("HEAD", "OPTIONS"))
+        for method in methods:
+            operation_id = name if len(methods) == 1 else f"{name}_{method.lower()}"
+            while operation_id in self.operation_ids:
+                operation_id += "_"
+            self.operation_ids.add(operation_id)
+            operation = self.operation(doc, name, operation_id)
+            if parameters:
+                operation["parameters"] = parameters
+            self.paths.setdefault(path, {})[method.lower()] = operation
+
+    def operation(self, doc: RouteDoc | None, name: str, operation_id: str) -> dict:
+        if doc is None:  # a plugin's route: all we know is that it exists
+            return {
+                "operationId": operation_id,
+                "summary": name.replace("_", " ").replace(".", " ").capitalize(),
+                "tags": ["Plugins"],
+                "responses": {"default": {"description": "Described by the plugin that registered this route."}},
+            }
+        operation: dict[str, Any] = {"operationId": operation_id, "summary": doc.summary, "tags": [doc.tag]}
+        if doc.description:
+            operation["description"] = doc.description
+        if doc.request is not None:
+            media: dict[str, Any] = {"schema": self.schema_ref(doc.request, mode="validation")}
+            example = self.request_example(name)
+            if example is not None:
+                media["example"] = example
+            operation["requestBody"] = {"required": True, "content": {"application/json": media}}
+        operation["responses"] = self.operation_responses(doc)
+        if self.api_keys and not doc.public:
+            operation["security"] = [{"apiKey": []}]
+        return operation
+
+    def operation_responses(self, doc: RouteDoc) -> dict:
+        content: dict[str, Any] = {}
+        if doc.response is not None:
+            content["application/json"] = {"schema": self.schema_ref(doc.response)}
+        if doc.stream is not None:
+            content["text/event-stream"] = {"schema": self.event_schema(doc.stream)}
+        if doc.text_response:
+            content["text/plain"] = {"schema": {"type": "string"}}
+        result: dict[str, Any] = {"200": {"description": "OK", **({"content": content} if content else {})}}
+        errors = set(doc.errors) | ({401} if self.api_keys and not doc.public else set())
+        error_schema = self.schema_ref(responses.ErrorResponse)
+        for status in sorted(errors):
+            result[str(status)] = {
+                "description": _ERROR_DESCRIPTIONS.get(status, "Error."),
+                "content": {"application/json": {"schema": error_schema}},
+            }
+            if status == 503 and doc.admitted:
+                result["503"]["headers"] = {"Retry-After": {
+                    "description": "Seconds to wait before retrying (the server is full).",
+                    "schema": {"type": "integer"},
+                }}
+        return result
+
+    def event_schema(self, chunk: type[BaseModel]) -> dict:
+        """One server-sent event: a chunk, an error (after streaming began), or ``[DONE]``."""
+        return {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "anyOf": [
+                        {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {
+                                "anyOf": [self.schema_ref(chunk), self.schema_ref(responses.ErrorResponse)],
+                            },
+                        },
+                        {"const": "[DONE]"},
+                    ]
+                }
+            },
+        }
+
+    def request_example(self, name: str) -> dict | None:
+        model = self.model_name
+        return {
+            "chat_completions": {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},
+            "completions": {"model": model, "prompt": "Once upon a time", "max_tokens": 16},
+            "encode": {"input": "Hello, world"},
+            "tokenize": {"model": model, "prompt": "Hello, world"},
+            "detokenize": {"model": model, "tokens": self.example_ids},
+        }.get(name)
+
+    # ----------------------------------------------------------------- schemas
+
+    def schema_ref(self, model: type[BaseModel], mode: str = "serialization") -> dict:
+        """``{"$ref": ...}`` to ``model``, adding it and the models it uses to the components."""
+        schema = model.model_json_schema(mode=mode, ref_template=_REF)
+        for name, definition in schema.pop("$defs", {}).items():
+            self._add_schema(name, definition)
+        self._add_schema(model.__name__, schema)
+        return {"$ref": _REF.format(model=model.__name__)}
+
+    def _add_schema(self, name: str, schema: dict) -> None:
+        known = self.schemas.setdefault(name, schema)
+        if known != schema:
+            raise ValueError(f"Two different models are named {name!r}; the OpenAPI document needs unique names.")
+
+
+def _openapi_path(uri: str) -> tuple[str, list[dict]]:
+    """Sanic's ``/a/<name:int>`` as OpenAPI's ``/a/{name}`` and its path parameters."""
+    parameters = []
+
+    def replace(match: re.Match) -> str:
+        name, _, kind = match.group(1).partition(":")
+        schema = {"int": {"type": "integer"}, "float": {"type": "number"}}.get(kind, {"type": "string"})
+        parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
+        return "{" + name + "}"
+
+    path = re.sub(r"<([^>]+)>", replace, uri if uri.startswith("/") else "/" + uri)
+    return path, parameters
+
+
+def _example_ids(state) -> list[int]:
+    try:
+        return list(state.tokenizer.encode("Hello, world", add_bos=False))
+    except (AttributeError, TypeError):  # no state (a bare app), or a tokenizer without add_bos
+        return [1, 2, 3]
+
+
+# ------------------------------------------------------------- serving the docs
 
 
 def setup_openapi(app: Sanic, disable_docs: bool = False) -> None:
-    """Describe the registered routes in ``/openapi.json`` and serve Swagger UI at ``/``."""
+    """Describe the registered routes in ``/openapi.json`` and serve Swagger UI at ``/``.
+
+    Called by :func:`~lmserve.frontends.openai.app.create_app` after the routes
+    are registered; the document itself is built when the server starts, so
+    routes added later appear too. ``disable_docs``: neither route exists.
+    """
+    if getattr(app, "_ext", None) is not None:
+        logger.warning("sanic-ext was set up before the docs; /openapi.json and / are not served.")
+        return
+    if disable_docs:
+        # Sanic sets sanic-ext up with every default on (CORS, /docs, ...) unless it is already set up.
+        app.extend(built_in_extensions=False)
+        return
+    from sanic_ext.extensions.openapi.extension import OpenAPIExtension
+
+    app.config.update(
+        {
+            "OAS_URL_PREFIX": "",
+            "OAS_URI_TO_JSON": "/openapi.json",
+            "OAS_UI_DEFAULT": "swagger",
+            "OAS_UI_REDOC": False,
+            "OAS_UI_SWAGGER": True,
+            "OAS_URI_TO_SWAGGER": "/docs",
+            "OAS_UI_SWAGGER_VERSION": SWAGGER_UI_VERSION,
+            "OAS_UI_SWAGGER_HTML_TITLE": "lmserve API",
+            "OAS_AUTODOC": False,  # sanic-ext's own generator is not used; don't parse docstrings
+            "SWAGGER_UI_CONFIGURATION": {"docExpansion": "list", "tryItOutEnabled": True},
+        }
+    )
+    app.extend(built_in_extensions=False, extensions=[OpenAPIExtension])
+
+    @app.before_server_start
+    async def write_openapi_document(app: Sanic) -> None:
+        document = build_openapi(app)
+        handle, path = tempfile.mkstemp(prefix="lmserve-openapi-", suffix=".json")
+        with os.fdopen(handle, "w") as file:
+            json.dump(document, file, ensure_ascii=False)
+        app.config.OAS_CUSTOM_FILE = path
+
+    @app.after_server_stop
+    async def remove_openapi_document(app: Sanic) -> None:
+        path = app.config.get("OAS_CUSTOM_FILE")
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)

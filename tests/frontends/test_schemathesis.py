@@ -37,7 +37,7 @@ from conftest import LiveServer
 
 MODEL = "tiny"
 #: Generated requests per operation, valid and invalid together.
-EXAMPLES_PER_OPERATION = int(os.environ.get("LMSERVE_FUZZ_EXAMPLES", 25))
+EXAMPLES_PER_OPERATION = int(os.environ.get("LMSERVE_FUZZ_EXAMPLES", "60"))
 #: At most this many choices per request: ``n`` sets the cost of a request, not its validity.
 MAX_CHOICES = 3
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -54,7 +54,8 @@ SCENARIOS: dict[str, list[dict | None]] = {
         _CHAT,
         {**_CHAT, "n": 2, "logprobs": True, "top_logprobs": 2},
         {**_CHAT, "stream": True},
-        {**_CHAT, "stream": True, "stream_options": {"include_usage": True}, "n": 2, "logprobs": True, "top_logprobs": 1},
+        {**_CHAT, "stream": True, "stream_options": {"include_usage": True}, "n": 2, "logprobs": True,
+         "top_logprobs": 1},
         {**_CHAT, "messages": "raw prompt", "stop": ["a", "b"], "seed": 1},
     ],
     "completions": [
@@ -176,7 +177,8 @@ def test_responses_match_the_openapi_document(api_schema, operation_id):
 def test_every_built_in_operation_is_tested(fuzzed_server):
     """A new built-in route must join SCENARIOS (a plugin's route is tagged Plugins)."""
     document = httpx.get(fuzzed_server.base_url + "/openapi.json").json()
-    ids = {op["operationId"] for item in document["paths"].values() for op in item.values() if op["tags"] != ["Plugins"]}
+    operations = [op for item in document["paths"].values() for op in item.values()]
+    ids = {op["operationId"] for op in operations if op["tags"] != ["Plugins"]}
     assert ids <= set(SCENARIOS)
 
 

@@ -1,0 +1,238 @@
+"""Pydantic models of the response bodies the HTTP routes send.
+
+The routes build their JSON by hand (the hot path stays plain dicts); these
+models are the contract: ``/openapi.json`` is generated from them, and the
+schemathesis test checks every response against them. A field here without a
+default is always present in the response; a field with a default may be
+absent (OpenAI's streaming ``delta`` keys, ``usage`` on chunks).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+#: Why a choice ended (:class:`lmserve.core.types.FinishReason`).
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------ errors
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str = Field(description="OpenAI's error type, e.g. invalid_request_error.")
+    param: str | None = Field(description="The request field at fault, when there is one.")
+    code: int = Field(description="The HTTP status.")
+
+
+class ErrorResponse(_Response):
+    """OpenAI's ``{"error": {...}}`` with LMDeploy's top-level copies of the same fields."""
+
+    error: ErrorDetail
+    object: Literal["error"]
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+# ------------------------------------------------------------------------- usage
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache.")
+
+
+class Usage(_Response):
+    """Token counts: each prompt counted once, every choice's completion tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+# ---------------------------------------------------------------------- logprobs
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token's UTF-8 bytes (a token may hold part of a character).")
+
+
+class ChatTokenLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(_Response):
+    """Completions' column layout: one entry per generated token in each list."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
+
+
+# -------------------------------------------------------------- chat completions
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatCompletionChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Response):
+    """The body of a non-streaming ``POST /v1/chat/completions``."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+def _no_defaults(schema: dict) -> None:
+    """The fields are absent when unset, never null: the schema shows no ``default``."""
+    for field_schema in schema.get("properties", {}).values():
+        field_schema.pop("default", None)
+
+
+class ChatCompletionDelta(_Response):
+    """What a chunk adds to a choice: the first has the role, later ones content."""
+
+    model_config = ConfigDict(json_schema_extra=_no_defaults)
+
+    role: Literal["assistant"] = None  # type: ignore[assignment]
+    content: str = None  # type: ignore[assignment]
+
+
+class ChatCompletionChunkChoice(_Response):
+    index: int
+    delta: ChatCompletionDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event of a streaming ``POST /v1/chat/completions``.
+
+    With ``stream_options.include_usage`` every chunk has ``usage: null`` and a
+    last chunk with no choices carries the usage.
+    """
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+# -------------------------------------------------------------- text completions
+
+
+class CompletionChoice(_Response):
+    index: int = Field(description="prompt index * n + choice number.")
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class Completion(_Response):
+    """The body of a non-streaming ``POST /v1/completions``."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(_Response):
+    """One server-sent event of a streaming ``POST /v1/completions``."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+# ------------------------------------------------------------------ other routes
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int = Field(description="The context length in tokens.")
+
+
+class ModelList(_Response):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthResponse(_Response):
+    status: Literal["ok"]
+
+
+class EncodeResult(_Response):
+    """``input`` was a string."""
+
+    input_ids: list[int]
+    length: int
+
+
+class EncodeBatchResult(_Response):
+    """``input`` was a list of strings: one entry per string."""
+
+    input_ids: list[list[int]]
+    length: list[int]
+
+
+class EncodeResponse(RootModel[EncodeResult | EncodeBatchResult]):
+    """The body of ``POST /v1/encode``."""
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
