@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmserve.backends.torch.attention import PagedAttentionMetadata, PrefillSegment
+from lmserve.backends.torch.attention import MAX_GROUPED_SCORES, PagedAttentionMetadata, PrefillSegment
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sequence import Sequence
 
@@ -92,18 +92,22 @@ class ModelRunner:
         for seq, n in scheduled[num_decodes:]:
             start = seq.num_computed_tokens
             context_len = start + n
-            gather_blocks = mask = None
+            gather_blocks = mask = bias = None
             if start > 0:
                 table = np.asarray(seq.block_table[: -(-context_len // block_size)], dtype=np.int64)
                 gather_blocks = self._tensor(self._head_blocks(table[None, :]).reshape(-1))
-            if start > 0 or self.sliding_window is not None:
+            small = n * context_len <= MAX_GROUPED_SCORES
+            if small or start > 0 or self.sliding_window is not None:
                 query_pos = np.arange(start, context_len)[:, None]
                 key_pos = np.arange(context_len)[None, :]
                 allowed = key_pos <= query_pos
                 if self.sliding_window is not None:
                     allowed &= key_pos > query_pos - self.sliding_window
-                mask = torch.from_numpy(allowed).to(self.device)
-            prefills.append(PrefillSegment(row, n, context_len, gather_blocks, mask))
+                if small:
+                    bias = self._tensor(np.where(allowed, np.float32(0), np.float32(-np.inf)))
+                else:
+                    mask = torch.from_numpy(allowed).to(self.device)
+            prefills.append(PrefillSegment(row, n, context_len, gather_blocks, mask, bias))
             row += n
 
         metadata = PagedAttentionMetadata(
