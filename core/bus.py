@@ -19,6 +19,7 @@ from typing import AsyncIterator, Sequence
 from lmserve.core.backend import Backend
 from lmserve.core.detokenizer import IncrementalDetokenizer
 from lmserve.core.types import (
+    BackendUnavailableError,
     EngineOutput,
     EngineRequest,
     FinishReason,
@@ -100,6 +101,8 @@ class RequestBus:
         """
         if self._loop is None:
             raise RuntimeError("RequestBus.start() has not been called.")
+        if not self.backend.is_healthy():
+            raise BackendUnavailableError("The engine is not running; no request can be served.")
         params = request.sampling_params
         self.check_length(len(request.prompt_token_ids), params.max_tokens)
         request_id = request.request_id or f"{self._prefix}-{next(self._counter)}"
@@ -149,8 +152,9 @@ class RequestBus:
                     text += detokenizer.flush()
                 if stop_strings is not None:
                     text, matched = stop_strings.push(text, can_stop=num_output >= params.min_tokens)
-                    if matched and finish_reason is None:
-                        self.backend.abort(request_id)  # its abort output finds no queue
+                    if matched:
+                        if finish_reason is None:
+                            self.backend.abort(request_id)  # its abort output finds no queue
                         finish_reason = FinishReason.STOP
                     elif finish_reason is not None:
                         text += stop_strings.flush()

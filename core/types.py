@@ -34,6 +34,10 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+class BackendUnavailableError(RuntimeError):
+    """The backend cannot take requests (its engine stopped); a 503 at the HTTP edge."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token and when to stop.
@@ -214,7 +218,7 @@ class RequestTiming:
         return None if self.first_token is None else self.first_token - self.arrival
 
     @property
-    def e2e(self) -> float:
+    def e2e_latency(self) -> float:
         return self.finished - self.arrival
 
 

@@ -57,6 +57,10 @@ class LLMEngine:
         if any(not 0 <= token < vocab_size for token in request.prompt_token_ids):
             return EngineOutput(request.request_id, (), FinishReason.ERROR,
                                 f"The prompt holds token ids outside the vocabulary [0, {vocab_size}).")
+        params = request.sampling_params
+        if any(not 0 <= token < vocab_size for token in (*params.stop_token_ids, *params.logit_bias)):
+            return EngineOutput(request.request_id, (), FinishReason.ERROR,
+                                f"stop_token_ids and logit_bias must be token ids in [0, {vocab_size}).")
         seed = request.sampling_params.seed
         seq = Sequence(request, next(self._arrivals),
                        seed=random.getrandbits(63) if seed is None else seed)
@@ -88,6 +92,7 @@ class LLMEngine:
             logprobs = Logprobs(logits, to_sample)
             suppress_stop_tokens(logits, to_sample, self.eos_token_ids)
             token_ids = self.sample(logits, to_sample) if to_sample else []
+            records = logprobs.records(token_ids)
         except Exception as exc:  # fail the step's requests, keep the engine alive
             logger.exception("An engine step failed.")
             message = f"The engine failed: {type(exc).__name__}: {exc}"
@@ -95,9 +100,9 @@ class LLMEngine:
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        for row, (seq, token_id) in enumerate(zip(to_sample, token_ids)):
+        for seq, token_id, logprob in zip(to_sample, token_ids, records):
             seq.token_ids.append(token_id)
-            outputs.append(self._after_token(seq, token_id, logprobs.of(row, token_id)))
+            outputs.append(self._after_token(seq, token_id, logprob))
         return outputs
 
     def _after_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> EngineOutput:

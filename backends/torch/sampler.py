@@ -38,7 +38,6 @@ class Sampler:
         return tokens.tolist()
 
 
-
 class Logprobs:
     """Log-probabilities under the model (before temperature, penalties or any
     other processing, as vLLM reports them) for the rows that asked for them.
@@ -47,26 +46,30 @@ class Logprobs:
     """
 
     def __init__(self, logits: torch.Tensor, seqs: Seq[Sequence]):
-        self._position = {row: i for i, row in enumerate(
-            row for row, seq in enumerate(seqs) if seq.sampling_params.logprobs is not None)}
-        self._wanted = [seqs[row].sampling_params.logprobs for row in self._position]
-        if not self._position:
+        self._num_rows = len(seqs)
+        self._rows = [row for row, seq in enumerate(seqs) if seq.sampling_params.logprobs is not None]
+        self._wanted = [seqs[row].sampling_params.logprobs for row in self._rows]
+        if not self._rows:
             return
-        rows = torch.as_tensor(list(self._position), device=logits.device)
+        rows = torch.as_tensor(self._rows, device=logits.device)
         self._logprobs = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
         k = max(self._wanted)
         top = self._logprobs.topk(k, dim=-1) if k else None
         self._top_values = top.values.tolist() if top else None
         self._top_ids = top.indices.tolist() if top else None
 
-    def of(self, row: int, token_id: int) -> TokenLogprob | None:
-        """The logprob of ``token_id`` sampled for ``row``, or None if the row did not ask."""
-        i = self._position.get(row)
-        if i is None:
-            return None
-        k = self._wanted[i]
-        top = tuple(zip(self._top_ids[i][:k], self._top_values[i][:k])) if k else ()
-        return TokenLogprob(token_id, float(self._logprobs[i, token_id]), top)
+    def records(self, token_ids: Seq[int]) -> list[TokenLogprob | None]:
+        """One per row: the sampled token's logprob and top alternatives, or None
+        for rows that did not ask (one device read for all rows)."""
+        records: list[TokenLogprob | None] = [None] * self._num_rows
+        if not self._rows:
+            return records
+        sampled = torch.as_tensor([token_ids[row] for row in self._rows], device=self._logprobs.device)
+        values = self._logprobs.gather(1, sampled[:, None])[:, 0].tolist()
+        for i, (row, k) in enumerate(zip(self._rows, self._wanted)):
+            top = tuple(zip(self._top_ids[i][:k], self._top_values[i][:k])) if k else ()
+            records[row] = TokenLogprob(token_ids[row], values[i], top)
+        return records
 
 
 def suppress_stop_tokens(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: frozenset[int]) -> None:

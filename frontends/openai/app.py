@@ -14,6 +14,7 @@ from lmserve.core.bus import RequestBus
 from lmserve.core.config import ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely
+from lmserve.core.types import BackendUnavailableError, InvalidRequestError
 from lmserve.frontends.openai.auth import setup_auth
 from lmserve.frontends.openai.cors import setup_cors
 from lmserve.frontends.openai.errors import APIError, error_response
@@ -90,6 +91,17 @@ def _setup_errors(app: Sanic) -> None:
     @app.exception(APIError)
     async def api_error(request: Request, exc: APIError):
         return error_response(exc.status, exc.message, exc.param)
+
+    @app.exception(InvalidRequestError)
+    async def invalid_request(request: Request, exc: InvalidRequestError):
+        # Raised below the routes, e.g. by a chat template that refuses the messages.
+        return error_response(400, exc.message, exc.param)
+
+    @app.exception(BackendUnavailableError)
+    async def unavailable(request: Request, exc: BackendUnavailableError):
+        response = error_response(503, str(exc))
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception(PayloadTooLarge)
     async def too_large(request: Request, exc: PayloadTooLarge):

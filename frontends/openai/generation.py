@@ -31,10 +31,15 @@ from lmserve.frontends.openai.logprobs import LogprobsFormatter
 from lmserve.frontends.openai.state import ServerState
 
 
+#: Bounds on the work one request may ask for (its choices share one admission slot).
+MAX_CHOICES = 256
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LENGTH = 256
+
+
 @dataclass
 class Choice:
     index: int
-    prompt_index: int
     request: GenerationRequest
     echo: str = ""  # text put before the generated text (completions' echo)
     text: list[str] = field(default_factory=list)
@@ -58,7 +63,7 @@ class Generation:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
-        self.formatter = LogprobsFormatter(state.tokenizer)
+        self.formatter = LogprobsFormatter(state.tokenizer, body.skip_special_tokens)
         self.choices = self._choices(echo_texts)
 
     # ----------------------------------------------------------------- validation
@@ -85,8 +90,14 @@ class Generation:
         bad = [token for token in (body.stop_token_ids or ()) if not 0 <= token < vocab_size]
         if bad:
             raise APIError(400, f"stop_token_ids: {bad[0]} is not a token id of this model.", "stop_token_ids")
+        if len(self.prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"A request may ask for at most {MAX_CHOICES} choices (prompts x n), "
+                           f"got {len(self.prompts)} x {body.n}.", "n" if body.n > 1 else "prompt")
         logprobs, logprobs_param = self._logprobs_request()
         stop = body.stop_strings()
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_LENGTH for s in stop):
+            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings of at most "
+                           f"{MAX_STOP_STRING_LENGTH} characters each.", "stop")
         stop_token_ids = tuple(body.stop_token_ids or ())
         if not body.ignore_eos:  # the template's stop words end a turn like EOS does
             stop_token_ids += state.default_stop_token_ids
@@ -108,7 +119,7 @@ class Generation:
                     param = logprobs_param if exc.param == "logprobs" else exc.param
                     raise APIError(400, exc.message, param) from exc
                 echo = echo_texts[prompt_index] if echo_texts else ""
-                choices.append(Choice(prompt_index * body.n + number, prompt_index, request, echo))
+                choices.append(Choice(prompt_index * body.n + number, request, echo))
         return choices
 
     def _logprobs_request(self) -> tuple[int | None, str]:
@@ -159,7 +170,13 @@ class Generation:
                 choice.logprobs.extend(out.logprobs or ())
                 choice.last = out
 
-        await asyncio.gather(*(run(choice) for choice in self.choices))
+        tasks = [asyncio.create_task(run(choice)) for choice in self.choices]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one choice failed or the client left: stop the others too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         for choice in self.choices:
             if choice.last.finish_reason is FinishReason.ERROR:
                 return error_response(500, choice.last.error or "The engine failed this request.")

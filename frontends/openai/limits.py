@@ -26,7 +26,7 @@ from lmserve.frontends.openai.errors import error_response
 from lmserve.frontends.openai.http_config import HTTPConfig
 
 #: Routes (Sanic's normalised paths) whose requests generate tokens.
-GENERATION_PATHS = frozenset({"v1/chat/completions", "v1/completions", "v1/chat/interactive"})
+GENERATION_PATHS = frozenset({"v1/chat/completions", "v1/completions"})
 #: Seconds a client told "busy" is asked to wait before trying again.
 RETRY_AFTER_S = 1
 

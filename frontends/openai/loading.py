@@ -36,7 +36,7 @@ class _LoadingHandler(BaseHTTPRequestHandler):
 
 
 class LoadingServer:
-    """``start()``, load, ``stop()``: the port answers 503 meanwhile (also a context manager)."""
+    """``start()``, load, ``stop()``: the port answers 503 meanwhile."""
 
     def __init__(self, host: str, port: int):
         self.host = host
@@ -58,10 +58,3 @@ class LoadingServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-    def __enter__(self) -> LoadingServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()

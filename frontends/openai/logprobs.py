@@ -11,14 +11,19 @@ from lmserve.core.types import TokenLogprob
 class LogprobsFormatter:
     """Turns engine :class:`TokenLogprob` records into response JSON."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        #: As the detokenizer: special tokens then have no text (offsets count 0 characters).
+        self.skip_special_tokens = skip_special_tokens
 
     def _token(self, token_id: int) -> tuple[str, list[int]]:
         """The token's text and bytes. A token that is not valid UTF-8 on its own
         (part of a character) is named ``bytes:\\xe4...`` as OpenAI does, so
         distinct tokens never share a name."""
-        data = self.tokenizer.token_bytes(token_id)
+        try:
+            data = self.tokenizer.token_bytes(token_id)
+        except IndexError:  # a padded embedding row past the tokenizer's vocabulary
+            data = b""
         try:
             return data.decode("utf-8"), list(data)
         except UnicodeDecodeError:
@@ -45,7 +50,12 @@ class LogprobsFormatter:
             token, data = self._token(item.token_id)
             tokens.append(token)
             token_logprobs.append(item.logprob)
-            tops.append({self._token(token_id)[0]: logprob for token_id, logprob in item.top})
+            # The top alternatives and, as vLLM, the sampled token.
+            top = {self._token(token_id)[0]: logprob for token_id, logprob in item.top}
+            tops.append({**top, token: item.logprob})
+            if self.skip_special_tokens and self.tokenizer.is_special(item.token_id):
+                offsets.append(text_offset)
+                continue
             offsets.append(text_offset + _chars_owed(decoder.getstate()[0], data))
             text_offset += len(decoder.decode(bytes(data)))
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

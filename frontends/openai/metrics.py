@@ -78,7 +78,7 @@ class ServerMetrics:
             self.time_to_first_token.observe(timing.time_to_first_token)
         for gap in timing.inter_token:
             self.inter_token_latency.observe(gap)
-        self.e2e_request_latency.observe(timing.e2e)
+        self.e2e_request_latency.observe(timing.e2e_latency)
 
     def render(self, accept: str) -> tuple[bytes, str]:
         encode, content_type = choose_encoder(accept)

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-#: Why a choice ended (:class:`lmserve.core.types.FinishReason`).
-FinishReason = Literal["stop", "length", "abort", "error"]
+#: Why a choice ended (the values of :class:`lmserve.core.types.FinishReason`).
+FinishReasonName = Literal["stop", "length", "abort", "error"]
 
 
 class _Response(BaseModel):
@@ -99,7 +99,7 @@ class ChatCompletionChoice(_Response):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: FinishReason
+    finish_reason: FinishReasonName
 
 
 class ChatCompletion(_Response):
@@ -132,7 +132,7 @@ class ChatCompletionChunkChoice(_Response):
     index: int
     delta: ChatCompletionDelta
     logprobs: ChatLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: FinishReasonName | None
 
 
 class ChatCompletionChunk(_Response):
@@ -157,7 +157,7 @@ class CompletionChoice(_Response):
     index: int = Field(description="prompt index * n + choice number.")
     text: str
     logprobs: CompletionLogprobs | None
-    finish_reason: FinishReason
+    finish_reason: FinishReasonName
 
 
 class Completion(_Response):
@@ -175,7 +175,7 @@ class CompletionChunkChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: FinishReasonName | None
 
 
 class CompletionChunk(_Response):

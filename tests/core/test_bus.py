@@ -10,6 +10,7 @@ from lmserve.core.backend import Backend
 from lmserve.core.bus import RequestBus
 from lmserve.core.tokenizer import Tokenizer
 from lmserve.core.types import (
+    BackendUnavailableError,
     EngineOutput,
     FinishReason,
     GenerationRequest,
@@ -257,6 +258,43 @@ def test_timing_is_reported_on_the_last_output(tokenizer):
     outs = _run(main())
     assert all(o.timing is None for o in outs[:-1])
     timing = outs[-1].timing
-    assert 0 < timing.time_to_first_token <= timing.e2e
+    assert 0 < timing.time_to_first_token <= timing.e2e_latency
     assert len(timing.inter_token) == outs[-1].usage.completion_tokens - 1
     assert all(gap >= 0 for gap in timing.inter_token)
+
+
+def test_a_stop_string_in_the_last_delta_still_reports_stop(tokenizer):
+    ids = tokenizer.encode("abc END", add_bos=False)
+    backend = ScriptedBackend(ids)  # the script ends with the stop string: LENGTH from the engine
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        try:
+            return await _collect(bus, GenerationRequest((1,), SamplingParams(max_tokens=len(ids)), stop=("END",)))
+        finally:
+            bus.shutdown()
+
+    outs = _run(main())
+    assert "".join(o.text for o in outs) == "abc "
+    assert outs[-1].finish_reason is FinishReason.STOP
+
+
+def test_a_dead_backend_refuses_at_once(tokenizer):
+    class Dead(ScriptedBackend):
+        def is_healthy(self):
+            return False
+
+    backend = Dead([65])
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        try:
+            with pytest.raises(BackendUnavailableError):
+                await _collect(bus, GenerationRequest((1,), SamplingParams(max_tokens=1)))
+        finally:
+            bus.shutdown()
+
+    _run(main())
+    assert backend.submitted == [], "nothing reaches a dead engine"

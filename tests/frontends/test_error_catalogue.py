@@ -99,6 +99,10 @@ CASES = [
     chat("stop-not-a-string", {"stop": 5}, "stop"),
     chat("stop-list-with-a-number", {"stop": ["a", 5]}, "stop.1"),
     completion("stop-empty-string", {"stop": ""}, "stop"),
+    chat("stop-too-many-strings", {"stop": [f"s{i}" for i in range(17)]}, "stop"),
+    chat("stop-string-too-long", {"stop": "x" * 257}, "stop"),
+    completion("too-many-choices", {"prompt": ["a", "b", "c"], "n": 100}, "n"),
+    completion("too-many-prompts", {"prompt": ["a"] * 257}, "prompt"),
     chat("stop_token_ids-outside-vocab", {"stop_token_ids": [99999]}, "stop_token_ids"),
     chat("stop_token_ids-negative", {"stop_token_ids": [-1]}, "stop_token_ids"),
     # --- logprobs
