@@ -1,8 +1,9 @@
 """Pydantic models of the OpenAI request bodies lmserve accepts.
 
 Unknown keys are ignored (LMDeploy's APIClient sends a literal ``kwargs``
-key). Range checks live in :class:`~lmserve.core.types.SamplingParams`, so
-every way in validates the same way.
+key). Types are strict, as OpenAI's API is: ``true`` or ``"0.5"`` is not a
+number (an int is a float, though). Range checks live in
+:class:`~lmserve.core.types.SamplingParams`, so every way in validates the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Request):

@@ -93,6 +93,10 @@ CASES = [
     chat("min_tokens-negative", {"min_tokens": -1}, "min_tokens"),
     chat("min_tokens-over-max_tokens", {"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
     completion("min_new_tokens-over-max_tokens", {"min_new_tokens": 10, "max_tokens": 5}, "min_tokens"),
+    # --- strict types (a boolean or a numeric string is not a number)
+    chat("max_tokens-boolean", {"max_tokens": True}, "max_tokens"),
+    chat("temperature-numeric-string", {"temperature": "0.5"}, "temperature"),
+    completion("n-boolean", {"n": True}, "n"),
     # --- stop
     chat("stop-empty-string", {"stop": ""}, "stop"),
     chat("stop-list-with-empty-string", {"stop": ["a", ""]}, "stop"),
