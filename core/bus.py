@@ -130,6 +130,7 @@ class RequestBus:
         # Ids (and their logprobs) whose text is still held back ride with the next text.
         pending_ids: tuple[int, ...] = ()
         pending_logprobs: tuple[TokenLogprob, ...] | None = () if params.logprobs is not None else None
+        prompt_logprobs = None  # from the engine's first output until yielded
         self._observe("lmserve_request_started", request=request)
         try:
             self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, params))
@@ -161,13 +162,15 @@ class RequestBus:
                 pending_ids += out.new_token_ids
                 if pending_logprobs is not None:
                     pending_logprobs += out.logprobs or ()
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs = out.prompt_logprobs
                 usage = Usage(num_prompt, num_output, out.num_cached_tokens)
                 timing = None
                 if finish_reason is not None:
                     timing = RequestTiming(started, first_token, time.monotonic(), tuple(gaps))
                 last = GenerationOutput(
                     request_id, text, pending_ids, usage, finish_reason, out.error,
-                    timing=timing, logprobs=pending_logprobs,
+                    timing=timing, logprobs=pending_logprobs, prompt_logprobs=prompt_logprobs,
                 )
                 if finish_reason is not None:
                     yield last
@@ -176,6 +179,7 @@ class RequestBus:
                     pending_ids = ()
                     if pending_logprobs is not None:
                         pending_logprobs = ()
+                    prompt_logprobs = None
                     yield last
         finally:
             del self._queues[request_id]

@@ -63,6 +63,9 @@ class SamplingParams:
     #: Return the sampled token's log-probability and this many top alternatives
     #: (None: no log-probabilities).
     logprobs: int | None = None
+    #: The same for every prompt token after the first (None: off; such a request
+    #: computes its whole prompt, never taking it from the prefix cache).
+    prompt_logprobs: int | None = None
 
     #: The most top alternatives a request may ask for.
     MAX_LOGPROBS = 20
@@ -116,12 +119,10 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}.", "min_tokens"
             )
-        if self.logprobs is not None and not (
-            isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS
-        ):
-            raise InvalidRequestError(
-                f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}.", "logprobs"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value <= self.MAX_LOGPROBS):
+                raise InvalidRequestError(f"{name} must be in [0, {self.MAX_LOGPROBS}], got {value!r}.", name)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     @property
@@ -190,6 +191,9 @@ class EngineOutput:
     num_cached_tokens: int = 0
     #: One per new token when the request asked for log-probabilities.
     logprobs: tuple[TokenLogprob, ...] | None = None
+    #: With ``prompt_logprobs``, on the output of the first new token: one per
+    #: prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -241,3 +245,5 @@ class GenerationOutput:
     timing: RequestTiming | None = None
     #: One per id in ``token_ids`` when the request asked for log-probabilities.
     logprobs: tuple[TokenLogprob, ...] | None = None
+    #: With ``prompt_logprobs``, on the first output: one per prompt token (None first).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

@@ -63,7 +63,8 @@ class BlockManager:
         Returns 0, changing nothing, when there are not enough free blocks.
         """
         cached: list[int] = []
-        if not seq.block_table and self.enable_prefix_caching:
+        # A request that wants its prompt's logprobs must compute every prompt token.
+        if not seq.block_table and self.enable_prefix_caching and seq.sampling_params.prompt_logprobs is None:
             cached = self._match_prefix(seq)
         num_computed = seq.num_computed_tokens + len(cached) * self.block_size
         num_new_tokens = min(seq.num_tokens - num_computed, token_budget)

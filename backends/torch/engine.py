@@ -87,20 +87,25 @@ class LLMEngine:
         scheduled = plan.scheduled
         sample_rows = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
         try:
-            logits = self.runner.run(scheduled, sample_rows, self.block_manager.take_fresh_blocks())
+            logits, prompt_logprobs = self.runner.run(scheduled, sample_rows, self.block_manager.take_fresh_blocks())
             to_sample = [scheduled[i][0] for i in sample_rows]
             logprobs = Logprobs(logits, to_sample)
             suppress_stop_tokens(logits, to_sample, self.eos_token_ids)
             token_ids = self.sample(logits, to_sample) if to_sample else []
-            records = logprobs.records(token_ids)
+            sampled_logprobs = logprobs.records(token_ids)
         except Exception as exc:  # fail the step's requests, keep the engine alive
             logger.exception("An engine step failed.")
             message = f"The engine failed: {type(exc).__name__}: {exc}"
             return outputs + [self._finish(seq, FinishReason.ERROR, (), message) for seq, _ in scheduled]
+        for i, chunk_records in prompt_logprobs.items():
+            seq = scheduled[i][0]
+            # After a preemption the prompt is computed again: keep the first records.
+            known = len(seq.prompt_logprobs) - 1 - seq.num_computed_tokens
+            seq.prompt_logprobs.extend(chunk_records[max(known, 0):])
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        for seq, token_id, logprob in zip(to_sample, token_ids, records):
+        for seq, token_id, logprob in zip(to_sample, token_ids, sampled_logprobs):
             seq.token_ids.append(token_id)
             outputs.append(self._after_token(seq, token_id, logprob))
         return outputs
@@ -108,16 +113,24 @@ class LLMEngine:
     def _after_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> EngineOutput:
         params = seq.sampling_params
         logprobs = None if logprob is None else (logprob,)
+        # The prompt's logprobs ride with the first new token.
+        prompt_logprobs = (tuple(seq.prompt_logprobs)
+                           if seq.prompt_logprobs is not None and seq.num_output_tokens == 1 else None)
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
-            return self._finish(seq, FinishReason.STOP, (token_id,), logprobs=logprobs)
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return self._finish(seq, FinishReason.LENGTH, (token_id,), logprobs=logprobs)
-        return EngineOutput(seq.request_id, (token_id,), num_cached_tokens=seq.num_cached_tokens, logprobs=logprobs)
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        else:
+            return EngineOutput(seq.request_id, (token_id,), num_cached_tokens=seq.num_cached_tokens,
+                                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        return self._finish(seq, reason, (token_id,), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def _finish(self, seq: Sequence, reason: FinishReason, token_ids: tuple[int, ...],
-                error: str | None = None, logprobs: tuple[TokenLogprob, ...] | None = None) -> EngineOutput:
+                error: str | None = None, logprobs: tuple[TokenLogprob, ...] | None = None,
+                prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None) -> EngineOutput:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
         del self.sequences[seq.request_id]
-        return EngineOutput(seq.request_id, token_ids, reason, error, seq.num_cached_tokens, logprobs)
+        return EngineOutput(seq.request_id, token_ids, reason, error, seq.num_cached_tokens, logprobs,
+                            prompt_logprobs)

@@ -13,6 +13,10 @@ import torch
 from lmserve.backends.torch.attention import MAX_GROUPED_SCORES, PagedAttentionMetadata, PrefillSegment
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sequence import Sequence
+from lmserve.core.types import TokenLogprob
+
+#: Prompt rows turned into full-vocabulary logprobs at a time (256 x 49,152 floats: 50 MB).
+PROMPT_LOGPROBS_ROWS = 256
 
 
 class ModelRunner:
@@ -27,8 +31,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
-            fresh_blocks: list[int] = ()) -> torch.Tensor:
-        """Compute the scheduled tokens; return float32 logits ``[len(sample_rows), vocab]``.
+            fresh_blocks: list[int] = ()) -> tuple[torch.Tensor, dict[int, list[TokenLogprob]]]:
+        """Compute the scheduled tokens; return float32 logits ``[len(sample_rows), vocab]``
+        and, for the sequences that want their prompt's logprobs, those of the prompt
+        tokens this chunk predicts (by index into ``scheduled``).
 
         ``sample_rows`` are indices into ``scheduled`` of the sequences whose
         next token is sampled this step (those whose chunk ends their tokens);
@@ -38,7 +44,33 @@ class ModelRunner:
         input_ids, positions, metadata, last_rows = self.prepare(scheduled)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         rows = torch.as_tensor([last_rows[i] for i in sample_rows], dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows)).float()
+        logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
+        prompt_logprobs = {
+            i: self._prompt_logprobs(seq, hidden[last_rows[i] - n + 1 : last_rows[i] + 1])
+            for i, (seq, n) in enumerate(scheduled)
+            if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
+        }
+        return logits, prompt_logprobs
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprob]:
+        """Logprobs of the prompt tokens that this chunk's rows predict (the row at
+        position p predicts token p + 1), a slice of rows at a time (a full-vocabulary
+        row is large)."""
+        k = seq.sampling_params.prompt_logprobs
+        start = seq.num_computed_tokens
+        end = min(start + hidden.shape[0], seq.num_prompt_tokens - 1)  # the last prompt row samples
+        records: list[TokenLogprob] = []
+        for first in range(start, end, PROMPT_LOGPROBS_ROWS):
+            last = min(first + PROMPT_LOGPROBS_ROWS, end)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[first - start : last - start]).float(), -1)
+            targets = seq.token_ids[first + 1 : last + 1]
+            values = logprobs.gather(1, torch.as_tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+            top = logprobs.topk(k, dim=-1) if k else None
+            top_ids = top.indices.tolist() if top else [[]] * len(targets)
+            top_values = top.values.tolist() if top else [[]] * len(targets)
+            records.extend(TokenLogprob(token, value, tuple(zip(ids, vals)))
+                           for token, value, ids, vals in zip(targets, values, top_ids, top_values))
+        return records
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
         """``(input_ids, positions, metadata, last_rows)`` for a step; ``last_rows[i]``

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from lmserve.core.types import EngineRequest, FinishReason, SamplingParams
+from lmserve.core.types import EngineRequest, FinishReason, SamplingParams, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -38,10 +38,14 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    #: With ``prompt_logprobs``: one per prompt token computed so far (None for the first).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
+        if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def request_id(self) -> str:

@@ -44,6 +44,7 @@ class Choice:
     echo: str = ""  # text put before the generated text (completions' echo)
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     last: GenerationOutput | None = None
 
     @property
@@ -129,9 +130,6 @@ class Generation:
             if body.top_logprobs is not None and not body.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs=true.", "top_logprobs")
             return (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs"
-        if body.logprobs is not None and body.echo:
-            raise APIError(400, "echo together with logprobs is not supported (no prompt log-probabilities yet).",
-                           "echo")
         return body.logprobs, "logprobs"
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, stop_token_ids: tuple[int, ...],
@@ -154,6 +152,8 @@ class Generation:
             skip_special_tokens=body.skip_special_tokens,
             min_tokens=body.min_tokens or 0,
             logprobs=logprobs,
+            # An echoed prompt comes with its tokens' logprobs too (as lm-eval's loglikelihood needs).
+            prompt_logprobs=logprobs if not self.chat and body.echo else None,
         )
 
     # -------------------------------------------------------------------- running
@@ -168,6 +168,7 @@ class Generation:
             async for out in self.state.bus.generate(choice.request):
                 choice.text.append(out.text)
                 choice.logprobs.extend(out.logprobs or ())
+                choice.prompt_logprobs = choice.prompt_logprobs or out.prompt_logprobs
                 choice.last = out
 
         tasks = [asyncio.create_task(run(choice)) for choice in self.choices]
@@ -202,7 +203,14 @@ class Generation:
             body["text"] = text
             if wants_logprobs:
                 body["logprobs"] = self.formatter.completion(choice.logprobs, len(choice.echo))
+                if choice.prompt_logprobs is not None:
+                    body["logprobs"] = self._with_prompt(choice, choice.prompt_logprobs, body["logprobs"])
         return body
+
+    def _with_prompt(self, choice: Choice, prompt_logprobs, columns: dict) -> dict:
+        """Completions' logprob columns of the echoed prompt, then ``columns``."""
+        prompt = self.formatter.completion_prompt(choice.request.prompt_token_ids, prompt_logprobs)
+        return {key: prompt[key] + columns[key] for key in prompt}
 
     async def _stream(self, request: Request):
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
@@ -221,7 +229,7 @@ class Generation:
             for choice in self.choices:
                 if self.chat:
                     await response.send(self._chunk(choice, {"role": "assistant", "content": ""}, None, include_usage))
-                if choice.echo:
+                if choice.echo and choice.request.sampling_params.prompt_logprobs is None:
                     await response.send(self._chunk(choice, choice.echo, None, include_usage))
             unfinished = len(self.choices)
             while unfinished:
@@ -231,6 +239,9 @@ class Generation:
                     await response.send(sse_error(500, message or "The engine failed this request."))
                     break
                 choice.last = out
+                if out.prompt_logprobs is not None and choice.echo:  # the echo waited for its logprobs
+                    prompt = self._with_prompt(choice, out.prompt_logprobs, self.formatter.completion((), 0))
+                    await response.send(self._chunk(choice, choice.echo, None, include_usage, columns=prompt))
                 finish_reason = out.finish_reason.value if out.finish_reason is not None else None
                 if out.text or out.logprobs or finish_reason:
                     delta = {"content": out.text} if self.chat and out.text else ({} if self.chat else out.text)
@@ -256,7 +267,8 @@ class Generation:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
     def _chunk(self, choice: Choice, delta, finish_reason: str | None, include_usage: bool,
-               logprobs: Sequence[TokenLogprob] | None = None) -> str:
+               logprobs: Sequence[TokenLogprob] | None = None, columns: dict | None = None) -> str:
+        """One event; ``columns``: completions' logprobs already formatted (the echoed prompt's)."""
         body: dict = {"index": choice.index, "logprobs": None, "finish_reason": finish_reason}
         if self.chat:
             body["delta"] = delta
@@ -264,7 +276,9 @@ class Generation:
                 body["logprobs"] = self.formatter.chat(logprobs)
         else:
             body["text"] = delta
-            if logprobs is not None:
+            if columns is not None:
+                body["logprobs"] = columns
+            elif logprobs is not None:
                 body["logprobs"] = self.formatter.completion(logprobs, choice.text_length)
         event = {"id": self.id, "object": self._chunk_object, "created": self.created,
                  "model": self.state.model_name, "choices": [body]}

@@ -41,6 +41,15 @@ class LogprobsFormatter:
             content.append({"token": token, "logprob": item.logprob, "bytes": data, "top_logprobs": top})
         return {"content": content}
 
+    def completion_prompt(self, prompt_ids: Sequence[int], records: Sequence[TokenLogprob | None]) -> dict:
+        """Columns for an echoed prompt: the first token has no logprob and no alternatives (None)."""
+        filled = [record or TokenLogprob(token_id, 0.0) for token_id, record in zip(prompt_ids, records)]
+        columns = self.completion(filled, 0)
+        if columns["tokens"]:
+            columns["token_logprobs"][0] = None
+            columns["top_logprobs"][0] = None
+        return columns
+
     def completion(self, logprobs: Sequence[TokenLogprob], text_offset: int) -> dict:
         """``{tokens, token_logprobs, top_logprobs, text_offset}``; offsets start at
         ``text_offset`` (the length of the choice's text before these tokens)."""

@@ -79,11 +79,12 @@ class ChatLogprobs(_Response):
 
 
 class CompletionLogprobs(_Response):
-    """Completions' column layout: one entry per generated token in each list."""
+    """Completions' column layout: one entry per token in each list (with ``echo``,
+    the prompt's tokens first; the first prompt token has null logprob and alternatives)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
 
 

@@ -229,3 +229,30 @@ def test_min_tokens_holds_back_eos_and_stop_tokens(tiny, tiny_model_dir):
         backend.shutdown()
     assert tokens["free"] == [first] and reasons["free"] is FinishReason.STOP
     assert len(tokens["held"]) >= 3 and first not in tokens["held"][:3]
+
+
+@pytest.mark.parametrize("options", [{}, {"max_prefill_token_num": 5}, {"enable_prefix_caching": True}])
+def test_prompt_logprobs_are_the_models_for_every_prompt_token(tiny, tiny_model_dir, options):
+    backend, collector = make_backend(tiny_model_dir, **options)
+    prompt = PROMPT * 3  # 36 tokens: several 16-token blocks, so a prefix cache could serve them
+    firsts = {}
+    try:
+        for rid in ("warm", "lp"):  # the second would hit the prefix cache if it were allowed
+            backend.submit(EngineRequest(rid, prompt, greedy(2, prompt_logprobs=2)))
+            while True:
+                out = collector.outputs.get(timeout=60)
+                firsts.setdefault(out.request_id, out)
+                if out.finish_reason is not None:
+                    break
+    finally:
+        backend.shutdown()
+    for rid in ("warm", "lp"):
+        records = firsts[rid].prompt_logprobs
+        assert records is not None and len(records) == len(prompt) and records[0] is None
+        for position in range(1, len(prompt)):
+            expected = reference_logprobs(tiny, list(prompt[:position]))
+            record = records[position]
+            assert record.token_id == prompt[position]
+            assert record.logprob == pytest.approx(float(expected[prompt[position]]), abs=1e-4)
+            assert [t for t, _ in record.top] == expected.topk(2).indices.tolist()
+    assert firsts["lp"].num_cached_tokens == 0, "prompt logprobs need the whole prompt computed"

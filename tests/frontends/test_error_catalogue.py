@@ -116,7 +116,6 @@ CASES = [
     chat("logprobs-not-bool", {"logprobs": 5}, "logprobs"),
     completion("logprobs-over-20", {"logprobs": 21}, "logprobs"),
     completion("logprobs-negative", {"logprobs": -1}, "logprobs"),
-    completion("echo-with-logprobs", {"echo": True, "logprobs": 1}, "echo"),
     # --- stream_options, response_format
     chat("stream_options-without-stream", {"stream_options": {"include_usage": True}}, "stream_options"),
     completion("stream_options-with-stream-false", {"stream": False, "stream_options": {"include_usage": True}},

@@ -63,6 +63,8 @@ SCENARIOS: dict[str, list[dict | None]] = {
         {**_COMPLETION, "prompt": ["abc", "de"], "n": 2, "logprobs": 2},
         {**_COMPLETION, "prompt": [[5, 6, 7], [8, 9]]},
         {**_COMPLETION, "echo": True},
+        {**_COMPLETION, "echo": True, "logprobs": 2},
+        {**_COMPLETION, "stream": True, "echo": True, "logprobs": 1},
         {**_COMPLETION, "stream": True, "echo": True, "stream_options": {"include_usage": True}},
         {**_COMPLETION, "stream": True, "logprobs": 1, "n": 2},
     ],
