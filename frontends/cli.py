@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,11 @@ def _plugin_modules(argv: Sequence[str]) -> list[str]:
     pre.add_argument("--plugin", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
     return known.plugin
+
+
+def _env_api_keys() -> list[str] | None:
+    value = os.environ.get("LMSERVE_API_KEYS", "")
+    return value.replace(",", " ").split() or None
 
 
 def build_parser(pm) -> argparse.ArgumentParser:
@@ -82,9 +88,10 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--disable-docs", action="store_true", help="Serve neither /openapi.json nor the Swagger UI.")
 
     security = parser.add_argument_group("security")
-    security.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
+    security.add_argument("--api-keys", nargs="+", default=_env_api_keys(), metavar="KEY",
                           help="Require 'Authorization: Bearer KEY' (any of these keys) on /v1/*, /tokenize and "
-                          "/detokenize.")
+                          "/detokenize. Default: the keys in $LMSERVE_API_KEYS (comma- or space-separated), "
+                          "which keeps them out of the process list.")
     security.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN",
                           help="Origins allowed by CORS ('*': any); without it no CORS headers are sent.")
     security.add_argument("--allow-methods", nargs="+", default=list(HTTPConfig.allow_methods), metavar="METHOD",

@@ -329,3 +329,17 @@ def test_cors_policy_limits_methods_and_headers_and_never_echoes_odd_bytes():
     assert preflight(anything, headers="x-\udcff").status == 400
     assert CORSPolicy(("*",), ("*",), ("*",), credentials=False).origin_headers("https://a.example") == {
         "Access-Control-Allow-Origin": "*"}
+
+
+def test_api_keys_from_the_environment(tiny_model_dir):
+    """$LMSERVE_API_KEYS keeps keys out of the process list."""
+    from conftest import LiveServer
+
+    server = LiveServer(tiny_model_dir, "--model-name", "tiny", env={"LMSERVE_API_KEYS": "env-one, env-two"})
+    try:
+        assert "env-one" not in " ".join(server.process.args)
+        url = server.base_url + "/v1/models"
+        assert httpx.get(url, timeout=30).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer env-two"}, timeout=30).status_code == 200
+    finally:
+        server.stop()
