@@ -127,7 +127,8 @@ class Generation:
         """(top alternatives wanted or None, the parameter that asked)."""
         body = self.body
         if self.chat:
-            if body.top_logprobs is not None and not body.logprobs:
+            # LMDeploy's APIClient always sends top_logprobs=0: only a positive one needs logprobs.
+            if body.top_logprobs and not body.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs=true.", "top_logprobs")
             return (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs"
         return body.logprobs, "logprobs"
