@@ -86,29 +86,65 @@ class LLMEngine:
             return outputs
         scheduled = plan.scheduled
         sample_rows = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
+        to_sample = [scheduled[i][0] for i in sample_rows]
         try:
             logits, prompt_logprobs = self.runner.run(scheduled, sample_rows, self.block_manager.take_fresh_blocks())
-            to_sample = [scheduled[i][0] for i in sample_rows]
-            logprobs = Logprobs(logits, to_sample)
-            suppress_stop_tokens(logits, to_sample, self.eos_token_ids)
-            token_ids = self.sample(logits, to_sample) if to_sample else []
-            sampled_logprobs = logprobs.records(token_ids)
-        except Exception as exc:  # fail the step's requests, keep the engine alive
-            logger.exception("An engine step failed.")
-            message = f"The engine failed: {type(exc).__name__}: {exc}"
-            return outputs + [self._finish(seq, FinishReason.ERROR, (), message) for seq, _ in scheduled]
+            token_ids, sampled_logprobs = self._sample(logits, to_sample)
+        except Exception as exc:
+            logger.exception("An engine step failed; sampling its rows one by one.")
+            failed = self._sample_rows_apart(scheduled, sample_rows)
+            if failed is None:  # the forward pass itself failed: fail the step's requests
+                message = f"The engine failed: {type(exc).__name__}: {exc}"
+                return outputs + [self._finish(seq, FinishReason.ERROR, (), message) for seq, _ in scheduled]
+            logits, prompt_logprobs, token_ids, sampled_logprobs, errors = failed
+            for seq, error in errors.items():  # only the requests that broke the sampler fail
+                outputs.append(self._finish(seq, FinishReason.ERROR, (), error))
+            kept = [k for k, seq in enumerate(to_sample) if seq not in errors]
+            to_sample = [to_sample[k] for k in kept]
+            token_ids = [token_ids[k] for k in kept]
+            sampled_logprobs = [sampled_logprobs[k] for k in kept]
+            prompt_logprobs = {i: r for i, r in prompt_logprobs.items() if scheduled[i][0] not in errors}
         for i, chunk_records in prompt_logprobs.items():
             seq = scheduled[i][0]
             # After a preemption the prompt is computed again: keep the first records.
             known = len(seq.prompt_logprobs) - 1 - seq.num_computed_tokens
             seq.prompt_logprobs.extend(chunk_records[max(known, 0):])
         for seq, n in scheduled:
+            if seq.is_finished:  # failed above
+                continue
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
         for seq, token_id, logprob in zip(to_sample, token_ids, sampled_logprobs):
             seq.token_ids.append(token_id)
             outputs.append(self._after_token(seq, token_id, logprob))
         return outputs
+
+    def _sample(self, logits, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Sample one token per row of ``logits`` (which it overwrites), with logprobs where asked."""
+        logprobs = Logprobs(logits, seqs)
+        suppress_stop_tokens(logits, seqs, self.eos_token_ids)
+        token_ids = self.sample(logits, seqs) if seqs else []
+        return token_ids, logprobs.records(token_ids)
+
+    def _sample_rows_apart(self, scheduled, sample_rows: list[int]):
+        """After a failed step: run the forward again (it rewrites the same keys and
+        values into the same slots) and sample each row alone, so one request that
+        breaks the sampler fails alone. None when the forward pass itself fails."""
+        try:
+            logits, prompt_logprobs = self.runner.run(scheduled, sample_rows)
+        except Exception:
+            return None
+        to_sample = [scheduled[i][0] for i in sample_rows]
+        token_ids, sampled_logprobs, errors = [], [], {}
+        for row, seq in enumerate(to_sample):
+            try:
+                (token_id,), (logprob,) = self._sample(logits[row : row + 1], [seq])
+            except Exception as row_exc:
+                errors[seq] = f"The engine failed: {type(row_exc).__name__}: {row_exc}"
+                token_id, logprob = -1, None
+            token_ids.append(token_id)
+            sampled_logprobs.append(logprob)
+        return logits, prompt_logprobs, token_ids, sampled_logprobs, errors
 
     def _after_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> EngineOutput:
         params = seq.sampling_params

@@ -256,3 +256,25 @@ def test_prompt_logprobs_are_the_models_for_every_prompt_token(tiny, tiny_model_
             assert record.logprob == pytest.approx(float(expected[prompt[position]]), abs=1e-4)
             assert [t for t, _ in record.top] == expected.topk(2).indices.tolist()
     assert firsts["lp"].num_cached_tokens == 0, "prompt logprobs need the whole prompt computed"
+
+
+def test_a_request_that_breaks_the_sampler_fails_alone(tiny, tiny_model_dir):
+    backend, collector = make_backend(tiny_model_dir)
+    engine = backend.engine
+    real_sample = engine.sample
+
+    def sample(logits, seqs):
+        if any(seq.request_id == "bad" for seq in seqs):
+            raise RuntimeError("a sampler bug")
+        return real_sample(logits, seqs)
+
+    engine.sample = sample
+    try:
+        backend.submit(EngineRequest("good", PROMPT, greedy(6)))
+        backend.submit(EngineRequest("bad", PROMPT[:5], greedy(6)))
+        tokens, reasons = collector.run_until_finished(["good", "bad"])
+    finally:
+        backend.shutdown()
+    assert reasons == {"good": FinishReason.LENGTH, "bad": FinishReason.ERROR}
+    assert tokens["good"] == reference_greedy(tiny, PROMPT, 6), "the innocent request is untouched"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
