@@ -513,52 +513,25 @@ _F64_SHARED = (_NUM_LEVELS + 2, _MAX_THREADS)  # level masses, the total, scan s
 _I32_SHARED = (_NUM_LEVELS + 1, _MAX_THREADS)  # level counts, scratch
 
 
+_SUM, _MAX, _MIN = 0, 1, 2  # the reductions of _block_reduce
+
+
 @cuda.jit(device=True)
-def _block_sum(buf, value):
-    """Sum of ``value`` over the block, for every thread; ``buf``: a shared row of its type."""
+def _block_reduce(buf, value, op):
+    """``op`` (_SUM, _MAX or _MIN) of ``value`` over the block, for every thread;
+    ``buf``: a shared row of its type. (A CUDA device function cannot take an
+    operator, hence the code.)"""
     tid = cuda.threadIdx.x
     buf[tid] = value
     cuda.syncthreads()
     stride = cuda.blockDim.x // 2
     while stride > 0:
         if tid < stride:
-            buf[tid] += buf[tid + stride]
-        cuda.syncthreads()
-        stride //= 2
-    total = buf[0]
-    cuda.syncthreads()
-    return total
-
-
-@cuda.jit(device=True)
-def _block_max(buf, value):
-    """Like :func:`_block_sum`, the maximum."""
-    tid = cuda.threadIdx.x
-    buf[tid] = value
-    cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if tid < stride:
-            if buf[tid + stride] > buf[tid]:
-                buf[tid] = buf[tid + stride]
-        cuda.syncthreads()
-        stride //= 2
-    total = buf[0]
-    cuda.syncthreads()
-    return total
-
-
-@cuda.jit(device=True)
-def _block_min(buf, value):
-    """Like :func:`_block_sum`, the minimum."""
-    tid = cuda.threadIdx.x
-    buf[tid] = value
-    cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if tid < stride:
-            if buf[tid + stride] < buf[tid]:
-                buf[tid] = buf[tid + stride]
+            other = buf[tid + stride]
+            if op == _SUM:
+                buf[tid] += other
+            elif (op == _MAX and other > buf[tid]) or (op == _MIN and other < buf[tid]):
+                buf[tid] = other
         cuda.syncthreads()
         stride //= 2
     total = buf[0]
@@ -607,9 +580,9 @@ def _bisect_cut(candidates, candidate_bits, n, low, goal, by_mass, fbuf, ibuf):
                 count += 1
                 mass += candidates[j]
         if by_mass:
-            kept = _block_sum(fbuf, mass) >= goal
+            kept = _block_reduce(fbuf, mass, _SUM) >= goal
         else:
-            kept = _block_sum(ibuf, count) >= goal
+            kept = _block_reduce(ibuf, count, _SUM) >= goal
         if kept:
             low = mid
         else:
@@ -637,7 +610,7 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
     for i in range(tid, vocab_size, threads):
         if x[i] > local_max:
             local_max = x[i]
-    m = np.float32(_block_max(fbuf[0], local_max))
+    m = np.float32(_block_reduce(fbuf[0], local_max, _MAX))
 
     if temperature[row] <= 0.0:  # greedy: the first maximum
         first = vocab_size
@@ -645,11 +618,11 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
             if x[i] == m:
                 first = i
                 break
-        token = _block_min(ibuf[0], first)
+        token = _block_reduce(ibuf[0], first, _MIN)
         total = 0.0
         for i in range(tid, vocab_size, threads):
             total += math.exp(x[i] - m)
-        total = _block_sum(fbuf[0], total)
+        total = _block_reduce(fbuf[0], total, _SUM)
         if tid == 0:
             out_tokens[row] = token
             out_logprobs[row] = -math.log(total)
@@ -719,7 +692,7 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
                 for j in range(tid, n, threads):
                     if row_candidate_bits[j] >= threshold:
                         top_k_mass += row_candidates[j]
-                top_k_mass = _block_sum(fbuf[0], top_k_mass)
+                top_k_mass = _block_reduce(fbuf[0], top_k_mass, _SUM)
             threshold = _bisect_cut(row_candidates, row_candidate_bits, n, threshold,
                                     nucleus * top_k_mass, True, fbuf[0], ibuf[0])
         if min_p_bits[row] > threshold:
