@@ -99,9 +99,7 @@ def _setup_errors(app: Sanic) -> None:
 
     @app.exception(BackendUnavailableError)
     async def unavailable(request: Request, exc: BackendUnavailableError):
-        response = error_response(503, str(exc))
-        response.headers["Retry-After"] = "5"
-        return response
+        return error_response(503, str(exc), retry_after=5)
 
     @app.exception(PayloadTooLarge)
     async def too_large(request: Request, exc: PayloadTooLarge):

@@ -46,8 +46,11 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": detail, "object": "error", **detail}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> HTTPResponse:
-    return json_response(error_body(status, message, param), status=status)
+def error_response(status: int, message: str, param: str | None = None,
+                   retry_after: int | None = None) -> HTTPResponse:
+    """The error body as a response; ``retry_after`` (seconds) sets ``Retry-After``."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return json_response(error_body(status, message, param), status=status, headers=headers)
 
 
 def sse_event(payload: dict) -> str:

@@ -87,13 +87,12 @@ def is_generation_route(route) -> bool:
 
 
 def busy_response(admission: AdmissionQueue) -> HTTPResponse:
-    response = error_response(
+    return error_response(
         503,
         f"The server is busy: generation requests running: {admission.num_running}, waiting: "
         f"{admission.num_waiting} (the most it queues). Retry after {RETRY_AFTER_S} s.",
+        retry_after=RETRY_AFTER_S,
     )
-    response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response
 
 
 def _admitted(handler, admission: AdmissionQueue):

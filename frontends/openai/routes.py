@@ -42,9 +42,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
     async def health(request: Request):
         if state.bus.backend.is_healthy():
             return json_response({"status": "ok"})
-        response = error_response(503, "The engine is not running.")
-        response.headers["Retry-After"] = "5"
-        return response
+        return error_response(503, "The engine is not running.", retry_after=5)
 
     async def chat_completions(request: Request):
         body = parse_body(request, ChatCompletionRequest)
