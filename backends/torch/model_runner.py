@@ -12,6 +12,7 @@ import torch
 
 from lmserve.backends.torch.attention import MAX_GROUPED_SCORES, PagedAttentionMetadata, PrefillSegment
 from lmserve.backends.torch.paged_cache import PagedKVCache
+from lmserve.backends.torch.sampler import logprob_records
 from lmserve.backends.torch.sequence import Sequence
 from lmserve.core.types import TokenLogprob
 
@@ -64,12 +65,7 @@ class ModelRunner:
             last = min(first + PROMPT_LOGPROBS_ROWS, end)
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[first - start : last - start]).float(), -1)
             targets = seq.token_ids[first + 1 : last + 1]
-            values = logprobs.gather(1, torch.as_tensor(targets, device=self.device)[:, None])[:, 0].tolist()
-            top = logprobs.topk(k, dim=-1) if k else None
-            top_ids = top.indices.tolist() if top else [[]] * len(targets)
-            top_values = top.values.tolist() if top else [[]] * len(targets)
-            records.extend(TokenLogprob(token, value, tuple(zip(ids, vals)))
-                           for token, value, ids, vals in zip(targets, values, top_ids, top_values))
+            records.extend(logprob_records(logprobs, targets, [k] * len(targets)))
         return records
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):

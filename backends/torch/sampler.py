@@ -53,23 +53,28 @@ class Logprobs:
             return
         rows = torch.as_tensor(self._rows, device=logits.device)
         self._logprobs = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
-        k = max(self._wanted)
-        top = self._logprobs.topk(k, dim=-1) if k else None
-        self._top_values = top.values.tolist() if top else None
-        self._top_ids = top.indices.tolist() if top else None
 
     def records(self, token_ids: Seq[int]) -> list[TokenLogprob | None]:
         """One per row: the sampled token's logprob and top alternatives, or None
-        for rows that did not ask (one device read for all rows)."""
+        for rows that did not ask."""
         records: list[TokenLogprob | None] = [None] * self._num_rows
-        if not self._rows:
-            return records
-        sampled = torch.as_tensor([token_ids[row] for row in self._rows], device=self._logprobs.device)
-        values = self._logprobs.gather(1, sampled[:, None])[:, 0].tolist()
-        for i, (row, k) in enumerate(zip(self._rows, self._wanted)):
-            top = tuple(zip(self._top_ids[i][:k], self._top_values[i][:k])) if k else ()
-            records[row] = TokenLogprob(token_ids[row], values[i], top)
+        if self._rows:
+            found = logprob_records(self._logprobs, [token_ids[row] for row in self._rows], self._wanted)
+            for row, record in zip(self._rows, found):
+                records[row] = record
         return records
+
+
+def logprob_records(logprobs: torch.Tensor, token_ids: Seq[int], top_k: Seq[int]) -> list[TokenLogprob]:
+    """For each row of ``logprobs`` (log-softmaxed, ``[N, vocab]``): the logprob of
+    ``token_ids[i]`` and the row's ``top_k[i]`` most likely alternatives (one device read)."""
+    values = logprobs.gather(1, torch.as_tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    k = max(top_k, default=0)
+    top = logprobs.topk(k, dim=-1) if k else None
+    top_ids = top.indices.tolist() if top else [[]] * len(token_ids)
+    top_values = top.values.tolist() if top else [[]] * len(token_ids)
+    return [TokenLogprob(token, value, tuple(zip(ids[:wanted], vals[:wanted])))
+            for token, value, ids, vals, wanted in zip(token_ids, values, top_ids, top_values, top_k)]
 
 
 def suppress_stop_tokens(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: frozenset[int]) -> None:
