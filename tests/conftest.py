@@ -117,6 +117,22 @@ class LiveServer:
         self._log.close()
 
 
+def post(server, path: str, body: dict, status: int = 200, timeout: float = 60) -> dict:
+    """POST ``body`` as JSON; assert the status; the JSON reply."""
+    response = httpx.post(server.base_url + path, json=body, timeout=timeout)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def stream(server, path: str, body: dict, timeout: float = 60) -> list[dict]:
+    """POST ``body`` with ``stream: true``; the decoded SSE events, checked to end in ``[DONE]``."""
+    with httpx.stream("POST", server.base_url + path, json={**body, "stream": True}, timeout=timeout) as response:
+        assert response.status_code == 200, response.read()
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(event[len("data: "):]) for event in events[:-1]]
+
+
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model_dir):
     server = LiveServer(tiny_model_dir, "--model-name", "tiny")

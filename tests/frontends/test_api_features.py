@@ -13,6 +13,8 @@ import math
 import httpx
 import pytest
 
+from conftest import post, stream
+
 MESSAGES = [{"role": "user", "content": "hello there"}]
 PROMPT = "The quick brown fox"
 EOS = 322  # <|im_end|> of the tiny tokenizer (tests/tiny_tokenizer.py)
@@ -20,20 +22,6 @@ BOS = 320  # <|endoftext|>
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def post(server, path: str, body: dict, status: int = 200) -> dict:
-    response = httpx.post(server.base_url + path, json=body, timeout=60)
-    assert response.status_code == status, response.text
-    return response.json()
-
-
-def stream(server, path: str, body: dict) -> list[dict]:
-    with httpx.stream("POST", server.base_url + path, json={**body, "stream": True}, timeout=60) as response:
-        assert response.status_code == 200, response.read()
-        events = [line for line in response.iter_lines() if line]
-    assert events[-1] == "data: [DONE]"
-    return [json.loads(event[len("data: "):]) for event in events[:-1]]
 
 
 def complete(server, prompt=PROMPT, **body) -> dict:

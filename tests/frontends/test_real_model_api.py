@@ -1,9 +1,10 @@
 """The API's features on the real model: stop strings that span several tokens, n seeded choices."""
 
-import json
+import functools
 
-import httpx
 import pytest
+
+import conftest
 
 pytestmark = pytest.mark.real_model
 
@@ -12,18 +13,8 @@ MESSAGES = [{"role": "user", "content": "Describe the city of Paris in a few sen
 PROMPT = "The history of the city of Paris begins"
 
 
-def post(server, path: str, body: dict) -> dict:
-    response = httpx.post(server.base_url + path, json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def stream(server, path: str, body: dict) -> list[dict]:
-    with httpx.stream("POST", server.base_url + path, json={**body, "stream": True}, timeout=300) as response:
-        assert response.status_code == 200, response.read()
-        events = [line for line in response.iter_lines() if line]
-    assert events[-1] == "data: [DONE]"
-    return [json.loads(event[len("data: "):]) for event in events[:-1]]
+post = functools.partial(conftest.post, timeout=300)  # the real model on a shared CPU
+stream = functools.partial(conftest.stream, timeout=300)
 
 
 def streamed(payloads: list[dict], chat: bool) -> tuple[str, list[str]]:
