@@ -19,6 +19,7 @@ class BackendStats:
     num_waiting: int = 0  # requests queued for room in the batch or the cache
     kv_cache_usage: float = 0.0  # fraction of the KV cache in use, 0..1
     num_preemptions: int = 0  # since start
+    num_kept_sessions: int = 0  # interactive sessions whose KV cache is kept between turns
 
 
 class Backend(abc.ABC):
@@ -58,6 +59,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Abort everything and stop stepping; called once."""
+
+    def release_session(self, session_key: str) -> None:
+        """Free the keys and values kept under ``session_key`` (see
+        :attr:`EngineRequest.keep_kv <lmserve.core.types.EngineRequest.keep_kv>`).
+
+        Thread-safe; unknown keys are ignored. A backend that keeps nothing
+        between requests needs no override: every turn is then computed whole,
+        which is correct, only slower.
+        """
 
     def is_healthy(self) -> bool:
         """True while the backend can step (the engine thread is alive)."""

@@ -18,6 +18,7 @@ from typing import AsyncIterator, Sequence
 
 from lmserve.core.backend import Backend
 from lmserve.core.detokenizer import IncrementalDetokenizer
+from lmserve.core.sessions import SessionManager
 from lmserve.core.types import (
     BackendUnavailableError,
     EngineOutput,
@@ -41,12 +42,14 @@ class RequestBus:
     :param backend: the engine; the bus is its only caller.
     :param tokenizer: decodes output ids into text.
     :param hooks: ``pm.hook`` for the request observers, or None.
+    :param session_ttl_s: interactive sessions idle this long are ended (None: never).
     """
 
-    def __init__(self, backend: Backend, tokenizer, hooks=None):
+    def __init__(self, backend: Backend, tokenizer, hooks=None, session_ttl_s: float | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self._hooks = hooks
+        self.sessions = SessionManager(self, session_ttl_s)
         self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._counter = itertools.count()
@@ -58,8 +61,10 @@ class RequestBus:
         """Start the backend; call from the event loop that will consume outputs."""
         self._loop = asyncio.get_running_loop()
         self.backend.start(self._on_engine_outputs)
+        self.sessions.start()
 
     def shutdown(self) -> None:
+        self.sessions.stop()
         self.backend.shutdown()
 
     @property
@@ -133,7 +138,8 @@ class RequestBus:
         prompt_logprobs = None  # from the engine's first output until yielded
         self._observe("lmserve_request_started", request=request)
         try:
-            self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, params))
+            self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, params,
+                                              request.session_key, request.keep_kv))
             while True:
                 out = await queue.get()
                 if out.new_token_ids:
@@ -195,6 +201,12 @@ class RequestBus:
                 output=last,
                 elapsed_s=time.monotonic() - started,
             )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a running request from outside its consumer (a cancel); the
+        consumer's iteration ends with ``finish_reason`` abort."""
+        if request_id in self._queues:
+            self.backend.abort(request_id)
 
     # ------------------------------------------------------------- engine -> loop
 

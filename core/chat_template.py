@@ -24,3 +24,33 @@ class ChatTemplate(Protocol):
         when ``add_generation_prompt``. Raises ``InvalidRequestError`` for
         messages the template refuses."""
         ...
+
+
+#: Stand in for an earlier exchange when a continuation is rendered
+#: (private-use characters: no real message holds them).
+_EARLIER_USER = "\ue000lmserve-earlier-question\ue001"
+_EARLIER_REPLY = "\ue000lmserve-earlier-reply\ue001"
+
+
+def render_continuation(template: ChatTemplate, messages: Sequence[Message]) -> str:
+    """The text that continues a conversation after an assistant's reply: what
+    the template writes after a reply's content (its end-of-turn mark and
+    separator), then ``messages``, then the assistant's header. No system
+    prompt, no BOS: they are in the conversation already.
+
+    A template may define ``render_continuation(messages)`` itself; otherwise
+    it is derived from :meth:`ChatTemplate.render` of an earlier exchange
+    followed by ``messages``, which works for every template that renders
+    each message in place (the model's own Jinja templates do).
+    """
+    own = getattr(template, "render_continuation", None)
+    if own is not None:
+        return own(messages)
+    earlier: list[Message] = [{"role": "user", "content": _EARLIER_USER},
+                              {"role": "assistant", "content": _EARLIER_REPLY}]
+    text = template.render([*earlier, *messages], add_generation_prompt=True)
+    at = text.find(_EARLIER_REPLY)
+    if at < 0:
+        raise ValueError(f"The chat template {template.name!r} drops earlier replies, so it cannot "
+                         "continue a conversation.")
+    return text[at + len(_EARLIER_REPLY):]

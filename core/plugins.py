@@ -19,6 +19,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lmserve.plugins.base_chat_template",
     "lmserve.backends.torch.plugin",
     "lmserve.frontends.openai.routes",
+    "lmserve.frontends.interactive.routes",
     "lmserve.frontends.openai.metrics",
 )
 

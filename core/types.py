@@ -147,6 +147,9 @@ class GenerationRequest:
     request_id: str = ""  # the bus assigns one when empty
     stop: tuple[str, ...] = ()  # end the text before the first of these
     include_stop_str_in_output: bool = False
+    #: An interactive session's key: see :class:`EngineRequest`.
+    session_key: str | None = None
+    keep_kv: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
@@ -164,6 +167,14 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling_params: SamplingParams
+    #: An interactive session's key. The keys and values kept under it (by an
+    #: earlier request with ``keep_kv``) are reused for the longest prefix of
+    #: this prompt they match; the rest is computed.
+    session_key: str | None = None
+    #: Keep this request's keys and values under ``session_key`` when it
+    #: finishes (replacing what was kept), until
+    #: :meth:`~lmserve.core.backend.Backend.release_session` or memory pressure.
+    keep_kv: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from lmserve.core.types import EngineOutput, EngineRequest
 
 logger = logging.getLogger(__name__)
 
-_SUBMIT, _ABORT, _SHUTDOWN = "submit", "abort", "shutdown"
+_SUBMIT, _ABORT, _RELEASE, _SHUTDOWN = "submit", "abort", "release", "shutdown"
 
 
 class TorchBackend(Backend):
@@ -64,6 +64,9 @@ class TorchBackend(Backend):
     def abort(self, request_id: str) -> None:
         self._inbox.put((_ABORT, request_id))
 
+    def release_session(self, session_key: str) -> None:
+        self._inbox.put((_RELEASE, session_key))
+
     def shutdown(self) -> None:
         self._inbox.put((_SHUTDOWN, None))
         self._started.set()  # a backend shut down before start() stops too
@@ -81,6 +84,7 @@ class TorchBackend(Backend):
             num_waiting=len(scheduler.waiting),
             kv_cache_usage=1.0 - blocks.num_free_blocks / blocks.num_blocks,
             num_preemptions=scheduler.num_preemptions,
+            num_kept_sessions=blocks.num_kept_sessions,
         )
 
     def describe(self) -> str:
@@ -118,7 +122,7 @@ class TorchBackend(Backend):
             raise
 
     def _apply_commands(self, outputs: list[EngineOutput], block: bool) -> bool:
-        """Apply queued submits and aborts; False once shutdown is asked."""
+        """Apply queued commands in order; False once shutdown is asked."""
         while True:
             try:
                 kind, payload = self._inbox.get(block=block)
@@ -133,6 +137,8 @@ class TorchBackend(Backend):
                 aborted = self.engine.abort_request(payload)
                 if aborted is not None:
                     outputs.append(aborted)
+            elif kind == _RELEASE:
+                self.engine.release_session(payload)
             else:
                 return False
 

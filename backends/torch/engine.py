@@ -74,6 +74,9 @@ class LLMEngine:
             return None
         return self._finish(seq, FinishReason.ABORT, ())
 
+    def release_session(self, session_key: str) -> None:
+        self.block_manager.release_session(session_key)
+
     def abort_all(self) -> list[EngineOutput]:
         return [self._finish(seq, FinishReason.ABORT, ()) for seq in list(self.sequences.values())]
 
@@ -166,7 +169,10 @@ class LLMEngine:
                 prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None) -> EngineOutput:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.scheduler.remove(seq)
+        request = seq.request
+        # A failed step may have left its keys and values half written: keep nothing then.
+        keep = request.keep_kv and request.session_key is not None and reason is not FinishReason.ERROR
+        self.scheduler.remove(seq, keep_under=request.session_key if keep else None)
         del self.sequences[seq.request_id]
         return EngineOutput(seq.request_id, token_ids, reason, error, seq.num_cached_tokens, logprobs,
                             prompt_logprobs)

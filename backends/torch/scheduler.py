@@ -50,13 +50,17 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival_index)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take ``seq`` out (finished or aborted) and free its blocks."""
+    def remove(self, seq: Sequence, keep_under: str | None = None) -> None:
+        """Take ``seq`` out (finished or aborted) and free its blocks, or keep
+        them for an interactive session's next turn under ``keep_under``."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if keep_under is None:
+            self.block_manager.free(seq)
+        else:
+            self.block_manager.keep(keep_under, seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -55,7 +55,7 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
     return ServerState(
         config=config,
         model_name=config.model_name or source.name,
-        bus=RequestBus(backend, tokenizer, hooks=pm.hook),
+        bus=RequestBus(backend, tokenizer, hooks=pm.hook, session_ttl_s=config.session_ttl),
         tokenizer=tokenizer,
         chat_template=chat_template,
         default_stop_token_ids=tuple(stop_ids),

@@ -95,7 +95,9 @@ def busy_response(admission: AdmissionQueue) -> HTTPResponse:
     )
 
 
-def _admitted(handler, admission: AdmissionQueue):
+def admitted(handler, admission: AdmissionQueue):
+    """``handler`` run only once ``admission`` gives it a slot (a 503 when the queue is full)."""
+
     @functools.wraps(handler)
     async def admitted(request: Request, *args, **kwargs):
         if not await admission.acquire():
@@ -121,5 +123,5 @@ def setup_limits(app: Sanic, config: HTTPConfig) -> AdmissionQueue:
     app.ctx.admission = admission
     for route in app.router.routes:
         if is_generation_route(route):
-            route.handler = _admitted(route.handler, admission)
+            route.handler = admitted(route.handler, admission)
     return admission

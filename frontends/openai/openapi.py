@@ -58,6 +58,7 @@ class RouteDoc:
     request: type[BaseModel] | None = None  # the JSON body
     response: type[BaseModel] | None = None  # the JSON body of a 200
     stream: type[BaseModel] | None = None  # one event of a ``stream: true`` 200
+    line_stream: type[BaseModel] | None = None  # one line of a ``stream: true`` 200 in JSON lines
     text_response: bool = False  # the 200 is text/plain
     errors: tuple[int, ...] = ()
     description: str = ""
@@ -104,6 +105,7 @@ _ERROR_DESCRIPTIONS = {
     400: "Invalid request; `param` names the field at fault.",
     401: "Missing or wrong API key.",
     404: "No such model (or route).",
+    409: "The session has a turn running already.",
     413: "The body is too large.",
     500: "The engine failed the request.",
     503: "The engine is not running or the server is full.",
@@ -204,6 +206,8 @@ class _DocumentBuilder:
             content["application/json"] = {"schema": self.schema_ref(doc.response)}
         if doc.stream is not None:
             content["text/event-stream"] = {"schema": self.event_schema(doc.stream)}
+        if doc.line_stream is not None:
+            content["application/x-ndjson"] = {"schema": self.schema_ref(doc.line_stream)}
         if doc.text_response:
             content["text/plain"] = {"schema": {"type": "string"}}
         result: dict[str, Any] = {"200": {"description": "OK", **({"content": content} if content else {})}}
@@ -250,6 +254,7 @@ class _DocumentBuilder:
             "encode": {"input": "Hello, world"},
             "tokenize": {"model": model, "prompt": "Hello, world"},
             "detokenize": {"model": model, "tokens": self.example_ids},
+            "chat_interactive": {"prompt": "Hello! How are you?", "session_id": 1, "interactive_mode": True},
         }.get(name)
 
     # ----------------------------------------------------------------- schemas

@@ -13,16 +13,18 @@ from typing import Literal, Union
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
+    """A JSON request body: unknown keys ignored, strict types."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class TextPart(_Request):
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
 
@@ -34,15 +36,15 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(_Request):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"] = "text"
 
 
-class _Sampling(_Request):
+class _Sampling(RequestBody):
     """Fields shared by chat and completions."""
 
     model: str
@@ -70,6 +72,8 @@ class _Sampling(_Request):
     min_tokens: int | None = Field(None, validation_alias=AliasChoices("min_tokens", "min_new_tokens"))
     response_format: ResponseFormat | None = None
     user: str | None = None
+    #: LMDeploy's; these APIs keep nothing, so the id of a live interactive session is refused.
+    session_id: int | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -95,7 +99,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False  # prepend the prompt to each choice's text
 
 
-class EncodeRequest(_Request):
+class EncodeRequest(RequestBody):
     """LMDeploy's ``POST /v1/encode``."""
 
     input: Union[str, list[str]]
@@ -103,7 +107,7 @@ class EncodeRequest(_Request):
     add_bos: bool = True
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(RequestBody):
     """``POST /tokenize`` (vLLM's shape): a ``prompt``, or ``messages`` rendered by the chat template."""
 
     model: str | None = None
@@ -113,7 +117,7 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(RequestBody):
     """``POST /detokenize``."""
 
     model: str | None = None

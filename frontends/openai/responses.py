@@ -17,21 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 FinishReasonName = Literal["stop", "length", "abort", "error"]
 
 
-class _Response(BaseModel):
+class Response(BaseModel):
+    """A JSON response body: exactly the fields declared."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 # ------------------------------------------------------------------------ errors
 
 
-class ErrorDetail(_Response):
+class ErrorDetail(Response):
     message: str
     type: str = Field(description="OpenAI's error type, e.g. invalid_request_error.")
     param: str | None = Field(description="The request field at fault, when there is one.")
     code: int = Field(description="The HTTP status.")
 
 
-class ErrorResponse(_Response):
+class ErrorResponse(Response):
     """OpenAI's ``{"error": {...}}`` with LMDeploy's top-level copies of the same fields."""
 
     error: ErrorDetail
@@ -45,11 +47,11 @@ class ErrorResponse(_Response):
 # ------------------------------------------------------------------------- usage
 
 
-class PromptTokensDetails(_Response):
+class PromptTokensDetails(Response):
     cached_tokens: int = Field(description="Prompt tokens served from the prefix cache.")
 
 
-class Usage(_Response):
+class Usage(Response):
     """Token counts: each prompt counted once, every choice's completion tokens."""
 
     prompt_tokens: int
@@ -61,24 +63,24 @@ class Usage(_Response):
 # ---------------------------------------------------------------------- logprobs
 
 
-class TopLogprob(_Response):
+class TopLogprob(Response):
     token: str
     logprob: float
     bytes: list[int] = Field(description="The token's UTF-8 bytes (a token may hold part of a character).")
 
 
-class ChatTokenLogprob(_Response):
+class ChatTokenLogprob(Response):
     token: str
     logprob: float
     bytes: list[int]
     top_logprobs: list[TopLogprob]
 
 
-class ChatLogprobs(_Response):
+class ChatLogprobs(Response):
     content: list[ChatTokenLogprob]
 
 
-class CompletionLogprobs(_Response):
+class CompletionLogprobs(Response):
     """Completions' column layout: one entry per token in each list (with ``echo``,
     the prompt's tokens first; the first prompt token has null logprob and alternatives)."""
 
@@ -91,19 +93,19 @@ class CompletionLogprobs(_Response):
 # -------------------------------------------------------------- chat completions
 
 
-class AssistantMessage(_Response):
+class AssistantMessage(Response):
     role: Literal["assistant"]
     content: str
 
 
-class ChatCompletionChoice(_Response):
+class ChatCompletionChoice(Response):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: FinishReasonName
 
 
-class ChatCompletion(_Response):
+class ChatCompletion(Response):
     """The body of a non-streaming ``POST /v1/chat/completions``."""
 
     id: str
@@ -120,7 +122,7 @@ def _no_defaults(schema: dict) -> None:
         field_schema.pop("default", None)
 
 
-class ChatCompletionDelta(_Response):
+class ChatCompletionDelta(Response):
     """What a chunk adds to a choice: the first has the role, later ones content."""
 
     model_config = ConfigDict(json_schema_extra=_no_defaults)
@@ -129,14 +131,14 @@ class ChatCompletionDelta(_Response):
     content: str = None  # type: ignore[assignment]
 
 
-class ChatCompletionChunkChoice(_Response):
+class ChatCompletionChunkChoice(Response):
     index: int
     delta: ChatCompletionDelta
     logprobs: ChatLogprobs | None
     finish_reason: FinishReasonName | None
 
 
-class ChatCompletionChunk(_Response):
+class ChatCompletionChunk(Response):
     """One server-sent event of a streaming ``POST /v1/chat/completions``.
 
     With ``stream_options.include_usage`` every chunk has ``usage: null`` and a
@@ -154,14 +156,14 @@ class ChatCompletionChunk(_Response):
 # -------------------------------------------------------------- text completions
 
 
-class CompletionChoice(_Response):
+class CompletionChoice(Response):
     index: int = Field(description="prompt index * n + choice number.")
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReasonName
 
 
-class Completion(_Response):
+class Completion(Response):
     """The body of a non-streaming ``POST /v1/completions``."""
 
     id: str
@@ -172,14 +174,14 @@ class Completion(_Response):
     usage: Usage
 
 
-class CompletionChunkChoice(_Response):
+class CompletionChunkChoice(Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReasonName | None
 
 
-class CompletionChunk(_Response):
+class CompletionChunk(Response):
     """One server-sent event of a streaming ``POST /v1/completions``."""
 
     id: str
@@ -193,7 +195,7 @@ class CompletionChunk(_Response):
 # ------------------------------------------------------------------ other routes
 
 
-class ModelCard(_Response):
+class ModelCard(Response):
     id: str
     object: Literal["model"]
     created: int
@@ -202,23 +204,23 @@ class ModelCard(_Response):
     max_model_len: int = Field(description="The context length in tokens.")
 
 
-class ModelList(_Response):
+class ModelList(Response):
     object: Literal["list"]
     data: list[ModelCard]
 
 
-class HealthResponse(_Response):
+class HealthResponse(Response):
     status: Literal["ok"]
 
 
-class EncodeResult(_Response):
+class EncodeResult(Response):
     """``input`` was a string."""
 
     input_ids: list[int]
     length: int
 
 
-class EncodeBatchResult(_Response):
+class EncodeBatchResult(Response):
     """``input`` was a list of strings: one entry per string."""
 
     input_ids: list[list[int]]
@@ -229,11 +231,11 @@ class EncodeResponse(RootModel[EncodeResult | EncodeBatchResult]):
     """The body of ``POST /v1/encode``."""
 
 
-class TokenizeResponse(_Response):
+class TokenizeResponse(Response):
     count: int
     max_model_len: int
     tokens: list[int]
 
 
-class DetokenizeResponse(_Response):
+class DetokenizeResponse(Response):
     prompt: str

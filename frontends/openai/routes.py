@@ -47,6 +47,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
     async def chat_completions(request: Request):
         body = parse_body(request, ChatCompletionRequest)
         check_model(state, body.model)
+        _check_session_free(state, body.session_id)
         if isinstance(body.messages, str):  # a raw prompt
             prompt_ids = state.tokenizer.encode(body.messages)
         elif not body.do_preprocess:  # LMDeploy: the messages' texts, no template
@@ -60,6 +61,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
     async def completions(request: Request):
         body = parse_body(request, CompletionRequest)
         check_model(state, body.model)
+        _check_session_free(state, body.session_id)
         prompts = _completion_prompts(state, body.prompt)
         echo_texts = None
         if body.echo:
@@ -75,6 +77,12 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+def _check_session_free(state: ServerState, session_id: int | None) -> None:
+    if session_id is not None and state.bus.sessions.is_live(session_id):
+        raise APIError(400, f"session_id {session_id} is a live interactive session: continue it through "
+                       "/v1/chat/interactive, end it there, or use another session_id.", "session_id")
 
 
 def _prompt_list(prompt) -> list:

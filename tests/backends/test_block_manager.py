@@ -130,3 +130,113 @@ def test_only_never_used_blocks_are_handed_out_for_clearing():
     fresh = manager.take_fresh_blocks()
     assert len(fresh) == 2 and not set(fresh) & set(first)
     assert set(fresh) | set(first) == set(b.block_table)
+
+
+# ------------------------------------------------------------ interactive sessions
+
+
+def session_seq(tokens, key="chat-1", keep=True):
+    return Sequence(EngineRequest(f"s{next(_count)}", tuple(tokens), SamplingParams(max_tokens=8),
+                                  session_key=key, keep_kv=keep), arrival_index=next(_count))
+
+
+def finish_turn(manager, s, key="chat-1"):
+    """Compute all but the last token (the engine never computes the last sampled one), then keep."""
+    n = manager.allocate(s, 100)
+    compute(manager, s, n)
+    manager.keep(key, s)
+
+
+def test_a_kept_session_holds_its_blocks_until_released():
+    manager = BlockManager(8, 4)
+    first = session_seq(range(10))
+    finish_turn(manager, first)
+    assert first.block_table == [] and manager.num_kept_sessions == 1
+    assert manager.kept_tokens("chat-1") == 10 and manager.num_free_blocks == 5
+    assert manager.release_session("chat-1") and not manager.release_session("chat-1")
+    assert manager.num_free_blocks == 8 and set(manager.ref_counts) == {0}
+
+
+def test_the_next_turn_reuses_the_kept_prefix_and_computes_only_the_rest():
+    manager = BlockManager(8, 4)
+    first = session_seq(range(10))
+    finish_turn(manager, first)
+    kept_blocks = list(manager._kept["chat-1"].block_table)
+    second = session_seq([*range(10), 50, 51, 52])
+    assert manager.allocate(second, 100) == 3, "only the new turn is computed"
+    assert second.num_computed_tokens == 10 and second.num_cached_tokens == 10
+    assert second.block_table[:3] == kept_blocks, "the partly filled third block is written on"
+    assert manager.num_kept_sessions == 0
+    manager.free(second)
+    assert manager.num_free_blocks == 8 and set(manager.ref_counts) == {0}
+
+
+def test_only_the_common_prefix_is_reused_and_the_blocks_past_it_are_freed():
+    manager = BlockManager(8, 4)
+    finish_turn(manager, session_seq(range(12)))
+    assert manager.num_free_blocks == 5
+    diverging = session_seq([0, 1, 2, 3, 4, 99, 98])  # shares 5 tokens
+    assert manager.allocate(diverging, 100) == 2
+    assert diverging.num_computed_tokens == 5 and len(diverging.block_table) == 2
+    assert manager.num_free_blocks == 6
+    manager.free(diverging)
+    assert manager.num_free_blocks == 8
+
+
+def test_a_prompt_equal_to_the_kept_tokens_still_computes_its_last_token():
+    manager = BlockManager(8, 4)
+    finish_turn(manager, session_seq(range(8)))
+    again = session_seq(range(8))
+    assert manager.allocate(again, 100) == 1 and again.num_computed_tokens == 7
+
+
+def test_a_shared_block_is_never_written_into_the_prefix_is_cut_at_its_start():
+    manager = BlockManager(8, 4, enable_prefix_caching=True)
+    finish_turn(manager, session_seq(range(10)))  # blocks 0-3 and 4-7 are full and registered
+    other = seq([*range(8), 70, 71])
+    manager.allocate(other, 100)  # shares the two full blocks through the prefix cache
+    diverging = session_seq([0, 1, 2, 3, 4, 5, 60, 61])  # diverges inside the second (shared) block
+    assert manager.allocate(diverging, 100) == 4
+    assert diverging.num_computed_tokens == 4, "the shared block is not adopted for writing"
+    assert diverging.block_table[1] not in other.block_table
+
+
+def test_blocks_short_evict_kept_sessions_least_recently_kept_first_before_failing():
+    manager = BlockManager(6, 4)
+    finish_turn(manager, session_seq(range(8), key="old"), key="old")
+    finish_turn(manager, session_seq(range(8), key="new"), key="new")
+    assert manager.num_free_blocks == 2
+    big = seq(range(12))
+    assert manager.allocate(big, 100) == 12
+    assert manager.num_kept_sessions == 1 and manager.kept_tokens("new") == 8, "the older session went first"
+    huge = seq(range(40))  # cannot fit even with every kept session evicted
+    assert manager.allocate(huge, 100) == 0 and manager.num_kept_sessions == 1, "nothing evicted in vain"
+
+
+def test_an_evicted_session_computes_its_whole_prompt_again():
+    manager = BlockManager(4, 4)
+    finish_turn(manager, session_seq(range(8)))
+    big = seq(range(12))
+    manager.allocate(big, 100)  # needs 3 of 4 blocks: the session is evicted
+    assert manager.num_kept_sessions == 0
+    manager.free(big)
+    turn = session_seq([*range(8), 9])
+    assert manager.allocate(turn, 100) == 9 and turn.num_computed_tokens == 0
+
+
+def test_keeping_replaces_what_the_session_kept_before():
+    manager = BlockManager(8, 4)
+    finish_turn(manager, session_seq(range(6)))
+    second = session_seq([*range(6), 7, 8])
+    finish_turn(manager, second)
+    assert manager.num_kept_sessions == 1 and manager.kept_tokens("chat-1") == 8
+    manager.release_session("chat-1")
+    assert manager.num_free_blocks == 8 and set(manager.ref_counts) == {0}
+
+
+def test_a_turn_that_computed_nothing_leaves_the_kept_blocks_alone():
+    manager = BlockManager(8, 4)
+    finish_turn(manager, session_seq(range(6)))
+    never_ran = session_seq([*range(6), 7])
+    manager.keep("chat-1", never_ran)  # aborted while waiting
+    assert manager.kept_tokens("chat-1") == 6

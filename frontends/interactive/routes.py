@@ -1,0 +1,204 @@
+"""``POST /v1/chat/interactive``: multi-turn chat whose history stays on the server.
+
+Compatible with LMDeploy 0.9's endpoint and clients. A turn sends only its
+new message; the server keeps the conversation (as token ids, and their keys
+and values in the KV cache: :mod:`lmserve.core.sessions`), so the turn
+computes only its own tokens. The first turn of a session is rendered through
+the chat template whole; later turns render only the new messages
+(:func:`~lmserve.core.chat_template.render_continuation`): no second system
+prompt, no second BOS.
+
+- ``session_id`` -1: a one-shot conversation; nothing is kept.
+- ``interactive_mode`` true keeps the session after the turn; false ends it
+  after the turn.
+- ``prompt=""``, ``request_output_len=0``, ``interactive_mode=false`` ends a
+  session without a turn; ``cancel=true`` stops its running turn.
+- ``request_output_len=0`` with ``interactive_mode`` true adds the prompt to
+  the history without generating (LMDeploy's web UI primes a session so).
+- A second request while a turn runs gets a 409. A turn that would pass the
+  session length gets ``finish_reason: "length"`` with what fitted (nothing,
+  when the input itself does not fit).
+
+A stream is one JSON object per line (no ``data:`` prefix, no ``[DONE]``), as
+LMDeploy's clients read it; ``text`` is the new text of each line.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sanic import Request, Sanic
+from sanic.response import json as json_response
+
+from lmserve.core import hookimpl
+from lmserve.core.chat_template import render_continuation
+from lmserve.core.sessions import Session, SessionBusyError
+from lmserve.core.types import (
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+)
+from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
+from lmserve.frontends.openai.errors import APIError, error_response
+from lmserve.frontends.openai.limits import admitted
+from lmserve.frontends.openai.openapi import ROUTE_DOCS, RouteDoc
+from lmserve.frontends.openai.parsing import parse_body
+from lmserve.frontends.openai.state import ServerState
+
+NDJSON = "application/x-ndjson"
+
+
+@hookimpl
+def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
+    async def chat_interactive(request: Request):
+        body = parse_body(request, InteractiveRequest)
+        if body.image_url is not None:
+            raise APIError(400, "image_url works with vision-language models only; this one reads text.",
+                           "image_url")
+        if body.adapter_name is not None:
+            raise APIError(400, "This server has no LoRA adapters.", "adapter_name")
+        sessions = state.bus.sessions
+        if body.cancel:
+            if body.session_id == -1:
+                raise APIError(400, "Set the session_id of the turn to cancel.", "session_id")
+            if sessions.cancel(body.session_id):
+                await sessions.wait_idle(body.session_id)
+            return json_response(_reply(finish_reason="stop"))
+        if body.prompt == "" and body.request_output_len == 0 and not body.interactive_mode:
+            sessions.end(body.session_id)
+            return json_response(_reply(finish_reason="stop"))
+        # Cancels and ends above never wait for admission; turns do.
+        return await admitted(lambda req: _turn(state, body, req), request.app.ctx.admission)(request)
+
+    app.add_route(chat_interactive, "/v1/chat/interactive", methods=["POST"], name="chat_interactive",
+                  ctx_generation=False)
+    ROUTE_DOCS["chat_interactive"] = RouteDoc(
+        "A turn of an interactive chat (LMDeploy)", "Interactive", InteractiveRequest, InteractiveResponse,
+        line_stream=InteractiveResponse, errors=(400, 409, 413, 500, 503), admitted=True,
+        description="The server keeps the conversation of `session_id` (its KV cache too), so each turn "
+        "sends only its new message. With `stream: true` the answer is one `InteractiveResponse` JSON "
+        "object per line (`text` is the new text). End a session with `prompt: \"\"`, "
+        "`request_output_len: 0`, `interactive_mode: false`; stop a running turn with `cancel: true`. "
+        "A turn on a session whose previous turn still runs gets a 409.",
+    )
+
+
+async def _turn(state: ServerState, body: InteractiveRequest, request: Request):
+    sessions = state.bus.sessions
+    if body.session_id == -1:
+        session = None
+    else:
+        try:
+            session = sessions.begin_turn(body.session_id)
+        except SessionBusyError as exc:
+            raise APIError(409, str(exc), "session_id") from exc
+    try:
+        history = session.history_tokens if session is not None else 0
+        input_ids = _render_turn(state, session, body.prompt)
+        room = state.max_model_len - history - len(input_ids)
+        if body.request_output_len is not None and body.request_output_len < 0:
+            raise APIError(400, f"request_output_len must be at least 0, got {body.request_output_len}.",
+                           "request_output_len")
+        if room <= 0 or body.request_output_len == 0:
+            if session is not None:
+                if room > 0 and body.interactive_mode:  # priming: the input joins the history
+                    session.token_ids.extend(input_ids)
+                    session.closing_token_id = None
+                sessions.abandon_turn(session)
+                if not body.interactive_mode:
+                    sessions.end(session.session_id)
+            return json_response(_reply(input_tokens=len(input_ids), history_tokens=history, finish_reason="length"))
+        params = _sampling_params(state, body, min(body.request_output_len or room, room))
+    except BaseException:
+        if session is not None:
+            sessions.abandon_turn(session)
+        raise
+
+    stop = body.stop_strings()
+    if session is None:
+        outputs = state.bus.generate(GenerationRequest(tuple(input_ids), params, stop=stop))
+    else:
+        outputs = sessions.run_turn(session, input_ids, params, keep=body.interactive_mode, stop=stop)
+    counts = {"input_tokens": len(input_ids), "history_tokens": history}
+    if body.stream:
+        return await _stream(request, outputs, counts)
+    return await _complete(outputs, counts)
+
+
+def _render_turn(state: ServerState, session: Session | None, prompt) -> list[int]:
+    """The new turn's token ids: the whole template for a session's first turn,
+    only the continuation for later turns."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [{"role": m.role, "content": m.text()} for m in prompt]
+    if session is None or not session.token_ids:
+        return state.tokenizer.encode(state.chat_template.render(messages, add_generation_prompt=True),
+                                      add_bos=False)
+    try:
+        text = render_continuation(state.chat_template, messages)
+    except ValueError as exc:
+        raise APIError(400, str(exc), "prompt") from exc
+    if session.closing_token_id is not None:
+        # The reply ended on its stop token: the end-of-turn mark the template
+        # writes after a reply is already in the history.
+        closing = state.tokenizer.decode([session.closing_token_id])
+        if closing and text.startswith(closing):
+            text = text[len(closing):]
+    return state.tokenizer.encode(text, add_bos=False)
+
+
+def _sampling_params(state: ServerState, body: InteractiveRequest, max_tokens: int) -> SamplingParams:
+    stop_token_ids = () if body.ignore_eos else state.default_stop_token_ids
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
+            stop_token_ids=stop_token_ids, ignore_eos=body.ignore_eos,
+            skip_special_tokens=body.skip_special_tokens, min_tokens=body.min_new_tokens or 0,
+        )
+    except InvalidRequestError as exc:
+        param = "min_new_tokens" if exc.param == "min_tokens" else exc.param
+        raise APIError(400, exc.message, param) from exc
+
+
+def _reply(text: str = "", tokens: int = 0, input_tokens: int = 0, history_tokens: int = 0,
+           finish_reason: str | None = None, error: str | None = None) -> dict:
+    reply = {"text": text, "tokens": tokens, "input_tokens": input_tokens, "history_tokens": history_tokens,
+             "finish_reason": finish_reason}
+    if error is not None:
+        reply["error"] = error
+    return reply
+
+
+def _finish_name(out: GenerationOutput) -> str | None:
+    return None if out.finish_reason is None else out.finish_reason.value
+
+
+async def _complete(outputs, counts: dict):
+    text: list[str] = []
+    last = None
+    async for out in outputs:
+        text.append(out.text)
+        last = out
+    if last.finish_reason is FinishReason.ERROR:
+        return error_response(500, last.error or "The engine failed this turn.")
+    return json_response(_reply("".join(text), last.usage.completion_tokens, finish_reason=_finish_name(last),
+                                **counts))
+
+
+async def _stream(request: Request, outputs, counts: dict):
+    response = await request.respond(content_type=NDJSON, headers={"Cache-Control": "no-cache"})
+    try:
+        async for out in outputs:
+            error = None
+            if out.finish_reason is FinishReason.ERROR:
+                error = out.error or "The engine failed this turn."
+            line = _reply(out.text, out.usage.completion_tokens, finish_reason=_finish_name(out), error=error,
+                          **counts)
+            await response.send(json.dumps(line, ensure_ascii=False) + "\n")
+        await response.eof()
+    finally:
+        await outputs.aclose()  # a client gone: the turn stops (and keeps what it sent)
