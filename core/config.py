@@ -30,6 +30,8 @@ class ServeConfig:
     log_level: str = "WARNING"
     device: str = "auto"
     dtype: str = "auto"
+    #: Idle interactive sessions are ended after this many seconds; 0: never.
+    session_ttl: float = 1800.0
     plugins: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -48,5 +50,7 @@ class ServeConfig:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if not self.session_ttl >= 0:  # NaN fails too
+            raise ValueError(f"--session-ttl must be >= 0 (0: never), got {self.session_ttl}.")
         object.__setattr__(self, "plugins", tuple(self.plugins))
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))

@@ -13,11 +13,19 @@ event, or one body), and error bodies are yielded, not raised: a caller reads
 ``item["code"]`` / ``item["error"]``. The request body carries every argument
 with its default, extra keyword arguments under a literal ``kwargs`` key, as
 LMDeploy's client sends them; servers ignore unknown keys.
+
+Interactive sessions (``/v1/chat/interactive``) keep a conversation's history
+on the server under a ``session_id``::
+
+    for text, tokens, finish_reason in api_client.chat("Hello!", session_id=1, stream=True):
+        print(text, end="", flush=True)
+    api_client.end_session(1)
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from functools import cached_property
 from typing import Any, Iterator
 
@@ -78,8 +86,66 @@ class APIClient:
         body["kwargs"] = kwargs
         yield from self._post("/v1/completions", body, stream)
 
+    def chat_interactive_v1(self, prompt: str | list[dict], image_url: str | list[str] | None = None,
+                            session_id: int = -1, interactive_mode: bool = False, stream: bool = False,
+                            stop: str | list[str] | None = None, request_output_len: int | None = None,
+                            top_p: float = 0.8, top_k: int = 40, temperature: float = 0.8,
+                            repetition_penalty: float = 1.0, ignore_eos: bool = False,
+                            skip_special_tokens: bool = True, adapter_name: str | None = None,
+                            **kwargs) -> Iterator[dict]:
+        """``/v1/chat/interactive``: yields ``{text, tokens, input_tokens, history_tokens, finish_reason}``.
+
+        ``interactive_mode=True`` keeps the session's history on the server for
+        the next turn; False ends the session after this one. Streaming yields one
+        dict per line, ``text`` holding the delta and ``tokens`` the count so far.
+        """
+        body = {key: value for key, value in locals().items() if key not in ("self", "kwargs")}
+        body["kwargs"] = kwargs
+        yield from self._post("/v1/chat/interactive", body, stream)
+
+    def chat(self, prompt: str, session_id: int, image_url: str | list[str] | None = None,
+             request_output_len: int = 512, stream: bool = False, top_p: float = 0.8, top_k: int = 40,
+             temperature: float = 0.8, repetition_penalty: float = 1.0,
+             ignore_eos: bool = False) -> Iterator[tuple[str, int, str | None]]:
+        """One turn of the session ``session_id``: yields ``(text, tokens, finish_reason)``.
+
+        A tuple has no room for an error body, so one is raised as
+        :class:`APIError`. A full session answers ``length`` with no tokens: it
+        must be ended (:meth:`end_session`) before it can take another turn.
+        """
+        assert session_id != -1, "please set a value other than -1"
+        for output in self.chat_interactive_v1(prompt, image_url=image_url, session_id=session_id,
+                                               interactive_mode=True, stream=stream,
+                                               request_output_len=request_output_len, top_p=top_p, top_k=top_k,
+                                               temperature=temperature, repetition_penalty=repetition_penalty,
+                                               ignore_eos=ignore_eos):
+            message = error_message(output)
+            if message is not None:
+                raise APIError(message, output)
+            if is_session_full(output):
+                warnings.warn(f"Session {session_id} is full: end it (end_session) to start again.", stacklevel=2)
+            yield output["text"], output["tokens"], output["finish_reason"]
+
+    def end_session(self, session_id: int) -> dict:
+        """End the session on the server, dropping its history; the server's reply (or error body)."""
+        return list(self.chat_interactive_v1(prompt="", session_id=session_id, request_output_len=0,
+                                             interactive_mode=False))[-1]
+
+    def cancel(self, session_id: int) -> dict:
+        """Stop the turn the session is generating (``cancel: true``); the server's reply (or error body).
+
+        ``cancel`` is a top-level field of the request, so it cannot go through
+        :meth:`chat_interactive_v1`, which sends extra arguments under ``kwargs``.
+        """
+        body = {"prompt": "", "session_id": session_id, "interactive_mode": True, "cancel": True}
+        return list(self._post("/v1/chat/interactive", body, stream=False))[-1]
+
     def _post(self, path: str, body: dict, stream: bool) -> Iterator[dict]:
-        """POST ``body``; yield each JSON line (SSE ``data:`` prefix stripped, ``[DONE]`` skipped)."""
+        """POST ``body``; yield each JSON line (SSE ``data:`` prefix stripped, ``[DONE]`` skipped).
+
+        Newline-delimited JSON (``/v1/chat/interactive``'s stream) has no prefix
+        to strip.
+        """
         with self._client.stream("POST", self.api_server_url + path, json=body) as response:
             for line in response.iter_lines():
                 line = line.strip()
@@ -100,3 +166,30 @@ class APIClient:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class APIError(RuntimeError):
+    """An error body, raised where a method cannot yield it (:meth:`APIClient.chat`)."""
+
+    def __init__(self, message: str, body: dict):
+        super().__init__(message)
+        self.body = body
+        self.code = body.get("code")
+
+
+def error_message(output: dict) -> str | None:
+    """The message of an error body, None for any other reply.
+
+    lmserve sends OpenAI's ``error`` object and LMDeploy's top-level fields;
+    LMDeploy itself sends only the latter (``object: "error"``).
+    """
+    if isinstance(output.get("error"), dict):
+        return str(output["error"].get("message"))
+    if output.get("object") == "error":
+        return str(output.get("message"))
+    return None
+
+
+def is_session_full(output: dict) -> bool:
+    """Whether an interactive reply says the session has no room left: ``length`` with no token generated."""
+    return output.get("finish_reason") == "length" and output.get("tokens") == 0

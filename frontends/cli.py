@@ -1,6 +1,7 @@
 """The ``lmserve`` command.
 
     lmserve serve api_server MODEL [--server-port 23333] ...
+    lmserve serve api_client URL [--api-key KEY] [--session-id N]
     lmserve plugins [--json]
 
 ``--plugin module.path`` (repeatable, anywhere on the line) registers a plugin
@@ -19,7 +20,9 @@ from collections.abc import Sequence
 from lmserve.core.config import DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
+from lmserve.frontends.api_client import APIClient
 from lmserve.frontends.openai.http_config import HTTPConfig
+from lmserve.frontends.terminal_chat import chat_in_terminal
 
 
 def _plugin_modules(argv: Sequence[str]) -> list[str]:
@@ -56,6 +59,17 @@ def build_parser(pm) -> argparse.ArgumentParser:
     )
     _add_api_server_options(api_server)
     call_safely(pm, "lmserve_add_cli_options", command=SERVE_API_SERVER, parser=api_server)
+
+    api_client = servers.add_parser(
+        "api_client", help="Chat with a server in the terminal, in one of its interactive sessions.",
+        formatter_class=_HelpFormatter,
+    )
+    api_client.add_argument("url", metavar="URL", help="The server, e.g. http://localhost:23333.")
+    api_client.add_argument("--api-key", default=os.environ.get("LMSERVE_API_KEY") or None, metavar="KEY",
+                            help="Send 'Authorization: Bearer KEY'. Default: $LMSERVE_API_KEY, which keeps "
+                            "it out of the process list.")
+    api_client.add_argument("--session-id", type=int, default=1, metavar="N",
+                            help="The interactive session to chat in (its history is kept on the server).")
 
     plugins = commands.add_parser("plugins", parents=[common], help="List the loaded plugins.")
     plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
@@ -108,6 +122,8 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
                         "(default: --max-concurrent-requests).")
     limits.add_argument("--max-request-bytes", type=int, default=HTTPConfig.max_request_bytes, metavar="BYTES",
                         help="Largest request body; larger ones get 413.")
+    limits.add_argument("--session-ttl", type=float, default=ServeConfig.session_ttl, metavar="SECONDS",
+                        help="Idle interactive sessions are ended after this many seconds (0: never).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(pm).parse_args(argv)
         if args.command == "plugins":
             return _plugins(pm, as_json=args.json)
+        if args.server == "api_client":
+            return _serve_api_client(args)
         return _serve_api_server(pm, args)
     except (PluginError, ModelNotFoundError, ValueError) as exc:
         print(f"lmserve: error: {exc}", file=sys.stderr)
@@ -145,6 +163,7 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         log_level=args.log_level,
         device=args.device,
         dtype=args.dtype,
+        session_ttl=args.session_ttl,
         plugins=tuple(args.plugin),
         options=vars(args),
     )
@@ -174,6 +193,17 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
     # Sanic returns after SIGTERM/SIGINT once in-flight requests finished or
     # --shutdown-timeout passed (frontends/openai/shutdown.py).
     return 0
+
+
+def _serve_api_client(args: argparse.Namespace) -> int:
+    if args.session_id < 0:
+        raise ValueError(f"--session-id must be >= 0 (-1 is a one-shot request, kept nowhere), got {args.session_id}.")
+    with APIClient(args.url, api_key=args.api_key) as api_client:
+        if api_client.available_models is None:
+            print(f"lmserve: error: {api_client.api_server_url}/v1/models did not list the served models: "
+                  "is the server running there, and the API key right?", file=sys.stderr)
+            return 1
+        return chat_in_terminal(api_client, args.session_id, sys.stdin, sys.stdout)
 
 
 if __name__ == "__main__":
