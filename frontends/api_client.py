@@ -181,10 +181,14 @@ def error_message(output: dict) -> str | None:
     """The message of an error body, None for any other reply.
 
     lmserve sends OpenAI's ``error`` object and LMDeploy's top-level fields;
-    LMDeploy itself sends only the latter (``object: "error"``).
+    LMDeploy itself sends only the latter (``object: "error"``). A turn that
+    fails after its stream began ends on a line whose ``error`` is the message.
     """
-    if isinstance(output.get("error"), dict):
-        return str(output["error"].get("message"))
+    error = output.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message"))
+    if isinstance(error, str):
+        return error
     if output.get("object") == "error":
         return str(output.get("message"))
     return None

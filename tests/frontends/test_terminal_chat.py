@@ -102,10 +102,12 @@ def test_a_full_session_says_to_type_end():
 
 def test_errors_and_lost_connections_are_one_line_and_the_chat_goes_on():
     busy = {"error": {"message": "Session 1 is busy.", "code": 409}, "object": "error", "code": 409}
-    client = FakeClient([busy], [httpx.ConnectError("Connection refused")], [delta("ok", 1, "stop")])
-    status, out = chat(client, "a\n\nb\n\nc\n\n")
+    failed = {**delta("", 1, "error"), "error": "The engine failed this turn."}
+    client = FakeClient([busy], [httpx.ConnectError("Connection refused")], [delta("x", 1), failed],
+                        [delta("ok", 1, "stop")])
+    status, out = chat(client, "a\n\nb\n\nc\n\nd\n\n")
     assert status == 0 and "ok" in out
-    assert "error: Session 1 is busy.\n" in out
+    assert "error: Session 1 is busy.\n" in out and "x\nerror: The engine failed this turn.\n" in out
     assert "error: cannot reach http://fake: Connection refused\n" in out
     assert "Traceback" not in out
 
