@@ -134,6 +134,8 @@ class APIClient:
     def cancel(self, session_id: int) -> dict:
         """Stop the turn the session is generating (``cancel: true``); the server's reply (or error body).
 
+        The session goes on; lmserve keeps what the turn generated in its history.
+
         ``cancel`` is a top-level field of the request, so it cannot go through
         :meth:`chat_interactive_v1`, which sends extra arguments under ``kwargs``.
         """
