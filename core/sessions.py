@@ -195,8 +195,8 @@ class SessionManager:
                 pass
 
     def end(self, session_id: int) -> bool:
-        """End ``session_id`` and free its memory; a running turn is stopped first.
-        False when there was no such session."""
+        """End ``session_id`` and free its memory. A running turn is aborted and
+        frees it when it winds down (:meth:`wait_idle`). False when there was no such session."""
         session = self._sessions.get(session_id)
         if session is None:
             return False

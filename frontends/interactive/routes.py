@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 
-from sanic import Request, Sanic
+from sanic import HTTPResponse, Request, Sanic
 from sanic.response import json as json_response
 
 from lmserve.core import hookimpl
@@ -65,10 +65,11 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
                 raise APIError(400, "Set the session_id of the turn to cancel.", "session_id")
             if sessions.cancel(body.session_id):
                 await sessions.wait_idle(body.session_id)
-            return json_response(_reply(finish_reason="stop"))
+            return _single_reply(body, _reply(finish_reason="stop"))
         if body.prompt == "" and body.request_output_len == 0 and not body.interactive_mode:
-            sessions.end(body.session_id)
-            return json_response(_reply(finish_reason="stop"))
+            if sessions.end(body.session_id):
+                await sessions.wait_idle(body.session_id)  # a running turn winds down first
+            return _single_reply(body, _reply(finish_reason="stop"))
         # Cancels and ends above never wait for admission; turns do.
         return await admitted(lambda req: _turn(state, body, req), request.app.ctx.admission)(request)
 
@@ -109,7 +110,8 @@ async def _turn(state: ServerState, body: InteractiveRequest, request: Request):
                 sessions.abandon_turn(session)
                 if not body.interactive_mode:
                     sessions.end(session.session_id)
-            return json_response(_reply(input_tokens=len(input_ids), history_tokens=history, finish_reason="length"))
+            return _single_reply(body, _reply(input_tokens=len(input_ids), history_tokens=history,
+                                              finish_reason="length"))
         params = _sampling_params(state, body, min(body.request_output_len or room, room))
     except BaseException:
         if session is not None:
@@ -173,6 +175,17 @@ def _reply(text: str = "", tokens: int = 0, input_tokens: int = 0, history_token
     return reply
 
 
+def _single_reply(body: InteractiveRequest, reply: dict) -> HTTPResponse:
+    """A reply without generation: one JSON line when a stream was asked for."""
+    if body.stream:
+        return HTTPResponse(_line(reply), content_type=NDJSON)
+    return json_response(reply)
+
+
+def _line(reply: dict) -> str:
+    return json.dumps(reply, ensure_ascii=False) + "\n"
+
+
 def _finish_name(out: GenerationOutput) -> str | None:
     return None if out.finish_reason is None else out.finish_reason.value
 
@@ -198,7 +211,7 @@ async def _stream(request: Request, outputs, counts: dict):
                 error = out.error or "The engine failed this turn."
             line = _reply(out.text, out.usage.completion_tokens, finish_reason=_finish_name(out), error=error,
                           **counts)
-            await response.send(json.dumps(line, ensure_ascii=False) + "\n")
+            await response.send(_line(line))
         await response.eof()
     finally:
         await outputs.aclose()  # a client gone: the turn stops (and keeps what it sent)

@@ -101,6 +101,11 @@ class _LoadCollector:
                           "KV cache.", stats.num_waiting)
         yield self._gauge("lmserve:kv_cache_usage_perc", "Fraction of the KV cache in use (1 = full).",
                           stats.kv_cache_usage)
+        yield self._gauge("lmserve:num_interactive_sessions", "Live interactive sessions (with history or "
+                          "a running turn).", len(self.state.bus.sessions))
+        yield self._gauge("lmserve:num_sessions_with_kept_kv", "Interactive sessions whose KV cache the engine "
+                          "keeps between turns (the others are computed again on their next turn).",
+                          stats.num_kept_sessions)
         preemptions = CounterMetricFamily("lmserve:num_preemptions", "Sequences preempted by the engine since "
                                           "start.", labels=["model_name"])
         preemptions.add_metric(self.labels, stats.num_preemptions)
