@@ -71,6 +71,13 @@ SCENARIOS: dict[str, list[dict | None]] = {
     "encode": [{"input": "abc"}, {"input": ["abc", "de"], "do_preprocess": True}],
     "tokenize": [{"model": MODEL, "prompt": "abc"}, {"messages": [{"role": "user", "content": "abc"}]}],
     "detokenize": [{"model": MODEL, "tokens": [5, 6, 7]}],
+    "chat_interactive": [
+        {"prompt": "hi", "session_id": 7, "interactive_mode": True, "request_output_len": 4},
+        {"prompt": "more", "session_id": 7, "interactive_mode": True, "stream": True, "request_output_len": 4},
+        {"prompt": [{"role": "user", "content": "hi"}], "session_id": -1, "request_output_len": 4},
+        {"prompt": "", "session_id": 7, "cancel": True},
+        {"prompt": "", "session_id": 7, "request_output_len": 0, "interactive_mode": False},
+    ],
 }
 
 #: Half the schema-valid chat / completions requests are made realistic: the generated
@@ -84,6 +91,10 @@ _FEATURES = {
     "completions": {
         "stream": st.booleans(), "logprobs": st.integers(0, 3), "echo": st.booleans(),
         "n": st.integers(1, MAX_CHOICES), "max_tokens": st.integers(1, 8),
+    },
+    "chat_interactive": {
+        "stream": st.booleans(), "session_id": st.integers(-1, 3), "interactive_mode": st.booleans(),
+        "request_output_len": st.integers(0, 8),
     },
 }
 
