@@ -6,8 +6,8 @@ from itertools import pairwise
 import httpx
 import pytest
 
-from conftest import free_port
-from lmserve.frontends.api_client import APIClient, APIError
+from conftest import LiveServer, free_port
+from lmserve.frontends.api_client import APIClient, APIError, is_session_full
 
 #: The seed's interactive snippet: four turns of one conversation.
 MESSAGES = [
@@ -113,9 +113,11 @@ def test_end_session_and_cancel_send_lmdeploys_bodies():
 
 
 def assert_history_adds_up(replies: list[dict]) -> None:
-    """Each turn's history is the one before plus that turn's prompt and reply."""
+    """Each turn's history is the one before plus that turn's prompt and reply; a turn that
+    found the session full added nothing."""
     for before, after in pairwise(replies):
-        assert after["history_tokens"] == before["history_tokens"] + before["input_tokens"] + before["tokens"]
+        added = 0 if is_session_full(before) else before["input_tokens"] + before["tokens"]
+        assert after["history_tokens"] == before["history_tokens"] + added
 
 
 def test_session_turns_add_up_in_the_history(api_client):
@@ -131,20 +133,29 @@ def test_session_turns_add_up_in_the_history(api_client):
     assert api_client.end_session(101) == ZERO_REPLY
 
 
+@pytest.fixture(scope="module")
+def short_smollm2_server(smollm2_gguf):
+    """The real model with room for a few turns only: a turn takes all the room left, and the
+    model may ramble; 1024 tokens bound the test's time."""
+    server = LiveServer("HuggingFaceTB/SmolLM2-135M-Instruct", "--session-len", "1024")
+    yield server
+    server.stop()
+
+
 @pytest.mark.real_model
-def test_the_seeds_interactive_snippet(smollm2_server):
+def test_the_seeds_interactive_snippet(short_smollm2_server):
     """Unchanged but for the import and the URL; every turn's history builds on the one before."""
-    api_client = APIClient(smollm2_server.base_url)
+    api_client = APIClient(short_smollm2_server.base_url)
     replies = []
     for message in MESSAGES:
         for item in api_client.chat_interactive_v1(prompt=message, session_id=1, interactive_mode=True, stream=False):
             print(item)
             replies.append(item)
-    assert len(replies) == 4 and all(reply["finish_reason"] in ("stop", "length") for reply in replies)
-    assert all(reply["tokens"] > 0 and reply["text"] for reply in replies)
-    assert replies[0]["history_tokens"] == 0
+    assert len(replies) == 4 and all(set(reply) == set(ZERO_REPLY) for reply in replies)
+    assert replies[0]["history_tokens"] == 0 and replies[0]["tokens"] > 0 and replies[0]["text"]
+    assert all(reply["finish_reason"] in ("stop", "length") for reply in replies)
     assert_history_adds_up(replies)
-    api_client.end_session(1)
+    assert api_client.end_session(1) == ZERO_REPLY
 
 
 def test_chat_streams_text_tokens_and_finish_reason(api_client):
