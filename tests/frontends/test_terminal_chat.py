@@ -187,6 +187,26 @@ def test_the_command_chats_end_drops_the_history_and_exit_ends_the_session(serve
         terminal.process.kill()
 
 
+def test_a_full_session_says_to_type_end_and_end_makes_room(tiny_server):
+    """The tiny server's context is 256 tokens; a turn given all the room left fills it."""
+    with APIClient(tiny_server.base_url) as api_client:
+        filled = next(api_client.chat_interactive_v1("fill", session_id=23, interactive_mode=True, ignore_eos=True))
+    assert filled["finish_reason"] == "length" and filled["tokens"] > 0
+    terminal = Terminal(tiny_server.base_url, "--session-id", "23")
+    try:
+        terminal.read_until(PROMPT)
+        terminal.type("more\n\n")
+        assert "Session 23 is full: type `end` to start a new one." in terminal.read_until(PROMPT)
+        terminal.type("end\n\n")
+        assert "Session 23 ended" in terminal.read_until(PROMPT)
+        terminal.type("more\n\n")
+        assert "is full" not in terminal.read_until(PROMPT)
+        terminal.type("exit\n\n")
+        assert terminal.close() == 0
+    finally:
+        terminal.process.kill()
+
+
 def test_an_unreachable_server_exits_1_with_one_line():
     url = f"http://127.0.0.1:{free_port()}"
     result = subprocess.run([*LMSERVE, "serve", "api_client", url], input=b"hi\n\n", capture_output=True, timeout=60)
