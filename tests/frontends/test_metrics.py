@@ -41,6 +41,8 @@ def test_metrics_are_prometheus_text_with_vllm_names(tiny_server):
         "lmserve:num_requests_running": "gauge",
         "lmserve:num_requests_waiting": "gauge",
         "lmserve:kv_cache_usage_perc": "gauge",
+        "lmserve:num_interactive_sessions": "gauge",
+        "lmserve:num_sessions_with_kept_kv": "gauge",
         "lmserve:num_preemptions": "counter",
         "lmserve:num_http_requests_running": "gauge",
         "lmserve:num_http_requests_waiting": "gauge",
@@ -98,9 +100,9 @@ class FakeBackend:
         return self._stats
 
 
-def fake_app_and_state(stats: BackendStats | None = None):
+def fake_app_and_state(stats: BackendStats | None = None, sessions=()):
     stats = stats or BackendStats()
-    state = SimpleNamespace(model_name="tiny", bus=SimpleNamespace(backend=FakeBackend(stats)))
+    state = SimpleNamespace(model_name="tiny", bus=SimpleNamespace(backend=FakeBackend(stats), sessions=sessions))
     return SimpleNamespace(ctx=SimpleNamespace()), state
 
 
@@ -121,9 +123,12 @@ def test_every_app_has_its_own_registry():
 
 
 def test_load_is_read_from_the_backend_and_the_admission_queue_when_scraped():
-    app, state = fake_app_and_state(BackendStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_preemptions=7))
+    app, state = fake_app_and_state(BackendStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_preemptions=7,
+                                                 num_kept_sessions=4), sessions=[1, 2, 3, 4, 5])
     metrics = ServerMetrics(app, state)
     scraped = samples(metrics.render("")[0].decode())
+    assert value(scraped, "lmserve:num_interactive_sessions") == 5
+    assert value(scraped, "lmserve:num_sessions_with_kept_kv") == 4
     assert value(scraped, "lmserve:num_requests_running") == 3
     assert value(scraped, "lmserve:num_requests_waiting") == 2
     assert value(scraped, "lmserve:kv_cache_usage_perc") == 0.25
