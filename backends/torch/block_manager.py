@@ -148,7 +148,7 @@ class BlockManager:
             return
         self.release_session(session_key)
         num_blocks = self.blocks_for(seq.num_computed_tokens)
-        self._release_blocks(seq.block_table[num_blocks:])  # none today; cheap insurance
+        self._release_blocks(seq.block_table[num_blocks:])  # past the computed tokens: none, as chunks are computed in the step that allocates them
         self._kept[session_key] = KeptKV(seq.token_ids[: seq.num_computed_tokens],
                                          seq.block_table[:num_blocks], list(seq.block_hashes))
         seq.block_table.clear()
