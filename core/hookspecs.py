@@ -109,6 +109,20 @@ def lmserve_make_backend(config: ServeConfig, source: ModelSource) -> Backend | 
     """
 
 
+@hookspec
+def lmserve_chat_templates() -> list[ChatTemplate]:
+    """Contribute named chat templates.
+
+    Called once at startup, and by ``lmserve templates``. Every template
+    returned joins the registry: ``--chat-template NAME`` picks it by its
+    ``name``, and a model without a template of its own gets the first one
+    whose ``matches(model_name)`` is true. Names must be unique.
+
+    :return: a list of :class:`~lmserve.core.chat_template.ChatTemplate`
+        objects (an empty list contributes nothing).
+    """
+
+
 @hookspec(firstresult=True)
 def lmserve_chat_template(
     source: ModelSource, tokenizer: Tokenizer, config: ServeConfig
