@@ -162,18 +162,19 @@ class SessionManager:
         False ends the session after this turn. Outputs are the bus's.
         """
         prompt = [*session.token_ids, *new_token_ids]
-        request = GenerationRequest(tuple(prompt), params, session.running_request_id, stop,
-                                    session_key=session.key, keep_kv=keep)
         generated: list[int] = []
         last: GenerationOutput | None = None
         try:
+            request = GenerationRequest(tuple(prompt), params, session.running_request_id, stop,
+                                        session_key=session.key, keep_kv=keep)
             async for out in self.bus.generate(request):
                 generated.extend(out.token_ids)
                 last = out
                 yield out
         finally:
-            failed = last is not None and last.finish_reason is FinishReason.ERROR
-            if not failed:  # a client gone mid-reply keeps what it was sent, like a cancel
+            # A turn that was refused, failed, or lost its client before any output
+            # leaves the history as it was; one cut short keeps what it sent, like a cancel.
+            if last is not None and last.finish_reason is not FinishReason.ERROR:
                 session.token_ids = prompt + generated
                 session.closing_token_id = self._closing_token(last, generated, params)
             self._turn_done(session, end=not keep or session.ending)

@@ -1,0 +1,132 @@
+"""The session rules, against a fake bus: history, busy, refusals, endings, the TTL."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from lmserve.core.sessions import SessionBusyError, SessionManager
+from lmserve.core.types import FinishReason, GenerationOutput, InvalidRequestError, SamplingParams, Usage
+
+EOS = 2
+PARAMS = SamplingParams(max_tokens=8)
+
+
+class FakeBus:
+    """Answers every turn with ``outputs`` (or raises ``error``), recording requests."""
+
+    def __init__(self, outputs=(), error=None):
+        self.outputs, self.error = list(outputs), error
+        self.requests, self.aborted, self.released = [], [], []
+        self.backend = SimpleNamespace(eos_token_ids=(EOS,), release_session=self.released.append)
+
+    async def generate(self, request):
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        for out in self.outputs:
+            yield out
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+def output(ids, reason=None):
+    return GenerationOutput("r", "", tuple(ids), Usage(0, 0), reason)
+
+
+def run(sessions, session_id, new_ids, keep=True, **kwargs):
+    async def go():
+        session = sessions.begin_turn(session_id)
+        return [out async for out in sessions.run_turn(session, new_ids, PARAMS, keep=keep, **kwargs)]
+
+    return asyncio.run(go())
+
+
+def test_history_is_every_turns_input_and_output_and_the_prompt_carries_it():
+    bus = FakeBus([output([7, 8]), output([EOS], FinishReason.STOP)])
+    sessions = SessionManager(bus)
+    run(sessions, 1, [5, 6])
+    run(sessions, 1, [9])
+    assert sessions.get(1).token_ids == [5, 6, 7, 8, EOS, 9, 7, 8, EOS]
+    assert bus.requests[1].prompt_token_ids == (5, 6, 7, 8, EOS, 9)
+    assert bus.requests[1].session_key == "session-1" and bus.requests[1].keep_kv
+    assert sessions.get(1).closing_token_id == EOS, "the reply ended on its stop token"
+
+
+def test_a_reply_cut_by_length_has_no_closing_token():
+    sessions = SessionManager(FakeBus([output([7, 8], FinishReason.LENGTH)]))
+    run(sessions, 1, [5])
+    assert sessions.get(1).closing_token_id is None
+
+
+def test_a_second_turn_while_one_runs_is_refused():
+    sessions = SessionManager(FakeBus())
+    sessions.begin_turn(1)
+    with pytest.raises(SessionBusyError):
+        sessions.begin_turn(1)
+
+
+@pytest.mark.parametrize("error", [InvalidRequestError("no room", "max_tokens"), RuntimeError("engine gone")])
+def test_a_refused_turn_frees_the_session_and_leaves_its_history(error):
+    bus = FakeBus([output([7], FinishReason.STOP)])
+    sessions = SessionManager(bus)
+    run(sessions, 1, [5])
+    bus.error = error
+    with pytest.raises(type(error)):
+        run(sessions, 1, [6])
+    assert sessions.get(1).token_ids == [5, 7] and not sessions.get(1).busy
+    bus.error = None
+    run(sessions, 1, [6])
+    assert sessions.get(1).token_ids == [5, 7, 6, 7]
+
+
+def test_an_invalid_stop_string_is_refused_without_leaving_the_session_busy():
+    sessions = SessionManager(FakeBus([output([7], FinishReason.STOP)]))
+    with pytest.raises(InvalidRequestError):
+        run(sessions, 1, [5], stop=("",))
+    assert sessions.get(1) is None, "a new session that never ran is dropped"
+    run(sessions, 1, [5])
+    assert sessions.get(1).token_ids == [5, 7]
+
+
+def test_a_failed_turn_leaves_the_history_as_it_was():
+    bus = FakeBus([output([7], FinishReason.STOP)])
+    sessions = SessionManager(bus)
+    run(sessions, 1, [5])
+    bus.outputs = [output([], FinishReason.ERROR)]
+    run(sessions, 1, [6])
+    assert sessions.get(1).token_ids == [5, 7]
+
+
+def test_a_turn_without_keep_ends_the_session_and_frees_its_memory():
+    bus = FakeBus([output([7], FinishReason.STOP)])
+    sessions = SessionManager(bus)
+    run(sessions, 1, [5], keep=False)
+    assert sessions.get(1) is None and bus.released == ["session-1"]
+
+
+def test_ending_a_busy_session_aborts_its_turn_and_frees_it_when_the_turn_winds_down():
+    bus = FakeBus([output([7], FinishReason.ABORT)])
+    sessions = SessionManager(bus)
+
+    async def go():
+        session = sessions.begin_turn(1)
+        assert sessions.end(1) and bus.aborted == [session.running_request_id]
+        assert sessions.get(1) is session and bus.released == [], "not while the turn runs"
+        [out async for out in sessions.run_turn(session, [5], PARAMS, keep=True)]
+
+    asyncio.run(go())
+    assert sessions.get(1) is None and bus.released == ["session-1"]
+
+
+def test_idle_sessions_are_ended_after_the_ttl_busy_ones_are_not():
+    bus = FakeBus([output([7], FinishReason.STOP)])
+    sessions = SessionManager(bus, ttl_s=10)
+    run(sessions, 1, [5])
+    run(sessions, 2, [5])
+    sessions.begin_turn(2)
+    now = sessions.get(1).last_used
+    assert sessions.end_idle(now + 5) == []
+    assert sessions.end_idle(now + 11) == [1]
+    assert bus.released == ["session-1"] and sessions.get(2) is not None
