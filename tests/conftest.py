@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+# The live server and the tiny model ship with lmserve for plugin authors' tests too.
+from lmserve.plugins.pytest_plugin import LMSERVE, LiveServer, free_port  # noqa: F401  (re-exported)
+from lmserve.plugins.tiny_model import write_tiny_model
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LMSERVE = [sys.executable, "-m", "lmserve.frontends.cli"]
 
 
 def smollm2_gguf_path() -> Path:
@@ -42,19 +39,15 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random llama in HF layout with a tiny byte-level BPE tokenizer."""
-    from tiny_models import write_tiny_hf_model
-    from tiny_tokenizer import write_tiny_tokenizer
+    """A tiny random llama in HF layout with a tiny byte-level BPE tokenizer.
 
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    vocab_size = write_tiny_tokenizer(directory)
-    write_tiny_hf_model(directory, architecture="llama", vocab_size=vocab_size)
-    tokenizer = json.loads((directory / "tokenizer.json").read_text())
-    ids = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], max_position_embeddings=256)
-    config_path.write_text(json.dumps(config, indent=2))
+    Its ``generation_config.json`` also names byte 2 as EOS, as the one
+    transformers wrote when this fixture saved the model through it: the
+    tests were written against that model, and keep it.
+    """
+    directory = write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    generation = {"bos_token_id": 1, "eos_token_id": 2}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return directory
 
 
@@ -68,53 +61,6 @@ def long_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     config["max_position_embeddings"] = 32768
     (directory / "config.json").write_text(json.dumps(config))
     return directory
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LiveServer:
-    """``lmserve serve api_server`` in a subprocess, on a free port."""
-
-    def __init__(self, model: str | Path, *args: str, env: dict | None = None, startup_timeout: float = 180):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lmserve-test-{self.port}.log"
-        self._log = open(self.log_path, "w+")
-        self.process = subprocess.Popen(
-            [*LMSERVE, "serve", "api_server", str(model), "--server-name", "127.0.0.1",
-             "--server-port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server did not become healthy in {startup_timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def post(server, path: str, body: dict, status: int = 200, timeout: float = 60) -> dict:

@@ -10,7 +10,10 @@ far from uniform and every bias and norm to matter.
 - :func:`write_tiny_gguf_model`: the same weights as llama.cpp's converter
   would store them (q/k permuted for the llama architecture).
 
-None of them writes tokenizer files; GGUF tokenizer metadata is optional.
+None of them writes tokenizer files; GGUF tokenizer metadata is optional. The
+shape and the random weights are those of :mod:`lmserve.plugins.tiny_model`,
+whose Llama (written without transformers) is what ``write_tiny_hf_model``
+writes for "llama".
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-TINY_DIMENSIONS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+from lmserve.plugins.tiny_model import TINY_DIMENSIONS, random_weights
+
 _CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 
 
@@ -50,18 +53,11 @@ def write_tiny_hf_model(directory: str | Path, architecture: str = "llama", *, v
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
+    parameters = dict(model.named_parameters())
+    weights = random_weights(((name, tuple(p.shape)) for name, p in parameters.items()), seed)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if "norm" in name:
-                parameter.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                parameter.copy_(0.5 * noise)
-            elif "embed_tokens" in name:
-                parameter.copy_(noise)
-            else:  # a projection: unit-scale outputs for unit-scale inputs
-                parameter.copy_(noise / parameter.shape[1] ** 0.5)
+        for name, value in weights.items():
+            parameters[name].copy_(value)
 
 
 def _read_hf_model(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
