@@ -134,7 +134,9 @@ class TinyEngine:
 
     def _route_outputs(self, outputs) -> None:
         for output in outputs:
-            self._outputs[output.request_id].put(output)
+            waiting = self._outputs.get(output.request_id)
+            if waiting is not None:  # None: a request given up on after a timeout
+                waiting.put(output)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 8, timeout: float = 60,
                  **sampling) -> Generation:
@@ -155,6 +157,9 @@ class TinyEngine:
                 token_ids.extend(output.new_token_ids)
                 if output.finish_reason is not None:
                     break
+        except queue.Empty:
+            self.backend.abort(request_id)  # frees its room in the engine for the next tests
+            raise TimeoutError(f"the engine sent nothing for {request_id} in {timeout}s") from None
         finally:
             del self._outputs[request_id]
         if output.error is not None:
