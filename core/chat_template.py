@@ -12,7 +12,16 @@ class Message(TypedDict):
 
 @runtime_checkable
 class ChatTemplate(Protocol):
-    """Renders OpenAI-style messages into the prompt text a model expects."""
+    """Renders OpenAI-style messages into the prompt text a model expects.
+
+    Two methods are optional, looked up with ``getattr``:
+    ``render_continuation(messages) -> str``, the text of a later turn of an
+    interactive session (see :func:`render_continuation`), and
+    ``matches(model_name) -> bool``, whether a model without a chat template
+    of its own should get this one (templates contributed through
+    :hook:`lmserve_chat_templates` are tried in order; without ``matches`` a
+    template is chosen by name only).
+    """
 
     #: A short name shown in logs and ``lmserve templates``.
     name: str

@@ -32,6 +32,10 @@ class ServeConfig:
     dtype: str = "auto"
     #: Idle interactive sessions are ended after this many seconds; 0: never.
     session_ttl: float = 1800.0
+    #: A template name, a JSON file or a JSON string (LMDeploy's fields); None: choose by the model.
+    chat_template: str | None = None
+    #: The default system prompt, for conversations that bring none; None: the template's own.
+    meta_instruction: str | None = None
     plugins: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -52,5 +56,7 @@ class ServeConfig:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if not self.session_ttl >= 0:  # NaN fails too
             raise ValueError(f"--session-ttl must be >= 0 (0: never), got {self.session_ttl}.")
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise ValueError("--chat-template must not be empty.")
         object.__setattr__(self, "plugins", tuple(self.plugins))
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))

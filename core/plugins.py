@@ -17,6 +17,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lmserve.plugins.tokenizers",
     "lmserve.plugins.hf_chat_template",
     "lmserve.plugins.base_chat_template",
+    "lmserve.plugins.chat_templates",
     "lmserve.backends.torch.plugin",
     "lmserve.frontends.openai.routes",
     "lmserve.frontends.interactive.routes",

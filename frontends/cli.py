@@ -3,6 +3,7 @@
     lmserve serve api_server MODEL [--server-port 23333] ...
     lmserve serve api_client URL [--api-key KEY] [--session-id N]
     lmserve plugins [--json]
+    lmserve templates [MODEL] [--chat-template X]
 
 ``--plugin module.path`` (repeatable, anywhere on the line) registers a plugin
 module before the parsers are built, so its options show up in ``--help``.
@@ -23,6 +24,7 @@ from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager
 from lmserve.frontends.api_client import APIClient
 from lmserve.frontends.openai.http_config import HTTPConfig
 from lmserve.frontends.terminal_chat import chat_in_terminal
+from lmserve.plugins.chat_templates import HF, ChatTemplateRegistry, choose_chat_template
 
 
 def _plugin_modules(argv: Sequence[str]) -> list[str]:
@@ -74,6 +76,15 @@ def build_parser(pm) -> argparse.ArgumentParser:
     plugins = commands.add_parser("plugins", parents=[common], help="List the loaded plugins.")
     plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     call_safely(pm, "lmserve_add_cli_options", command="plugins", parser=plugins)
+
+    templates = commands.add_parser(
+        "templates", parents=[common], help="List the chat templates, and which one MODEL would get.",
+        formatter_class=_HelpFormatter,
+    )
+    templates.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                           help="Say which template serving MODEL would use, and why (no weights load).")
+    _add_chat_template_option(templates)
+    call_safely(pm, "lmserve_add_cli_options", command="templates", parser=templates)
     return parser
 
 
@@ -92,6 +103,9 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--session-len", type=int, default=None, metavar="TOKENS", help="Context length in tokens (default: the model's).")
     model.add_argument("--device", default="auto", help=f"One of {', '.join(DEVICES)} or cuda:N; auto picks CUDA when present.")
     model.add_argument("--dtype", default="auto", choices=DTYPES, help="Weights and KV dtype; auto: float32 on the CPU, bfloat16/float16 on CUDA.")
+    _add_chat_template_option(model)
+    model.add_argument("--meta-instruction", default=None, metavar="TEXT",
+                       help="The default system prompt, for conversations that start without a system message.")
 
     server = parser.add_argument_group("server")
     server.add_argument("--server-name", default="0.0.0.0", metavar="HOST", help="Host to bind.")
@@ -126,6 +140,12 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
                         help="Idle interactive sessions are ended after this many seconds (0: never).")
 
 
+def _add_chat_template_option(parser) -> None:
+    parser.add_argument("--chat-template", default=None, metavar="NAME|JSON",
+                        help="The chat template: a name ('lmserve templates' lists them), or a JSON file or "
+                        "JSON string with LMDeploy's template fields. Default: the model's own, else a name match.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -133,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(pm).parse_args(argv)
         if args.command == "plugins":
             return _plugins(pm, as_json=args.json)
+        if args.command == "templates":
+            return _templates(pm, args.model, args.chat_template)
         if args.server == "api_client":
             return _serve_api_client(args)
         return _serve_api_server(pm, args)
@@ -153,6 +175,38 @@ def _plugins(pm, as_json: bool) -> int:
     return 0
 
 
+def _templates(pm, model: str | None, chat_template: str | None) -> int:
+    registry = ChatTemplateRegistry.from_plugins(pm)
+    rows = [(HF, "the tokenizer's EOS", "a model that ships a Jinja chat template (tried before names)")]
+    for template in registry.templates:
+        names = ", ".join((template.name, *getattr(template, "aliases", ())))
+        if hasattr(template, "match_rule"):
+            rule = template.match_rule
+        else:
+            rule = "its own rule" if hasattr(template, "matches") else "(by name only)"
+        rows.append((names, " ".join(template.stop_words) or "-", rule))
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    print(f"{'NAME':<{widths[0]}}  {'STOP WORDS':<{widths[1]}}  MATCHES")
+    for names, stop_words, rule in rows:
+        print(f"{names:<{widths[0]}}  {stop_words:<{widths[1]}}  {rule}")
+    if model is None:
+        return 0
+    # Resolved as the server resolves it, the tokenizer included; no weights load.
+    config = ServeConfig(model=model, chat_template=chat_template)
+    tried: list[str] = []
+    source = call_safely(pm, "lmserve_resolve_model", model=model, tried=tried)
+    if source is None:
+        raise ModelNotFoundError(model, tried)
+    tokenizer = call_safely(pm, "lmserve_load_tokenizer", source=source)
+    if tokenizer is None:
+        raise PluginError(f"No plugin could load the tokenizer of {source.path}.")
+    choice = choose_chat_template(pm, source, tokenizer, config)
+    print(f"\n{model} gets {choice.template.name!r}: {choice.reason}.")
+    print("A first turn renders as:")
+    print(choice.template.render([{"role": "user", "content": "Hello!"}], add_generation_prompt=True))
+    return 0
+
+
 def _serve_api_server(pm, args: argparse.Namespace) -> int:
     config = ServeConfig(
         model=args.model,
@@ -164,6 +218,8 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         session_ttl=args.session_ttl,
+        chat_template=args.chat_template,
+        meta_instruction=args.meta_instruction,
         plugins=tuple(args.plugin),
         options=vars(args),
     )

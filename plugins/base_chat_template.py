@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 from lmserve.core import hookimpl
 from lmserve.core.chat_template import Message
 
-logger = logging.getLogger(__name__)
-
 
 class BaseChatTemplate:
-    """Concatenates the messages' contents; adds nothing."""
+    """Concatenates the messages' contents; adds nothing.
+
+    The last resort of the choice (``lmserve.plugins.chat_templates``), and
+    ``--chat-template base`` for a model that needs no decoration.
+    """
 
     name = "base"
     stop_words: tuple[str, ...] = ()
@@ -21,10 +22,6 @@ class BaseChatTemplate:
         return "".join(message["content"] for message in messages)
 
 
-@hookimpl(trylast=True)
-def lmserve_chat_template(source, tokenizer, config):
-    logger.warning(
-        "No chat template found for %s: using 'base', which only concatenates messages.",
-        source.name,
-    )
-    return BaseChatTemplate()
+@hookimpl
+def lmserve_chat_templates():
+    return [BaseChatTemplate()]

@@ -69,9 +69,14 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     )
 
 
-@hookimpl
-def lmserve_chat_template(source, tokenizer, config):
+def model_chat_template(tokenizer) -> JinjaChatTemplate | None:
+    """The model's own template, or None when its tokenizer carries none."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return None
     return JinjaChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token)
+
+
+@hookimpl
+def lmserve_chat_template(source, tokenizer, config):
+    return model_chat_template(tokenizer)

@@ -119,6 +119,8 @@ async def _turn(state: ServerState, body: InteractiveRequest, request: Request):
         raise
 
     stop = body.stop_strings()
+    if not body.ignore_eos:  # the template's stop words of several tokens end a turn too
+        stop += tuple(word for word in state.default_stop_strings if word not in stop)
     if session is None:
         outputs = state.bus.generate(GenerationRequest(tuple(input_ids), params, stop=stop))
     else:

@@ -23,6 +23,7 @@ from lmserve.frontends.openai.limits import setup_limits
 from lmserve.frontends.openai.openapi import setup_openapi
 from lmserve.frontends.openai.shutdown import setup_graceful_shutdown
 from lmserve.frontends.openai.state import ServerState
+from lmserve.plugins.chat_templates import choose_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +44,28 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
     tokenizer = call_safely(pm, "lmserve_load_tokenizer", source=source)
     if tokenizer is None:
         raise PluginError(f"No plugin could load the tokenizer of {source.path}.")
-    chat_template = call_safely(pm, "lmserve_chat_template", source=source, tokenizer=tokenizer, config=config)
+    choice = choose_chat_template(pm, source, tokenizer, config)
+    print(f"lmserve: chat template {choice.template.name!r}: {choice.reason}", file=sys.stderr)
     backend = call_safely(pm, "lmserve_make_backend", config=config, source=source)
     if backend is None:
         raise PluginError("No backend plugin is loaded.")
-    stop_ids = []
-    for word in getattr(chat_template, "stop_words", ()):
+    # A stop word of one token stops generation like EOS does (and is not shown); a
+    # longer one can only be found in the text, as a request's own stop strings are.
+    stop_ids, stop_strings = [], []
+    for word in choice.template.stop_words:
         ids = tokenizer.encode(word, add_bos=False)
         if len(ids) == 1:
             stop_ids.append(ids[0])
+        elif ids:
+            stop_strings.append(word)
     return ServerState(
         config=config,
         model_name=config.model_name or source.name,
         bus=RequestBus(backend, tokenizer, hooks=pm.hook, session_ttl_s=config.session_ttl),
         tokenizer=tokenizer,
-        chat_template=chat_template,
+        chat_template=choice.template,
         default_stop_token_ids=tuple(stop_ids),
+        default_stop_strings=tuple(stop_strings),
     )
 
 

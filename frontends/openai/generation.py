@@ -102,6 +102,8 @@ class Generation:
         stop_token_ids = tuple(body.stop_token_ids or ())
         if not body.ignore_eos:  # the template's stop words end a turn like EOS does
             stop_token_ids += state.default_stop_token_ids
+            if self.chat:  # a completion's prompt is not the template's, nor are its stop words
+                stop += tuple(word for word in state.default_stop_strings if word not in stop)
 
         choices = []
         for prompt_index, prompt in enumerate(self.prompts):

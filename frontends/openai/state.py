@@ -18,6 +18,8 @@ class ServerState:
     chat_template: ChatTemplate
     #: Template stop words that are single tokens; every request stops on them.
     default_stop_token_ids: tuple[int, ...] = ()
+    #: Template stop words of several tokens; every chat request stops on them as on its ``stop``.
+    default_stop_strings: tuple[str, ...] = ()
 
     @property
     def max_model_len(self) -> int:
