@@ -37,17 +37,12 @@ def example_env(tmp_path_factory) -> dict:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
 
 
-#: ``--chat-template NAME`` picks a template from the registry that
-#: ``lmserve_chat_templates`` fills; until that lands, what needs it fails.
-NEEDS_TEMPLATE_REGISTRY = pytest.mark.xfail(
-    strict=False, reason="--chat-template NAME (the chat-template registry of issue 6) is not merged yet")
-
-
 @pytest.fixture(scope="module")
 def hello_server(tiny_model_dir, example_env, tmp_path_factory):
-    """A server with the example loaded, logging finished requests to a file."""
+    """A server with the example loaded, its template chosen, logging finished requests to a file."""
     log = tmp_path_factory.mktemp("hello-log") / "requests.jsonl"
-    server = LiveServer(tiny_model_dir, "--model-name", "tiny", "--hello-log", str(log), env=example_env)
+    server = LiveServer(tiny_model_dir, "--model-name", "tiny", "--chat-template", "hello",
+                        "--hello-log", str(log), env=example_env)
     server.request_log = log
     yield server
     server.stop()
@@ -67,15 +62,9 @@ def test_its_route_answers_with_the_served_model(hello_server):
     assert reply.json() == {"hello": "world", "model": "tiny"}
 
 
-@NEEDS_TEMPLATE_REGISTRY
-def test_chats_are_rendered_by_its_template(tiny_model_dir, example_env, tmp_path):
-    server = LiveServer(tiny_model_dir, "--model-name", "tiny", "--chat-template", "hello",
-                        "--hello-log", str(tmp_path / "requests.jsonl"), env=example_env)
-    try:
-        tokens = httpx.post(server.base_url + "/tokenize", json={"messages": CHAT}, timeout=10).json()["tokens"]
-        prompt = httpx.post(server.base_url + "/detokenize", json={"tokens": tokens}, timeout=10).json()["prompt"]
-    finally:
-        server.stop()
+def test_chats_are_rendered_by_its_template(hello_server):
+    tokens = httpx.post(hello_server.base_url + "/tokenize", json={"messages": CHAT}, timeout=10).json()["tokens"]
+    prompt = httpx.post(hello_server.base_url + "/detokenize", json={"tokens": tokens}, timeout=10).json()["prompt"]
     assert prompt == "### System:\nBe brief.\n\n### User:\nHi there\n\n### Hello:\n"
 
 
@@ -93,7 +82,6 @@ def test_its_observer_logs_each_finished_request_as_one_json_line(hello_server):
     assert record["finish_reason"] == "length" and record["request_id"] and record["latency_s"] > 0
 
 
-@NEEDS_TEMPLATE_REGISTRY
 def test_its_own_tests_pass_with_lmserves_fixtures(example_env):
     """The example's tests, run the way its README says, by its own pytest configuration."""
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=EXAMPLE,
