@@ -57,7 +57,10 @@ class FieldsChatTemplate:
     ``eosys``/``eoh``/``eoa + separator``/``eotool``; then the assistant's
     header. A conversation that ends with an assistant message is the prefix
     of a reply to continue: its ``eoa + separator`` is left off, and no header
-    follows.
+    follows. (LMDeploy's own ``qwen2d5`` and ``vicuna`` classes depart from
+    that rule for such a conversation, the first adding the header anyway,
+    the second cutting the reply's last character; here every template keeps
+    the rule.)
 
     ``match_all`` and ``match_none`` say which models it fits, as LMDeploy's
     ``match`` rules do: every group in ``match_all`` must have one of its
@@ -108,6 +111,18 @@ class FieldsChatTemplate:
         if self.capability == "completion":
             return "".join(message["content"] for message in messages)
         return self.eoa + self.separator + self._turns(messages, add_generation_prompt=True)
+
+    def with_tokenizer_bos(self, tokenizer) -> FieldsChatTemplate:
+        """This template writing the BOS a tokenizer adds, once, before the conversation.
+
+        LMDeploy encodes a conversation's first prompt with the tokenizer's
+        special tokens (Llama 2's and Mistral's ``<s>``, never twice); lmserve
+        encodes the rendered text as it is, so the text carries it.
+        """
+        bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) else None
+        if not bos or self.prefix.startswith(bos):
+            return self
+        return dataclasses.replace(self, prefix=bos + self.prefix)
 
     def matches(self, model_name: str) -> bool:
         name = model_name.lower()
@@ -322,41 +337,43 @@ class TemplateChoice:
 def choose_chat_template(pm, source, tokenizer, config) -> TemplateChoice:
     """The template the server renders chat messages with (see the module's docstring)."""
     registry = ChatTemplateRegistry.from_plugins(pm)
-    choice = _choose(pm, registry, source, tokenizer, config)
-    if config.meta_instruction is None:
-        return choice
-    return TemplateChoice(with_meta_instruction(choice.template, config.meta_instruction),
-                          f"{choice.reason}; --meta-instruction sets its default system prompt")
+    template, reason = _choose(pm, registry, source, tokenizer, config)
+    if isinstance(template, FieldsChatTemplate):
+        template = template.with_tokenizer_bos(tokenizer)
+    if config.meta_instruction is not None:
+        template = with_meta_instruction(template, config.meta_instruction)
+        reason += "; --meta-instruction sets its default system prompt"
+    return TemplateChoice(template, reason)
 
 
-def _choose(pm, registry: ChatTemplateRegistry, source, tokenizer, config) -> TemplateChoice:
+def _choose(pm, registry: ChatTemplateRegistry, source, tokenizer, config) -> tuple[ChatTemplate, str]:
     wanted = config.chat_template
     if wanted:
         if _is_file(Path(wanted)):
-            return TemplateChoice(registry.from_json(wanted), f"--chat-template file {wanted}")
+            return registry.from_json(wanted), f"--chat-template file {wanted}"
         if wanted == HF:
             template = model_chat_template(tokenizer)
             if template is None:
                 raise ValueError(f"--chat-template hf: {source.name} ships no Jinja chat template.")
-            return TemplateChoice(template, "--chat-template hf")
+            return template, "--chat-template hf"
         if registry.get(wanted) is not None:
-            return TemplateChoice(registry.get(wanted), f"--chat-template {wanted}")
+            return registry.get(wanted), f"--chat-template {wanted}"
         if wanted.lstrip().startswith("{"):
-            return TemplateChoice(registry.from_json(wanted), "--chat-template JSON")
+            return registry.from_json(wanted), "--chat-template JSON"
         raise ValueError(f"--chat-template {wanted!r} is neither a JSON file, nor a JSON object, nor a known "
                          f"template; the known ones: {', '.join(registry.names)}.")
     template = call_safely(pm, "lmserve_chat_template", source=source, tokenizer=tokenizer, config=config)
     if template is not None:
         if template.name == HF:
-            return TemplateChoice(template, "the model ships its own Jinja chat template")
-        return TemplateChoice(template, "a plugin chose it (lmserve_chat_template)")
+            return template, "the model ships its own Jinja chat template"
+        return template, "a plugin chose it (lmserve_chat_template)"
     template = registry.match(config.model)
     if template is not None:
         rule = getattr(template, "match_rule", "its match rule")
-        return TemplateChoice(template, f"no Jinja template of its own, and {config.model!r} matches {rule}")
+        return template, f"no Jinja template of its own, and {config.model!r} matches {rule}"
     logger.warning("No chat template found for %s (no Jinja template of its own, no name match): using "
                    "'base', which only concatenates messages; see --chat-template.", config.model)
-    return TemplateChoice(BaseChatTemplate(), "no Jinja template of its own and no name match")
+    return BaseChatTemplate(), "no Jinja template of its own and no name match"
 
 
 # --------------------------------------------------------------- --meta-instruction

@@ -169,6 +169,21 @@ def test_an_unknown_role_is_a_bad_request():
         BUILTINS["qwen"].render([{"role": "critic", "content": "x"}])
 
 
+class _Tokenizer:
+    def __init__(self, bos_token, add_bos_token):
+        self.bos_token, self.add_bos_token = bos_token, add_bos_token
+
+
+def test_the_bos_a_tokenizer_adds_is_written_once_before_the_conversation():
+    # LMDeploy encodes a first prompt with the tokenizer's special tokens; lmserve encodes the text as it is.
+    llama2 = BUILTINS["llama2"].with_tokenizer_bos(_Tokenizer("<s>", add_bos_token=True))
+    assert llama2.render(WHOLE) == "<s>" + GOLDEN["llama2"][0]
+    assert render_continuation(llama2, NEXT) == GOLDEN["llama2"][1]
+    llama3 = BUILTINS["llama3"].with_tokenizer_bos(_Tokenizer("<|begin_of_text|>", add_bos_token=True))
+    assert llama3.render(WHOLE) == GOLDEN["llama3"][0]
+    assert BUILTINS["qwen"].with_tokenizer_bos(_Tokenizer("<|endoftext|>", add_bos_token=False)) is BUILTINS["qwen"]
+
+
 def test_completion_capability_leaves_the_prompt_as_it_is():
     template = FieldsChatTemplate("raw", user="U:", capability="completion")
     assert template.render([{"role": "user", "content": "1 + 1 ="}]) == "1 + 1 ="
