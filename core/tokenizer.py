@@ -56,7 +56,7 @@ _GGUF_CONTROL = 3  # llama.cpp token types
 _GGUF_USER_DEFINED = 4
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
@@ -68,7 +68,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-_BYTE_TO_CHAR = _bytes_to_unicode()
+_BYTE_TO_CHAR = bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 _UNSPELL = str.maketrans({c: chr(b) for c, b in _CHAR_TO_BYTE.items()})
 _ALPHABET = frozenset(_CHAR_TO_BYTE)

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from lmserve.core.tokenizer import bytes_to_unicode
 
 NUM_MERGES = 64
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -52,20 +53,9 @@ for item in range(10):
 _WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+")
 
 
-def _byte_spelling() -> dict[int, str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
     """Plain BPE training: repeatedly merge the most frequent adjacent pair (ties: smallest pair)."""
-    spelling = _byte_spelling()
+    spelling = bytes_to_unicode()
     words = collections.Counter(
         tuple(spelling[b] for b in word.encode("utf-8")) for word in _WORDS.findall(text)
     )
@@ -153,7 +143,7 @@ def write_tiny_tokenizer(directory: Path) -> int:
     """Write the tiny tokenizer's ``tokenizer.json`` and ``tokenizer_config.json``; return its vocab size."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    spelling = _byte_spelling()
+    spelling = bytes_to_unicode()
     vocab = {spelling[b]: b for b in range(256)}
     merges = learn_merges(_SAMPLE, NUM_MERGES)
     for a, b in merges:

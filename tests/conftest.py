@@ -113,3 +113,19 @@ def hf_smollm2_model(smollm2_gguf):
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     )
     return model.eval()
+
+
+#: The chat template JSON of LMDeploy's documentation (``--chat-template`` file or string).
+LMDEPLOY_DOC_JSON = {
+    "model_name": "lmdeploy-robot",
+    "system": "<|im_start|>system\n",
+    "meta_instruction": "You are a robot developed by LMDeploy.",
+    "eosys": "<|im_end|>\n",
+    "user": "<|im_start|>user\n",
+    "eoh": "<|im_end|>\n",
+    "assistant": "<|im_start|>assistant\n",
+    "eoa": "<|im_end|>",
+    "separator": "\n",
+    "capability": "chat",
+    "stop_words": ["<|im_end|>"],
+}

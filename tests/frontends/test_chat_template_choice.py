@@ -13,21 +13,8 @@ import subprocess
 
 import pytest
 
-from conftest import LMSERVE, LiveServer, free_port, post
+from conftest import LMDEPLOY_DOC_JSON, LMSERVE, LiveServer, free_port, post
 
-LMDEPLOY_DOC_JSON = {
-    "model_name": "lmdeploy-robot",
-    "system": "<|im_start|>system\n",
-    "meta_instruction": "You are a robot developed by LMDeploy.",
-    "eosys": "<|im_end|>\n",
-    "user": "<|im_start|>user\n",
-    "eoh": "<|im_end|>\n",
-    "assistant": "<|im_start|>assistant\n",
-    "eoa": "<|im_end|>",
-    "separator": "\n",
-    "capability": "chat",
-    "stop_words": ["<|im_end|>"],
-}
 HI = [{"role": "user", "content": "Hi!"}]
 
 

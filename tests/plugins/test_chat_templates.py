@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from conftest import LMDEPLOY_DOC_JSON
 from lmserve.core.chat_template import render_continuation
 from lmserve.core.plugins import PluginError, create_plugin_manager
 from lmserve.core.types import InvalidRequestError
@@ -232,19 +233,6 @@ def test_two_templates_of_one_name_fail_at_startup():
 
 # ------------------------------------------------------------------------------ JSON
 
-LMDEPLOY_DOC_JSON = {
-    "model_name": "lmdeploy-robot",
-    "system": "<|im_start|>system\n",
-    "meta_instruction": "You are a robot developed by LMDeploy.",
-    "eosys": "<|im_end|>\n",
-    "user": "<|im_start|>user\n",
-    "eoh": "<|im_end|>\n",
-    "assistant": "<|im_start|>assistant\n",
-    "eoa": "<|im_end|>",
-    "separator": "\n",
-    "capability": "chat",
-    "stop_words": ["<|im_end|>"],
-}
 ROBOT_PROMPT = ("<|im_start|>system\nYou are a robot developed by LMDeploy.<|im_end|>\n"
                 "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n")
 REGISTRY = ChatTemplateRegistry([*BUILTIN_TEMPLATES, BaseChatTemplate()])
