@@ -42,6 +42,7 @@ from lmserve.core.types import (
 )
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
 from lmserve.frontends.openai.errors import APIError, error_response
+from lmserve.frontends.openai.generation import checked_stop_strings
 from lmserve.frontends.openai.limits import admitted
 from lmserve.frontends.openai.openapi import ROUTE_DOCS, RouteDoc
 from lmserve.frontends.openai.parsing import parse_body
@@ -113,14 +114,14 @@ async def _turn(state: ServerState, body: InteractiveRequest, request: Request):
             return _single_reply(body, _reply(input_tokens=len(input_ids), history_tokens=history,
                                               finish_reason="length"))
         params = _sampling_params(state, body, min(body.request_output_len or room, room))
+        stop = checked_stop_strings(body)
+        if not body.ignore_eos:  # the template's stop words of several tokens end a turn too
+            stop += tuple(word for word in state.default_stop_strings if word not in stop)
     except BaseException:
         if session is not None:
             sessions.abandon_turn(session)
         raise
 
-    stop = body.stop_strings()
-    if not body.ignore_eos:  # the template's stop words of several tokens end a turn too
-        stop += tuple(word for word in state.default_stop_strings if word not in stop)
     if session is None:
         outputs = state.bus.generate(GenerationRequest(tuple(input_ids), params, stop=stop))
     else:

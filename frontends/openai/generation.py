@@ -37,6 +37,15 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LENGTH = 256
 
 
+def checked_stop_strings(body) -> tuple[str, ...]:
+    """The body's ``stop`` strings, within the bounds every generation route keeps."""
+    stop = body.stop_strings()
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_LENGTH for s in stop):
+        raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings of at most "
+                       f"{MAX_STOP_STRING_LENGTH} characters each.", "stop")
+    return stop
+
+
 @dataclass
 class Choice:
     index: int
@@ -95,10 +104,7 @@ class Generation:
             raise APIError(400, f"A request may ask for at most {MAX_CHOICES} choices (prompts x n), "
                            f"got {len(self.prompts)} x {body.n}.", "n" if body.n > 1 else "prompt")
         logprobs, logprobs_param = self._logprobs_request()
-        stop = body.stop_strings()
-        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_LENGTH for s in stop):
-            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings of at most "
-                           f"{MAX_STOP_STRING_LENGTH} characters each.", "stop")
+        stop = checked_stop_strings(body)
         stop_token_ids = tuple(body.stop_token_ids or ())
         if not body.ignore_eos:  # the template's stop words end a turn like EOS does
             stop_token_ids += state.default_stop_token_ids

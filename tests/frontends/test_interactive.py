@@ -398,8 +398,10 @@ def test_an_idle_session_is_ended_after_the_ttl(small_server):
     ({"prompt": "hi", "request_output_len": -1}, "request_output_len"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature"),
     ({"session_id": 5, "interactive_mode": True}, "prompt"),
+    ({"prompt": "hi", "stop": ["s"] * 17}, "stop"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
 ], ids=["cancel-one-shot", "image_url", "adapter_name", "negative-output-len", "temperature-string",
-        "no-prompt"])
+        "no-prompt", "too-many-stops", "empty-stop"])
 def test_bad_requests_get_400_in_openai_shape(server, body, param):
     assert_error(send(server, body), 400, param)
 
@@ -415,6 +417,8 @@ def test_a_refused_turn_leaves_the_history_alone(server):
     body = {"prompt": "x", "session_id": 91, "interactive_mode": True}
     assert_error(send(server, {**body, "request_output_len": -1}), 400, "request_output_len")
     assert_error(send(server, {**body, "image_url": "https://example.com/cat.png"}), 400, "image_url")
+    assert_error(send(server, {**body, "stop": ["s"] * 17}), 400, "stop")
+    assert_error(send(server, {**body, "stop": [""]}), 400, "stop")  # refused once the turn began
     again = turn(server, 91, "still here?", request_output_len=3, ignore_eos=True)
     assert again["history_tokens"] == first["input_tokens"] + 3
     end(server, 91)
