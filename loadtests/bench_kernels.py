@@ -6,6 +6,9 @@ Sampling: one engine step for B rows of a V-token vocabulary, logits ~ N(0, 3^2)
 (penalised rows: a 500-token prompt and 100 output tokens); the input copy and
 the batch building are not timed. Cache: one layer's call
 (keys and values) at B=64, ctx=512, 3 KV heads x 64, block size 64.
+Decode attention: one layer's 64 decodes (contexts of 60 to 440 tokens, 9
+query heads over 3 KV heads x 64, block size 64) read in place by the kernel,
+against gathering their blocks and attending with torch (the other path).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 import numba
 import numpy as np
 
-from lmserve.backends.torch.kernels import cache, sampling, warm_up
+from lmserve.backends.torch.kernels import attention, cache, sampling, warm_up
 from lmserve.core.types import SamplingParams
 
 
@@ -94,6 +97,54 @@ def bench_cache(repeat: int, parallel: bool | None) -> None:
     print(f"write_kv prefill T={prefill_slots.size}:          {prefill * 1e6:7.1f}us")
 
 
+def bench_decode_attention(repeat: int) -> None:
+    import torch
+
+    from lmserve.backends.torch.attention import grouped_attention
+
+    seqs, kv_heads, group, head_dim, block_size, num_blocks = 64, 3, 3, 64, 64, 600
+    rng = np.random.default_rng(2)
+    context_lens = rng.integers(60, 440, seqs).astype(np.int64)
+    max_blocks = int(-(-context_lens.max() // block_size))
+    tables = np.full((seqs, max_blocks), num_blocks, np.int64)  # padding: the last block
+    blocks = rng.permutation(num_blocks)
+    used = 0
+    for i, n in enumerate(context_lens):
+        count = -(-int(n) // block_size)
+        tables[i, :count] = blocks[used : used + count]
+        used += count
+    blocks_per_head = num_blocks + 1
+    head_blocks = (np.arange(kv_heads)[None, :, None] * blocks_per_head + tables[:, None, :]).reshape(-1)
+    positions = np.arange(max_blocks * block_size)
+    bias = torch.from_numpy(np.where(positions[None] < context_lens[:, None], 0, -np.inf)
+                            .astype(np.float32)[:, None, None, :])
+    print(f"\ndecode attention (one layer, B={seqs}, ctx 60-440, mean {context_lens.mean():.0f})")
+    for dtype in (torch.float32, torch.bfloat16):
+        shape = (kv_heads * blocks_per_head, block_size, head_dim)
+        keys, values = (torch.randn(shape).to(dtype) for _ in range(2))
+        query = torch.randn(seqs, kv_heads, group, head_dim).to(dtype)
+        index = torch.from_numpy(head_blocks)
+
+        def gathered():
+            context = (seqs, kv_heads, max_blocks * block_size, head_dim)
+            k = keys.view(shape[0], -1).index_select(0, index).view(context)
+            v = values.view(shape[0], -1).index_select(0, index).view(context)
+            return grouped_attention(query, k, v, bias)
+
+        as_numpy = (lambda t: t.view(torch.int16).numpy().view(np.uint16)) if dtype == torch.bfloat16 \
+            else (lambda t: t.numpy())
+        out = np.empty(query.shape, np.float32)
+
+        def in_place():
+            attention.decode_attention(query.float().numpy(), as_numpy(keys), as_numpy(values), tables,
+                                       context_lens, out)
+
+        with torch.inference_mode():
+            torch_time = time_call(gathered, lambda: (), repeat)
+            kernel_time = time_call(in_place, lambda: (), repeat)
+        print(f"{str(dtype):15s} in place {kernel_time * 1e3:7.3f}ms   gather + matmuls {torch_time * 1e3:7.3f}ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=49152)
@@ -107,6 +158,7 @@ def main() -> None:
         print()
     for parallel in (False, True):
         bench_cache(args.repeat, parallel)
+    bench_decode_attention(args.repeat)
 
 
 if __name__ == "__main__":

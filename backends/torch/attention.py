@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lmserve.backends.torch.kernels.attention import decode_attention
 
 
 def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -83,6 +86,13 @@ class PagedAttentionMetadata:
     #: attention scores: 0 where a decode may attend, -inf elsewhere.
     decode_bias: torch.Tensor | None
     prefills: tuple[PrefillSegment, ...]
+    #: Set instead of the gather fields when the decodes read the cache in place
+    #: (:mod:`~lmserve.backends.torch.kernels.attention`, the CPU path): numpy
+    #: int64 ``[num_decodes, max_blocks]`` block tables and ``[num_decodes]`` context lengths.
+    decode_block_tables: np.ndarray | None = None
+    decode_context_lens: np.ndarray | None = None
+    #: Attend only to this many latest positions (0: all); used by the in-place decodes.
+    sliding_window: int = 0
 
 
 def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: PagedAttentionMetadata,
@@ -105,7 +115,9 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
     out = query.new_empty(num_tokens, num_heads * head_dim)
 
     n = meta.num_decodes
-    if n:
+    if n and meta.decode_block_tables is not None:
+        out[:n] = _decode_in_place(query[:n], flat_keys, flat_values, meta, num_kv_heads, block_size)
+    elif n:
         group = num_heads // num_kv_heads
         shape = (n, num_kv_heads, meta.decode_max_context, head_dim)
         context_keys = key_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
@@ -139,3 +151,23 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
                 enable_gqa=num_heads != num_kv_heads)
             out[rows] = o.transpose(0, 1).reshape(length, -1)
     return out
+
+
+#: Cache dtypes :func:`_decode_in_place` reads, and how numpy sees them.
+IN_PLACE_DECODE_DTYPES = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
+
+
+def _decode_in_place(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor,
+                     meta: PagedAttentionMetadata, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """The decodes' attention read straight from the (CPU) cache; ``[n, heads * head_dim]`` float32."""
+    num_decodes, num_heads, head_dim = query.shape
+    grouped = query.float().reshape(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim).contiguous()
+    out = np.empty(grouped.shape, np.float32)
+    as_numpy = IN_PLACE_DECODE_DTYPES[flat_keys.dtype]
+    key_blocks, value_blocks = (
+        cache.view(as_numpy).view(-1, block_size, head_dim).numpy() for cache in (flat_keys, flat_values))
+    if as_numpy is torch.int16:
+        key_blocks, value_blocks = key_blocks.view(np.uint16), value_blocks.view(np.uint16)
+    decode_attention(grouped.numpy(), key_blocks, value_blocks, meta.decode_block_tables,
+                     meta.decode_context_lens, out, window=meta.sliding_window)
+    return torch.from_numpy(out).view(num_decodes, -1)

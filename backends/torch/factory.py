@@ -14,8 +14,9 @@ from lmserve.backends.torch.block_manager import BlockManager
 from lmserve.backends.torch.device import resolve_device, resolve_dtype
 from lmserve.backends.torch.engine import LLMEngine
 from lmserve.backends.torch.model_runner import ModelRunner
-from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.kernels import warm_up as warm_up_kernels
+from lmserve.backends.torch.packed_linear import pack_linear_layers
+from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.weights import load_model
@@ -71,6 +72,8 @@ def build_engine(path: str | Path, config: EngineConfig,
     dtype = resolve_dtype(config.dtype, device)
     model_config, model = load_model(path, device=device, dtype=dtype, progress=progress)
     model.fuse_projections()
+    if device.type == "cpu":
+        pack_linear_layers(model)
     max_model_len = config.session_len or model_config.max_position_embeddings
 
     block_size = config.cache_block_seq_len

@@ -10,7 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmserve.backends.torch.attention import MAX_GROUPED_SCORES, PagedAttentionMetadata, PrefillSegment
+from lmserve.backends.torch.attention import (
+    IN_PLACE_DECODE_DTYPES,
+    MAX_GROUPED_SCORES,
+    PagedAttentionMetadata,
+    PrefillSegment,
+)
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sampler import logprob_records
 from lmserve.backends.torch.sequence import Sequence
@@ -22,11 +27,17 @@ PROMPT_LOGPROBS_ROWS = 256
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, device: torch.device,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, decode_in_place: bool | None = None):
+        """``decode_in_place``: decodes attend by reading the cache in place (a
+        Numba kernel) rather than gathering their contexts; default: on the CPU,
+        for float32 and bfloat16 caches."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.sliding_window = sliding_window
+        if decode_in_place is None:
+            decode_in_place = device.type == "cpu" and kv_cache.keys[0].dtype in IN_PLACE_DECODE_DTYPES
+        self.decode_in_place = decode_in_place
         self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
         self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * (kv_cache.num_blocks + 1)
 
@@ -97,16 +108,19 @@ class ModelRunner:
         slots = block_ids * block_size + positions_np % block_size
         write_rows = (self._head_offsets[:, None] + slots[None, :]).reshape(-1)
 
-        decode_gather_blocks = decode_bias = None
+        decode_gather_blocks = decode_bias = decode_tables = decode_context_lens = None
         max_context = 0
         if num_decodes:
             context_lens = positions_np[:num_decodes] + 1
             max_blocks = -(-int(context_lens.max()) // block_size)
-            max_context = max_blocks * block_size
             tables = np.full((num_decodes, max_blocks), self.kv_cache.null_block, dtype=np.int64)
             for i, (seq, _) in enumerate(scheduled[:num_decodes]):
                 table = seq.block_table[:max_blocks]
                 tables[i, : len(table)] = table
+        if num_decodes and self.decode_in_place:
+            decode_tables, decode_context_lens = tables, context_lens
+        elif num_decodes:
+            max_context = max_blocks * block_size
             decode_gather_blocks = self._tensor(self._head_blocks(tables).reshape(-1))
             token_index = np.arange(max_context)
             mask = token_index[None, :] < context_lens[:, None]
@@ -146,6 +160,9 @@ class ModelRunner:
             decode_max_context=max_context,
             decode_bias=decode_bias,
             prefills=tuple(prefills),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_context_lens,
+            sliding_window=self.sliding_window or 0,
         )
         return self._tensor(np.asarray(ids, dtype=np.int64)), self._tensor(positions_np), metadata, last_rows
 

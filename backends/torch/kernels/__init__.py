@@ -3,7 +3,9 @@
 - ``sampling``: batched token sampling (penalties, greedy, temperature,
   top-k, top-p, min-p) with counter-based per-request randomness;
 - ``cache``: paged key/value cache writes and gathers;
-- ``random``: the Philox counter-based generator both devices share.
+- ``random``: the Philox counter-based generator both devices share;
+- ``attention``: decode attention reading the paged cache in place (CPU only:
+  CUDA decodes use torch's fused attention).
 
 Importing needs no GPU. Call :func:`warm_up` before the server reports ready:
 it compiles every kernel (or loads it from Numba's on-disk cache).
@@ -11,11 +13,12 @@ it compiles every kernel (or loads it from Numba's on-disk cache).
 
 from __future__ import annotations
 
-from lmserve.backends.torch.kernels import cache, sampling
+from lmserve.backends.torch.kernels import attention, cache, sampling
 
 
 def warm_up(use_cuda: bool | None = None) -> None:
-    """Compile the sampling and cache kernels; CUDA ones too when a GPU is available
-    (``use_cuda=None``) or asked for."""
+    """Compile the sampling, cache and attention kernels; CUDA ones too when a GPU
+    is available (``use_cuda=None``) or asked for."""
     sampling.warm_up(use_cuda)
     cache.warm_up(use_cuda)
+    attention.warm_up()

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import cuda, njit, prange, types
-from numba.extending import intrinsic
 
+from lmserve.backends.torch.kernels.fastmath import FASTMATH, exp_nonpositive
 from lmserve.backends.torch.kernels.random import uniform, uniform_cuda
 from lmserve.core.types import SamplingParams
 
@@ -55,8 +54,6 @@ _ONE_BITS = int(np.float32(1.0).view(np.int32))
 _PROMPT_BIT = 1 << 29
 _APPLIED_BIT = 1 << 30
 _COUNT_MASK = _PROMPT_BIT - 1
-# fastmath without nnan/ninf: -inf logits (masked tokens) must stay -inf.
-_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _INT32_MAX = 2**31 - 1
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM)
 _SCAN_BLOCK = 1024
@@ -222,33 +219,7 @@ _choose_level_cuda = cuda.jit(device=True)(_choose_level)
 # ---- CPU kernel ---------------------------------------------------------------------------
 
 
-@intrinsic
-def _int32_as_float32(typingctx, value):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@njit(fastmath=_FAST, inline="always")
-def _exp_nonpositive(x):
-    """float32 ``exp(x)`` for ``x <= 0`` (cephes expf, ~1 ulp), vectorizable; 0 below -87."""
-    clamped = max(x, np.float32(-87.0))
-    n = np.floor(clamped * np.float32(1.44269504) + np.float32(0.5))
-    r = clamped - n * np.float32(0.693359375)
-    r = r - n * np.float32(-2.12194440e-4)
-    y = np.float32(1.9875691500e-4)
-    y = y * r + np.float32(1.3981999507e-3)
-    y = y * r + np.float32(8.3334519073e-3)
-    y = y * r + np.float32(4.1665795894e-2)
-    y = y * r + np.float32(1.6666665459e-1)
-    y = y * r + np.float32(5.0000001201e-1)
-    y = y * (r * r) + r + np.float32(1.0)
-    y = y * _int32_as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
-    return y if x > np.float32(-87.0) else np.float32(0.0)
-
-
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _row_max(x):
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x[0]
     n8 = x.size // 8 * 8
@@ -267,18 +238,18 @@ def _row_max(x):
     return m
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _exp_in_place(x, m, inv_temperature):
     """``x[i] = exp((x[i] - m) / T)``; returns the sum (float64)."""
     total = 0.0
     for i in range(x.size):
-        p = _exp_nonpositive((x[i] - m) * inv_temperature)
+        p = exp_nonpositive((x[i] - m) * inv_temperature)
         x[i] = p
         total += p
     return total
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _level_stats(p, counts, masses):
     """Count and sum the probabilities at or above each level (float32 sums: see _MASS_SLACK)."""
     l0, l1, l2, l3 = _LEVELS[0], _LEVELS[1], _LEVELS[2], _LEVELS[3]
@@ -302,7 +273,7 @@ def _level_stats(p, counts, masses):
     masses[4], masses[5], masses[6], masses[7] = s4, s5, s6, s7
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _count_at_least(p, threshold):
     count = 0
     for i in range(p.size):
@@ -322,7 +293,7 @@ def _first_index_of(x, value):
     return 0
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _masked_sum(p, threshold):
     total = 0.0
     for i in range(p.size):

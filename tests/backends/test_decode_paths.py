@@ -1,0 +1,56 @@
+"""The two ways decodes attend give the same logits: reading the paged cache in
+place (the CPU kernel) and gathering contexts for torch's attention (the path
+CUDA takes, run here on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.backends.torch.model_runner import ModelRunner
+from lmserve.backends.torch.paged_cache import PagedKVCache
+from lmserve.backends.torch.sequence import Sequence
+from lmserve.backends.torch.weights import load_model
+from lmserve.core.types import EngineRequest, SamplingParams
+
+BLOCK_SIZE, NUM_BLOCKS = 4, 24
+PROMPTS = [(5, 17, 42, 99, 3), (7, 8), tuple(range(20, 33)), (9,) * 8]
+
+
+def decode_logits(model, config, dtype, decode_in_place, sliding_window=None):
+    """Prefill every prompt, then one batched decode of all of them; its logits."""
+    cache = PagedKVCache.allocate(config, NUM_BLOCKS, BLOCK_SIZE, dtype, "cpu")
+    runner = ModelRunner(model, cache, torch.device("cpu"), sliding_window=sliding_window,
+                         decode_in_place=decode_in_place)
+    free = list(reversed(range(NUM_BLOCKS)))  # handed out back to front: tables are not sorted
+    sequences = []
+    for i, prompt in enumerate(PROMPTS):
+        seq = Sequence(EngineRequest(f"r{i}", prompt, SamplingParams(max_tokens=4)), i)
+        seq.block_table = [free.pop() for _ in range(-(-(len(prompt) + 1) // BLOCK_SIZE))]
+        runner.run([(seq, len(prompt))], [0], fresh_blocks=seq.block_table)
+        seq.num_computed_tokens = len(prompt)
+        seq.token_ids.append(11 + i)
+        sequences.append(seq)
+    logits, _ = runner.run([(seq, 1) for seq in sequences], list(range(len(sequences))))
+    return logits
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_in_place_decodes_equal_gathered_decodes(tiny_model_dir, dtype, tolerance, sliding_window):
+    config, model = load_model(tiny_model_dir, dtype=dtype)
+    model.fuse_projections()
+    with torch.inference_mode():
+        in_place = decode_logits(model, config, dtype, True, sliding_window)
+        gathered = decode_logits(model, config, dtype, False, sliding_window)
+    assert in_place.shape == (len(PROMPTS), config.vocab_size)
+    torch.testing.assert_close(in_place, gathered, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float32:
+        assert (in_place.argmax(-1) == gathered.argmax(-1)).all()
+
+
+def test_the_cpu_reads_the_cache_in_place_by_default(tiny_model_dir):
+    config, model = load_model(tiny_model_dir)
+    for dtype, expected in ((torch.float32, True), (torch.bfloat16, True), (torch.float16, False)):
+        cache = PagedKVCache.allocate(config, 2, BLOCK_SIZE, dtype, "cpu")
+        assert ModelRunner(model, cache, torch.device("cpu")).decode_in_place is expected
