@@ -8,17 +8,17 @@
   CUDA decodes use torch's fused attention).
 
 Importing needs no GPU. Call :func:`warm_up` before the server reports ready:
-it compiles every kernel (or loads it from Numba's on-disk cache).
+it compiles the kernels (or loads them from Numba's on-disk cache).
 """
 
 from __future__ import annotations
 
-from lmserve.backends.torch.kernels import attention, cache, sampling
+from lmserve.backends.torch.kernels import cache, sampling
 
 
 def warm_up(use_cuda: bool | None = None) -> None:
-    """Compile the sampling, cache and attention kernels; CUDA ones too when a GPU
-    is available (``use_cuda=None``) or asked for."""
+    """Compile the sampling and cache kernels; CUDA ones too when a GPU is available
+    (``use_cuda=None``) or asked for. The decode attention kernel is compiled per
+    model shape, by the engine's warm-up decode."""
     sampling.warm_up(use_cuda)
     cache.warm_up(use_cuda)
-    attention.warm_up()

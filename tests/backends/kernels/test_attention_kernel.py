@@ -37,7 +37,7 @@ def random_case(rng, context_lens, kv_heads, group):
 
 def reference(query, keys, values, tables, context_lens, window=0):
     """softmax(q k^T / sqrt(d)) v over each sequence's gathered context, float64."""
-    num_seqs, kv_heads, group, head_dim = query.shape
+    _, kv_heads, _, head_dim = query.shape
     out = np.empty(query.shape, np.float64)
     for i, n in enumerate(context_lens):
         positions = np.arange(n)
