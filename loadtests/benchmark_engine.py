@@ -1,6 +1,12 @@
 """Output tokens/s of lmserve's engine and of HF transformers, in one run, on the same prompts.
 
     python loadtests/benchmark_engine.py [--concurrency 1 8 32 64] [--max-tokens 128]
+        [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--model PATH | --random-weights]
+
+The model is the shipped SmolLM2-135M-Instruct GGUF unless ``--model`` names
+another (a GGUF file or an HF directory), or ``--random-weights`` writes a
+random model of SmolLM2-135M's shape with the tiny test tokenizer (for a GPU
+machine the real weights cannot reach; speed does not depend on the values).
 
 Workload: chat prompts of mixed lengths (about 30 to 300 tokens) and mixed
 requested output lengths (50% to 100% of --max-tokens), greedy, EOS ignored,
@@ -70,13 +76,17 @@ def run_lmserve(backend, outputs: queue.SimpleQueue, requests) -> float:
 
 def run_hf(model, tokenizer, requests) -> float:
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     ids = [r[0] for r in requests]
     longest = max(n for _, n in requests)
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return sum(n for _, n in requests) / elapsed
 
@@ -85,8 +95,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="Weights and activations of both sides.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for both sides.")
+    parser.add_argument("--model", type=Path, help="A GGUF file or an HF model directory.")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="A random model of SmolLM2-135M's shape instead of the real weights.")
     parser.add_argument("--skip-hf", action="store_true", help="Measure lmserve only.")
     args = parser.parse_args(argv)
 
@@ -94,12 +108,21 @@ def main(argv=None) -> int:
 
     from lmserve.backends.torch.factory import EngineConfig, create_backend
 
-    path = model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if args.random_weights:
+        import tempfile
+
+        from lmserve.plugins.tiny_model import SMOLLM2_135M_DIMENSIONS, write_tiny_model
+
+        path = write_tiny_model(tempfile.mkdtemp(prefix="random-smollm2-"), dimensions=SMOLLM2_135M_DIMENSIONS)
+    else:
+        path = args.model or model_path()
+    gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    model_dir = str(path.parent) if gguf else str(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **gguf)
     requests = workload(tokenizer, max(args.concurrency), args.max_tokens)
 
-    backend = create_backend(path, EngineConfig(dtype=args.dtype, session_len=2048, cache_max_entry_count=0.2,
-                                                max_batch_size=max(args.concurrency)))
+    backend = create_backend(path, EngineConfig(device=args.device, dtype=args.dtype, session_len=2048,
+                                                cache_max_entry_count=0.2, max_batch_size=max(args.concurrency)))
     outputs: queue.SimpleQueue = queue.SimpleQueue()
     backend.start(lambda outs: [outputs.put(o) for o in outs])
 
@@ -112,13 +135,15 @@ def main(argv=None) -> int:
 
     if not args.skip_hf:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=getattr(torch, args.dtype)).eval()
+            model_dir, **gguf, dtype=getattr(torch, args.dtype)).to(args.device).eval()
         for row in rows:
             row[2] = run_hf(model, tokenizer, requests[: row[0]])
             print(f"HF       concurrency {row[0]:3d}: {row[2]:8.1f} tok/s", file=sys.stderr, flush=True)
 
     hf_best = max((r[2] for r in rows if r[2]), default=None)
-    print(f"\nSmolLM2-135M-Instruct {args.dtype}, {torch.get_num_threads()} threads, max_tokens {args.max_tokens}\n")
+    name = "random SmolLM2-135M-shaped model" if args.random_weights else path.name
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{name}, {args.dtype}, {where}, max_tokens {args.max_tokens}\n")
     print("| concurrency | lmserve tok/s | HF tok/s | lmserve / HF same c | lmserve / HF best |")
     print("|---:|---:|---:|---:|---:|")
     for c, ours, hf in rows:

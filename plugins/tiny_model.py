@@ -188,15 +188,22 @@ def random_weights(shapes: Iterable[tuple[str, tuple[int, ...]]], seed: int = 0)
     return weights
 
 
-def _llama_parameter_shapes(vocab_size: int) -> list[tuple[str, tuple[int, ...]]]:
+#: SmolLM2-135M's shape: a random model of it (``dimensions=SMOLLM2_135M_DIMENSIONS``)
+#: measures speed where the real weights cannot go.
+SMOLLM2_135M_DIMENSIONS = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                               vocab_size=49152)
+
+
+def _llama_parameter_shapes(vocab_size: int, dimensions: dict) -> list[tuple[str, tuple[int, ...]]]:
     """The parameters of transformers' ``LlamaForCausalLM`` in its registration
     order, so :func:`random_weights` draws the same values transformers' model
     would get."""
-    hidden, intermediate = TINY_DIMENSIONS["hidden_size"], TINY_DIMENSIONS["intermediate_size"]
-    head_dim = hidden // TINY_DIMENSIONS["num_attention_heads"]
-    kv_width = TINY_DIMENSIONS["num_key_value_heads"] * head_dim
+    hidden, intermediate = dimensions["hidden_size"], dimensions["intermediate_size"]
+    head_dim = hidden // dimensions["num_attention_heads"]
+    kv_width = dimensions["num_key_value_heads"] * head_dim
     shapes = [("model.embed_tokens.weight", (vocab_size, hidden))]
-    for layer in range(TINY_DIMENSIONS["num_hidden_layers"]):
+    for layer in range(dimensions["num_hidden_layers"]):
         prefix = f"model.layers.{layer}."
         shapes += [(prefix + "self_attn.q_proj.weight", (hidden, hidden)),
                    (prefix + "self_attn.k_proj.weight", (kv_width, hidden)),
@@ -211,20 +218,26 @@ def _llama_parameter_shapes(vocab_size: int) -> list[tuple[str, tuple[int, ...]]
     return shapes
 
 
-def write_tiny_model(directory: str | Path, *, max_position_embeddings: int = 256, seed: int = 0) -> Path:
+def write_tiny_model(directory: str | Path, *, max_position_embeddings: int | None = None, seed: int = 0,
+                     dimensions: dict | None = None) -> Path:
     """Write the tiny Llama and its tokenizer to ``directory`` (created if
     missing): ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
     ``tokenizer_config.json``. BOS is ``<|endoftext|>``, EOS ``<|im_end|>``.
-    Returns ``directory``."""
+    ``dimensions`` replaces :data:`TINY_DIMENSIONS` (a ``vocab_size`` in it
+    pads the vocabulary past the tokenizer's); ``max_position_embeddings``
+    replaces theirs. Returns ``directory``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     vocab_size = write_tiny_tokenizer(directory)
-    heads = TINY_DIMENSIONS["num_attention_heads"]
+    dimensions = dict(dimensions or TINY_DIMENSIONS)
+    model_vocab_size = max(vocab_size, dimensions.pop("vocab_size", 0))
+    if max_position_embeddings is not None:
+        dimensions["max_position_embeddings"] = max_position_embeddings
+    heads = dimensions["num_attention_heads"]
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        **TINY_DIMENSIONS, "max_position_embeddings": max_position_embeddings,
-        "head_dim": TINY_DIMENSIONS["hidden_size"] // heads, "vocab_size": vocab_size,
+        **dimensions, "head_dim": dimensions["hidden_size"] // heads, "vocab_size": model_vocab_size,
         "hidden_act": "silu", "rms_norm_eps": 1e-05, "attention_bias": False, "mlp_bias": False,
         "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
         "tie_word_embeddings": False, "dtype": "float32",
@@ -232,6 +245,6 @@ def write_tiny_model(directory: str | Path, *, max_position_embeddings: int = 25
         "eos_token_id": vocab_size - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index("<|im_end|>"),
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    weights = random_weights(_llama_parameter_shapes(vocab_size), seed)
+    weights = random_weights(_llama_parameter_shapes(model_vocab_size, dimensions), seed)
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
