@@ -36,11 +36,6 @@ class InteractiveRequest(RequestBody):
     image_url: Union[str, list[str], None] = None
     adapter_name: str | None = None
 
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
 
 class InteractiveResponse(Response):
     """The reply; as a stream, one per line, ``text`` being the new text and the counts running totals."""

@@ -38,8 +38,9 @@ MAX_STOP_STRING_LENGTH = 256
 
 
 def checked_stop_strings(body) -> tuple[str, ...]:
-    """The body's ``stop`` strings, within the bounds every generation route keeps."""
-    stop = body.stop_strings()
+    """The body's ``stop`` (None, a string or a list) as strings, within the bounds
+    every generation route keeps."""
+    stop = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
     if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_LENGTH for s in stop):
         raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings of at most "
                        f"{MAX_STOP_STRING_LENGTH} characters each.", "stop")

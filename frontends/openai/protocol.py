@@ -75,11 +75,6 @@ class _Sampling(RequestBody):
     #: LMDeploy's; these APIs keep nothing, so the id of a live interactive session is refused.
     session_id: int | None = None
 
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
 
 class ChatCompletionRequest(_Sampling):
     # A plain string is a raw prompt: no chat template (as in LMDeploy).
