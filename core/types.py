@@ -1,6 +1,6 @@
 """The messages that cross lmserve's boundaries.
 
-Three request shapes (STYLE.md 4): small frozen messages cross boundaries
+Three request shapes: small frozen messages cross boundaries
 (:class:`EngineRequest` into a backend, :class:`EngineOutput` out of it,
 :class:`GenerationOutput` out of the bus); the engine alone owns its mutable
 per-request state; the frontends never see it. Plain dataclasses: pydantic
@@ -128,6 +128,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    def stop_ids(self, eos_token_ids) -> frozenset[int]:
+        """The ids that end this generation: ``stop_token_ids``, plus the model's
+        EOS ids unless ``ignore_eos``. Every place that asks "did it stop?" asks this."""
+        if self.ignore_eos:
+            return frozenset(self.stop_token_ids)
+        return frozenset(self.stop_token_ids).union(eos_token_ids)
 
 
 def _is_number(value) -> bool:

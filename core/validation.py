@@ -1,0 +1,49 @@
+"""The request rules that more than one boundary needs, each written once.
+
+Routes, the bus, sessions and the engine all ask these functions; none of them
+spells the rule again. Errors are :class:`InvalidRequestError` naming the
+parameter, which the HTTP edge turns into a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from lmserve.core.types import InvalidRequestError
+
+
+def check_context_room(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                       prompt_param: str = "messages") -> int:
+    """The ``max_tokens`` to use, or a clear error when the prompt does not fit.
+
+    :param num_prompt_tokens: tokens the model reads before it writes.
+    :param max_tokens: tokens asked for; ``None`` means all the room left in the context.
+    :param max_model_len: the context length.
+    :param prompt_param: the parameter named when the prompt alone leaves no room.
+    :returns: ``max_tokens``, or the room left when it was ``None``.
+    """
+    if num_prompt_tokens >= max_model_len:
+        raise InvalidRequestError(
+            f"The prompt has {num_prompt_tokens} tokens, but this model's maximum context "
+            f"length is {max_model_len} tokens, which leaves no room to generate.",
+            prompt_param,
+        )
+    room = max_model_len - num_prompt_tokens
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. You requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion). Reduce the prompt or max_tokens.",
+            "max_tokens",
+        )
+    return max_tokens
+
+
+def check_token_ids(token_ids: Iterable[int], vocab_size: int, param: str) -> None:
+    """Raise unless every id lies in ``[0, vocab_size)``; the message names the first that does not."""
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                f"Token id {token_id} is outside the vocabulary [0, {vocab_size}).", param)
