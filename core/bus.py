@@ -2,8 +2,10 @@
 
 It owns request ids, one output queue per request, cancellation (a consumer
 that stops listening aborts its request in the backend), the hand-off of
-engine outputs from the engine's thread to the asyncio loop, and the
-detokenize stage. Frontends call :meth:`RequestBus.generate` and iterate.
+engine outputs from the engine's thread to the asyncio loop, and the request
+observers. Each request's outputs become text in its own
+:class:`~lmserve.core.request_stream.RequestStream`. Frontends call
+:meth:`RequestBus.generate` and iterate.
 """
 
 from __future__ import annotations
@@ -17,21 +19,17 @@ import uuid
 from typing import AsyncIterator, Sequence
 
 from lmserve.core.backend import Backend
-from lmserve.core.detokenizer import IncrementalDetokenizer
+from lmserve.core.request_stream import RequestStream
 from lmserve.core.sessions import SessionManager
 from lmserve.core.types import (
     BackendUnavailableError,
     EngineOutput,
     EngineRequest,
-    FinishReason,
     GenerationOutput,
     GenerationRequest,
     InvalidRequestError,
-    RequestTiming,
-    TokenLogprob,
-    Usage,
 )
-from lmserve.core.stop_strings import StopStringMatcher
+from lmserve.core.validation import check_context_room
 
 logger = logging.getLogger(__name__)
 
@@ -74,28 +72,9 @@ class RequestBus:
     # ---------------------------------------------------------------- the request
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
-        """The ``max_tokens`` to use, or a clear error when the prompt does not fit.
-
-        ``None`` means all the room left in the context.
-        """
-        limit = self.backend.max_model_len
-        if num_prompt_tokens >= limit:
-            raise InvalidRequestError(
-                f"The prompt has {num_prompt_tokens} tokens, but this model's maximum context "
-                f"length is {limit} tokens, which leaves no room to generate.",
-                "messages",
-            )
-        room = limit - num_prompt_tokens
-        if max_tokens is None:
-            return room
-        if max_tokens > room:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens. You requested "
-                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
-                f"{max_tokens} for the completion). Reduce the prompt or max_tokens.",
-                "max_tokens",
-            )
-        return max_tokens
+        """The ``max_tokens`` to use against this backend's context length
+        (:func:`~lmserve.core.validation.check_context_room`); ``None`` means all the room left."""
+        return check_context_room(num_prompt_tokens, max_tokens, self.backend.max_model_len)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Run ``request``; yield text deltas as they are decoded.
@@ -104,103 +83,43 @@ class RequestBus:
         early (``aclose()``, task cancellation, a client gone) aborts the
         request in the backend.
         """
+        request = self._admit(request)
+        request_id = request.request_id
+        stream = RequestStream(request, self.tokenizer,
+                               request.sampling_params.stop_ids(self.backend.eos_token_ids))
+        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._observe("lmserve_request_started", request=request)
+        try:
+            self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, request.sampling_params,
+                                              request.session_key, request.keep_kv))
+            while not stream.finished:
+                engine_output = await queue.get()
+                output = stream.push(engine_output)
+                if stream.finished and engine_output.finish_reason is None:  # a stop string matched
+                    self.backend.abort(request_id)  # its abort output finds no queue
+                if output is not None:
+                    yield output
+        finally:
+            del self._queues[request_id]
+            if not stream.finished:
+                self.backend.abort(request_id)
+                stream.abandoned()
+            self._observe("lmserve_request_finished", request=request, output=stream.last,
+                          elapsed_s=time.monotonic() - stream.clock.arrival)
+
+    def _admit(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its id assigned, once the bus and the backend can take it."""
         if self._loop is None:
             raise RuntimeError("RequestBus.start() has not been called.")
         if not self.backend.is_healthy():
             raise BackendUnavailableError("The engine is not running; no request can be served.")
-        params = request.sampling_params
-        self.check_length(len(request.prompt_token_ids), params.max_tokens)
-        request_id = request.request_id or f"{self._prefix}-{next(self._counter)}"
-        if request_id in self._queues:
-            raise InvalidRequestError(f"Request id {request_id!r} is already in use.", "request_id")
+        self.check_length(len(request.prompt_token_ids), request.sampling_params.max_tokens)
         if not request.request_id:
-            request = dataclasses.replace(request, request_id=request_id)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.update(self.backend.eos_token_ids)
-        stop_strings = (
-            StopStringMatcher(request.stop, request.include_stop_str_in_output) if request.stop else None
-        )
-
-        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self._queues[request_id] = queue
-        detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        num_prompt = len(request.prompt_token_ids)
-        num_output = 0
-        started = time.monotonic()
-        first_token: float | None = None
-        previous = started
-        gaps: list[float] = []
-        last: GenerationOutput | None = None
-        # Ids (and their logprobs) whose text is still held back ride with the next text.
-        pending_ids: tuple[int, ...] = ()
-        pending_logprobs: tuple[TokenLogprob, ...] | None = () if params.logprobs is not None else None
-        prompt_logprobs = None  # from the engine's first output until yielded
-        self._observe("lmserve_request_started", request=request)
-        try:
-            self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, params,
-                                              request.session_key, request.keep_kv))
-            while True:
-                out = await queue.get()
-                if out.new_token_ids:
-                    now = time.monotonic()
-                    if first_token is None:
-                        first_token = now
-                    else:
-                        gaps.append(now - previous)
-                    previous = now
-                num_output += len(out.new_token_ids)
-                finish_reason = out.finish_reason
-                text_ids = out.new_token_ids
-                if finish_reason is FinishReason.STOP and text_ids and text_ids[-1] in stop_ids:
-                    text_ids = text_ids[:-1]  # the stop token itself is not text
-                text = detokenizer.push(text_ids)
-                if finish_reason is not None:
-                    text += detokenizer.flush()
-                if stop_strings is not None:
-                    text, matched = stop_strings.push(text, can_stop=num_output >= params.min_tokens)
-                    if matched:
-                        if finish_reason is None:
-                            self.backend.abort(request_id)  # its abort output finds no queue
-                        finish_reason = FinishReason.STOP
-                    elif finish_reason is not None:
-                        text += stop_strings.flush()
-                pending_ids += out.new_token_ids
-                if pending_logprobs is not None:
-                    pending_logprobs += out.logprobs or ()
-                if out.prompt_logprobs is not None:
-                    prompt_logprobs = out.prompt_logprobs
-                usage = Usage(num_prompt, num_output, out.num_cached_tokens)
-                timing = None
-                if finish_reason is not None:
-                    timing = RequestTiming(started, first_token, time.monotonic(), tuple(gaps))
-                last = GenerationOutput(
-                    request_id, text, pending_ids, usage, finish_reason, out.error,
-                    timing=timing, logprobs=pending_logprobs, prompt_logprobs=prompt_logprobs,
-                )
-                if finish_reason is not None:
-                    yield last
-                    return
-                if text:  # no empty deltas
-                    pending_ids = ()
-                    if pending_logprobs is not None:
-                        pending_logprobs = ()
-                    prompt_logprobs = None
-                    yield last
-        finally:
-            del self._queues[request_id]
-            if last is None or last.finish_reason is None:
-                self.backend.abort(request_id)
-                timing = RequestTiming(started, first_token, time.monotonic(), tuple(gaps))
-                last = GenerationOutput(
-                    request_id, "", (), Usage(num_prompt, num_output), FinishReason.ABORT, timing=timing
-                )
-            self._observe(
-                "lmserve_request_finished",
-                request=request,
-                output=last,
-                elapsed_s=time.monotonic() - started,
-            )
+            return dataclasses.replace(request, request_id=f"{self._prefix}-{next(self._counter)}")
+        if request.request_id in self._queues:
+            raise InvalidRequestError(f"Request id {request.request_id!r} is already in use.", "request_id")
+        return request
 
     def abort(self, request_id: str) -> None:
         """Stop a running request from outside its consumer (a cancel); the

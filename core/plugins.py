@@ -92,24 +92,28 @@ def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
 
 
 def call_safely(pm: pluggy.PluginManager, hook_name: str, **kwargs):
-    """Call a startup hook; an exception names the plugin that raised it."""
+    """Call a startup hook through pluggy; an exception names the plugin that raised it.
+
+    pluggy runs the call (ordering, firstresult, wrappers); only the error is ours.
+    """
     caller = getattr(pm.hook, hook_name)
-    results = []
-    for impl in reversed(caller.get_hookimpls()):  # pluggy's calling order
-        args = [kwargs[name] for name in impl.argnames]
-        try:
-            result = impl.function(*args)
-        except Exception as exc:
-            raise PluginError(
-                f"Plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
-            ) from exc
-        if result is not None:
-            results.append(result)
-            if caller.spec and caller.spec.opts.get("firstresult"):
-                return result
-    if caller.spec and caller.spec.opts.get("firstresult"):
-        return None
-    return results
+    try:
+        return caller(**kwargs)
+    except Exception as exc:
+        raise PluginError(
+            f"Plugin {_plugin_that_raised(caller, exc)!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _plugin_that_raised(caller, exc: BaseException) -> str:
+    """The plugin whose implementation is the innermost one in ``exc``'s traceback."""
+    plugins = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in caller.get_hookimpls()}
+    name = "unknown"
+    traceback = exc.__traceback__
+    while traceback is not None:
+        name = plugins.get(traceback.tb_frame.f_code, name)
+        traceback = traceback.tb_next
+    return name
 
 
 def _own_version() -> str | None:

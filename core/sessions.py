@@ -226,7 +226,4 @@ class SessionManager:
                        params: SamplingParams) -> int | None:
         if last is None or last.finish_reason is not FinishReason.STOP or not generated:
             return None
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.update(self.bus.backend.eos_token_ids)
-        return generated[-1] if generated[-1] in stop_ids else None
+        return generated[-1] if generated[-1] in params.stop_ids(self.bus.backend.eos_token_ids) else None

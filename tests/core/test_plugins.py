@@ -112,3 +112,33 @@ def test_lmserve_plugins_table_lists_builtins():
     assert result.returncode == 0, result.stderr
     for name in DEFAULT_PLUGINS:
         assert name in result.stdout
+
+
+def test_a_wrapper_hook_runs_through_pluggy_and_the_raiser_is_named():
+    pm = create_plugin_manager(load_entry_points=False)
+    seen = []
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def lmserve_configure(self, config):
+            seen.append("before")
+            result = yield
+            seen.append("after")
+            return result
+
+    class Broken:
+        @hookimpl
+        def lmserve_configure(self, config):
+            raise RuntimeError("boom")
+
+    pm.register(Wrapper(), name="wrapper-plugin")
+    try:
+        call_safely(pm, "lmserve_configure", config=None)
+        assert seen == ["before", "after"]
+        pm.register(Broken(), name="broken-plugin")
+        with pytest.raises(PluginError, match="'broken-plugin'.*boom"):
+            call_safely(pm, "lmserve_configure", config=None)
+    finally:
+        pm.unregister(name="wrapper-plugin")
+        if pm.has_plugin("broken-plugin"):
+            pm.unregister(name="broken-plugin")
