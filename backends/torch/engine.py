@@ -9,7 +9,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from typing import Callable, Sequence as Seq
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -17,12 +18,25 @@ from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.sampler import Logprobs, suppress_stop_tokens
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.sequence import Sequence, SequenceStatus
-from lmserve.core.types import EngineOutput, EngineRequest, FinishReason, TokenLogprob
+from lmserve.core.types import EngineOutput, EngineRequest, FinishReason, InvalidRequestError, TokenLogprob
+from lmserve.core.validation import check_context_room, check_token_ids
 
 logger = logging.getLogger(__name__)
 
 #: (logits [N, vocab] float32, the N sequences) -> N sampled token ids
-SampleFn = Callable[[torch.Tensor, Seq[Sequence]], list[int]]
+SampleFn = Callable[[torch.Tensor, list[Sequence]], list[int]]
+
+
+class RowsSampledApart(NamedTuple):
+    """What :meth:`LLMEngine._sample_rows_apart` recovers from a failed step."""
+
+    #: By index into the step's scheduled sequences, as :meth:`ModelRunner.run` returns them.
+    prompt_logprobs: dict[int, list[TokenLogprob]]
+    #: One per sampled row (-1 where sampling failed).
+    token_ids: list[int]
+    sampled_logprobs: list[TokenLogprob | None]
+    #: The sequences whose row broke the sampler, with the error they finish with.
+    errors: dict[Sequence, str]
 
 
 class LLMEngine:
@@ -49,24 +63,29 @@ class LLMEngine:
         if request.request_id in self.sequences:
             return EngineOutput(request.request_id, (), FinishReason.ERROR,
                                 f"Request id {request.request_id!r} is already running.")
-        if len(request.prompt_token_ids) >= self.max_model_len:
-            return EngineOutput(request.request_id, (), FinishReason.ERROR,
-                                f"The prompt ({len(request.prompt_token_ids)} tokens) does not fit "
-                                f"the context length ({self.max_model_len} tokens).")
-        vocab_size = self.runner.model.config.vocab_size
-        if any(not 0 <= token < vocab_size for token in request.prompt_token_ids):
-            return EngineOutput(request.request_id, (), FinishReason.ERROR,
-                                f"The prompt holds token ids outside the vocabulary [0, {vocab_size}).")
+        try:
+            self._check_request(request)
+        except InvalidRequestError as exc:
+            return EngineOutput(request.request_id, (), FinishReason.ERROR, exc.message)
         params = request.sampling_params
-        if any(not 0 <= token < vocab_size for token in (*params.stop_token_ids, *params.logit_bias)):
-            return EngineOutput(request.request_id, (), FinishReason.ERROR,
-                                f"stop_token_ids and logit_bias must be token ids in [0, {vocab_size}).")
-        seed = request.sampling_params.seed
         seq = Sequence(request, next(self._arrivals),
-                       seed=random.getrandbits(63) if seed is None else seed)
+                       seed=random.getrandbits(63) if params.seed is None else params.seed,
+                       stop_token_ids=params.stop_ids(self.eos_token_ids))
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
         return None
+
+    def _check_request(self, request: EngineRequest) -> None:
+        """Raise :class:`InvalidRequestError` for a request that can never run: its prompt
+        fills the context (``max_tokens`` past the context only ends it early, with
+        ``length``), or it names token ids outside the vocabulary."""
+        check_context_room(len(request.prompt_token_ids), None, self.max_model_len,
+                           prompt_param="prompt_token_ids")
+        vocab_size = self.runner.model.config.vocab_size
+        params = request.sampling_params
+        check_token_ids(request.prompt_token_ids, vocab_size, "prompt_token_ids")
+        check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
+        check_token_ids(params.logit_bias, vocab_size, "logit_bias")
 
     def abort_request(self, request_id: str) -> EngineOutput | None:
         seq = self.sequences.get(request_id)
@@ -99,14 +118,14 @@ class LLMEngine:
             if failed is None:  # the forward pass itself failed: fail the step's requests
                 message = f"The engine failed: {type(exc).__name__}: {exc}"
                 return outputs + [self._finish(seq, FinishReason.ERROR, (), message) for seq, _ in scheduled]
-            logits, prompt_logprobs, token_ids, sampled_logprobs, errors = failed
+            errors = failed.errors
             for seq, error in errors.items():  # only the requests that broke the sampler fail
                 outputs.append(self._finish(seq, FinishReason.ERROR, (), error))
             kept = [k for k, seq in enumerate(to_sample) if seq not in errors]
             to_sample = [to_sample[k] for k in kept]
-            token_ids = [token_ids[k] for k in kept]
-            sampled_logprobs = [sampled_logprobs[k] for k in kept]
-            prompt_logprobs = {i: r for i, r in prompt_logprobs.items() if scheduled[i][0] not in errors}
+            token_ids = [failed.token_ids[k] for k in kept]
+            sampled_logprobs = [failed.sampled_logprobs[k] for k in kept]
+            prompt_logprobs = {i: r for i, r in failed.prompt_logprobs.items() if scheduled[i][0] not in errors}
         for i, chunk_records in prompt_logprobs.items():
             seq = scheduled[i][0]
             # After a preemption the prompt is computed again: keep the first records.
@@ -125,11 +144,12 @@ class LLMEngine:
     def _sample(self, logits, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Sample one token per row of ``logits`` (which it overwrites), with logprobs where asked."""
         logprobs = Logprobs(logits, seqs)
-        suppress_stop_tokens(logits, seqs, self.eos_token_ids)
+        suppress_stop_tokens(logits, seqs)
         token_ids = self.sample(logits, seqs) if seqs else []
         return token_ids, logprobs.records(token_ids)
 
-    def _sample_rows_apart(self, scheduled, sample_rows: list[int]):
+    def _sample_rows_apart(self, scheduled: list[tuple[Sequence, int]],
+                           sample_rows: list[int]) -> RowsSampledApart | None:
         """After a failed step: run the forward again (it rewrites the same keys and
         values into the same slots) and sample each row alone, so one request that
         breaks the sampler fails alone. None when the forward pass itself fails."""
@@ -147,7 +167,7 @@ class LLMEngine:
                 token_id, logprob = -1, None
             token_ids.append(token_id)
             sampled_logprobs.append(logprob)
-        return logits, prompt_logprobs, token_ids, sampled_logprobs, errors
+        return RowsSampledApart(prompt_logprobs, token_ids, sampled_logprobs, errors)
 
     def _after_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> EngineOutput:
         params = seq.sampling_params
@@ -155,7 +175,7 @@ class LLMEngine:
         # The prompt's logprobs ride with the first new token.
         prompt_logprobs = (tuple(seq.prompt_logprobs)
                            if seq.prompt_logprobs is not None and seq.num_output_tokens == 1 else None)
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        if token_id in seq.stop_token_ids:
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

@@ -9,7 +9,8 @@ positions ``[0, last position]`` under a causal mask.
 The model touches a cache in one place: ``attend(layer_idx, metadata, q, k,
 v)`` once per layer, which stores the new keys/values and returns the
 attention output. The paged cache of the engine (``paged_cache.py``) offers
-the same method; this one-sequence cache is the simple reference.
+the same method (both are an ``AttentionCache``: ``attention_cache.py``); this
+one-sequence cache is the simple reference.
 """
 
 from __future__ import annotations

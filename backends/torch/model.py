@@ -7,7 +7,8 @@ names follow HF transformers' ``LlamaForCausalLM`` so HF checkpoints load by
 name. The code is device-agnostic: the same module runs on the CPU and CUDA.
 
 Tokens are a flat ``[T]`` batch with their positions; everything attention
-needs beyond that comes from the KV cache's :class:`AttentionMetadata`.
+needs beyond that comes from the KV cache (an :class:`AttentionCache`) and the
+metadata it reads, which the model passes through unread.
 """
 
 from __future__ import annotations
@@ -18,20 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.backends.torch.kv_cache import AttentionMetadata, KVCache
+from lmserve.backends.torch.attention_cache import AttentionCache, MetadataT
 from lmserve.backends.torch.model_config import ModelConfig
 
 
-def make_linear(in_features: int, out_features: int, *, bias: bool = False,
-                parallel: str) -> nn.Linear:
-    """Every projection of the model is built here.
+def make_linear(in_features: int, out_features: int, *, bias: bool = False) -> nn.Linear:
+    """Every projection of the model is built here, a plain ``nn.Linear`` for now.
 
-    ``parallel`` says how tensor parallelism would split the layer: "column"
-    (q/k/v, gate, up: split the outputs) or "row" (o, down: split the inputs,
-    then all-reduce). Unsplit for now, so both give a plain ``nn.Linear``.
+    Tensor parallelism would swap in sharded layers here: column-parallel for
+    q/k/v, gate, up and ``lm_head`` (split the outputs), row-parallel for o and
+    down (split the inputs, then all-reduce).
     """
-    if parallel not in ("column", "row"):
-        raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
     return nn.Linear(in_features, out_features, bias=bias)
 
 
@@ -129,10 +127,10 @@ class Attention(nn.Module):
         hidden, q_size = config.hidden_size, self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         qkv_bias = config.attention_bias
-        self.q_proj = make_linear(hidden, q_size, bias=qkv_bias, parallel="column")
-        self.k_proj = make_linear(hidden, kv_size, bias=qkv_bias, parallel="column")
-        self.v_proj = make_linear(hidden, kv_size, bias=qkv_bias, parallel="column")
-        self.o_proj = make_linear(q_size, hidden, bias=config.attention_output_bias, parallel="row")
+        self.q_proj = make_linear(hidden, q_size, bias=qkv_bias)
+        self.k_proj = make_linear(hidden, kv_size, bias=qkv_bias)
+        self.v_proj = make_linear(hidden, kv_size, bias=qkv_bias)
+        self.o_proj = make_linear(q_size, hidden, bias=config.attention_output_bias)
         self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
@@ -142,7 +140,7 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: AttentionCache[MetadataT], metadata: MetadataT) -> torch.Tensor:
         num_tokens = x.shape[0]
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
@@ -159,9 +157,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = make_linear(hidden, inner, parallel="column")
-        self.up_proj = make_linear(hidden, inner, parallel="column")
-        self.down_proj = make_linear(inner, hidden, parallel="row")
+        self.gate_proj = make_linear(hidden, inner)
+        self.up_proj = make_linear(hidden, inner)
+        self.down_proj = make_linear(inner, hidden)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
@@ -201,7 +199,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: AttentionCache[MetadataT], metadata: MetadataT) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -226,7 +224,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = make_linear(config.hidden_size, config.vocab_size, parallel="column")
+        self.lm_head = make_linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     def fuse_projections(self) -> None:
@@ -243,14 +241,15 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_cache: KVCache, metadata=None) -> torch.Tensor:
+                kv_cache: AttentionCache[MetadataT], metadata: MetadataT | None = None) -> torch.Tensor:
         """Run ``input_ids`` (``[T]``) at ``positions`` (``[T]``), storing their
         keys/values in ``kv_cache``; earlier positions must be cached already.
         Returns the final-norm hidden states ``[T, hidden]``.
 
         ``metadata`` describes the batch for the cache's ``attend`` (the paged
-        engine builds it per step); None asks a one-sequence cache to derive
-        it from ``positions``."""
+        engine builds it per step); None asks a one-sequence cache
+        (:class:`~lmserve.backends.torch.kv_cache.KVCache`) to derive it from
+        ``positions``."""
         if metadata is None:
             metadata = kv_cache.attention_metadata(positions)
         x = self.model.embed_tokens(input_ids)

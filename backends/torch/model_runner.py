@@ -7,6 +7,8 @@ numpy, so the layers only index.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -23,6 +25,17 @@ from lmserve.core.types import TokenLogprob
 
 #: Prompt rows turned into full-vocabulary logprobs at a time (256 x 49,152 floats: 50 MB).
 PROMPT_LOGPROBS_ROWS = 256
+
+
+class DecodeFields(NamedTuple):
+    """The decode fields of :class:`PagedAttentionMetadata`, whichever path the decodes take
+    (the defaults: no decodes, or the fields of the other path)."""
+
+    gather_blocks: torch.Tensor | None = None
+    max_context: int = 0
+    bias: torch.Tensor | None = None
+    block_tables: np.ndarray | None = None
+    context_lens: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -82,89 +95,102 @@ class ModelRunner:
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
         """``(input_ids, positions, metadata, last_rows)`` for a step; ``last_rows[i]``
         is the row of the last token of ``scheduled[i]``."""
-        block_size = self.kv_cache.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        last_rows: list[int] = []
-        num_decodes = 0  # the leading one-token chunks attend as one batch
-        for seq, n in scheduled:
-            if n != 1:
-                break
-            num_decodes += 1
-        for seq, n in scheduled:
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            last_rows.append(len(ids) - 1)
-        positions_np = np.asarray(positions, dtype=np.int64)
+        num_decodes = _num_leading_decodes(scheduled)
+        ids, positions, last_rows = _token_layout(scheduled)
+        context_lens = positions[:num_decodes] + 1
+        decodes = self._decode_fields(scheduled[:num_decodes], context_lens)
+        metadata = PagedAttentionMetadata(
+            write_rows=self._tensor(self._write_rows(scheduled, positions)),
+            num_decodes=num_decodes,
+            decode_gather_blocks=decodes.gather_blocks,
+            decode_max_context=decodes.max_context,
+            decode_bias=decodes.bias,
+            prefills=self._prefill_segments(scheduled[num_decodes:], first_row=num_decodes),
+            decode_block_tables=decodes.block_tables,
+            decode_context_lens=decodes.context_lens,
+            sliding_window=self.sliding_window or 0,
+        )
+        return self._tensor(ids), self._tensor(positions), metadata, last_rows
 
-        # The slot of every new token, from its sequence's block table.
-        block_ids = np.empty(len(ids), dtype=np.int64)
+    def _write_rows(self, scheduled: list[tuple[Sequence, int]], positions: np.ndarray) -> np.ndarray:
+        """``[kv_heads * T]`` rows of the flat cache where the step's new keys/values go:
+        each token's slot, from its sequence's block table, for every kv head."""
+        block_size = self.kv_cache.block_size
+        block_ids = np.empty(len(positions), dtype=np.int64)
         row = 0
         for seq, n in scheduled:
             table = np.asarray(seq.block_table, dtype=np.int64)
-            block_ids[row : row + n] = table[positions_np[row : row + n] // block_size]
+            block_ids[row : row + n] = table[positions[row : row + n] // block_size]
             row += n
-        slots = block_ids * block_size + positions_np % block_size
-        write_rows = (self._head_offsets[:, None] + slots[None, :]).reshape(-1)
+        slots = block_ids * block_size + positions % block_size
+        return (self._head_offsets[:, None] + slots[None, :]).reshape(-1)
 
-        decode_gather_blocks = decode_bias = decode_tables = decode_context_lens = None
-        max_context = 0
-        if num_decodes:
-            context_lens = positions_np[:num_decodes] + 1
-            max_blocks = -(-int(context_lens.max()) // block_size)
-            tables = np.full((num_decodes, max_blocks), self.kv_cache.null_block, dtype=np.int64)
-            for i, (seq, _) in enumerate(scheduled[:num_decodes]):
-                table = seq.block_table[:max_blocks]
-                tables[i, : len(table)] = table
-        if num_decodes and self.decode_in_place:
-            decode_tables, decode_context_lens = tables, context_lens
-        elif num_decodes:
-            max_context = max_blocks * block_size
-            decode_gather_blocks = self._tensor(self._head_blocks(tables).reshape(-1))
-            token_index = np.arange(max_context)
-            mask = token_index[None, :] < context_lens[:, None]
-            if self.sliding_window is not None:
-                mask &= token_index[None, :] > (context_lens[:, None] - 1 - self.sliding_window)
-            bias = np.where(mask, np.float32(0), np.float32(-np.inf))
-            decode_bias = torch.from_numpy(bias[:, None, None, :]).to(self.device)
+    def _decode_fields(self, decodes: list[tuple[Sequence, int]], context_lens: np.ndarray) -> DecodeFields:
+        """How the decodes find their contexts: their block tables, read in place,
+        or the blocks to gather and a bias over the padded context."""
+        if not decodes:
+            return DecodeFields()
+        tables = self._decode_block_tables(decodes, context_lens)
+        if self.decode_in_place:
+            return DecodeFields(block_tables=tables, context_lens=context_lens)
+        max_context = tables.shape[1] * self.kv_cache.block_size
+        token_index = np.arange(max_context)
+        mask = token_index[None, :] < context_lens[:, None]
+        if self.sliding_window is not None:
+            mask &= token_index[None, :] > (context_lens[:, None] - 1 - self.sliding_window)
+        bias = np.where(mask, np.float32(0), np.float32(-np.inf))
+        return DecodeFields(gather_blocks=self._tensor(self._head_blocks(tables).reshape(-1)),
+                            max_context=max_context,
+                            bias=torch.from_numpy(bias[:, None, None, :]).to(self.device))
 
-        prefills = []
-        row = num_decodes
-        for seq, n in scheduled[num_decodes:]:
-            start = seq.num_computed_tokens
-            context_len = start + n
-            gather_blocks = mask = bias = None
-            if start > 0:
-                table = np.asarray(seq.block_table[: -(-context_len // block_size)], dtype=np.int64)
-                gather_blocks = self._tensor(self._head_blocks(table[None, :]).reshape(-1))
-            # Short chunks attend with grouped_attention on the CPU (measured faster there).
-            small = self.device.type == "cpu" and n * context_len <= MAX_GROUPED_SCORES
-            if small or start > 0 or self.sliding_window is not None:
-                query_pos = np.arange(start, context_len)[:, None]
-                key_pos = np.arange(context_len)[None, :]
-                allowed = key_pos <= query_pos
-                if self.sliding_window is not None:
-                    allowed &= key_pos > query_pos - self.sliding_window
-                if small:
-                    bias = self._tensor(np.where(allowed, np.float32(0), np.float32(-np.inf)))
-                else:
-                    mask = torch.from_numpy(allowed).to(self.device)
-            prefills.append(PrefillSegment(row, n, context_len, gather_blocks, mask, bias))
+    def _decode_block_tables(self, decodes: list[tuple[Sequence, int]],
+                             context_lens: np.ndarray) -> np.ndarray:
+        """``[num_decodes, max_blocks]`` block tables, padded with the null block."""
+        max_blocks = -(-int(context_lens.max()) // self.kv_cache.block_size)
+        tables = np.full((len(decodes), max_blocks), self.kv_cache.null_block, dtype=np.int64)
+        for i, (seq, _) in enumerate(decodes):
+            table = seq.block_table[:max_blocks]
+            tables[i, : len(table)] = table
+        return tables
+
+    def _prefill_segments(self, chunks: list[tuple[Sequence, int]],
+                          first_row: int) -> tuple[PrefillSegment, ...]:
+        """One segment per prefill chunk; the chunks' tokens follow one another from ``first_row``."""
+        segments = []
+        row = first_row
+        for seq, n in chunks:
+            segments.append(self._prefill_segment(seq, n, row))
             row += n
+        return tuple(segments)
 
-        metadata = PagedAttentionMetadata(
-            write_rows=self._tensor(write_rows),
-            num_decodes=num_decodes,
-            decode_gather_blocks=decode_gather_blocks,
-            decode_max_context=max_context,
-            decode_bias=decode_bias,
-            prefills=tuple(prefills),
-            decode_block_tables=decode_tables,
-            decode_context_lens=decode_context_lens,
-            sliding_window=self.sliding_window or 0,
-        )
-        return self._tensor(np.asarray(ids, dtype=np.int64)), self._tensor(positions_np), metadata, last_rows
+    def _prefill_segment(self, seq: Sequence, n: int, row: int) -> PrefillSegment:
+        """The ``n`` tokens of ``seq``'s chunk (at ``row``): the cached context to gather
+        (if any) and how its queries are masked."""
+        start = seq.num_computed_tokens
+        context_len = start + n
+        gather_blocks = mask = bias = None
+        if start > 0:
+            table = np.asarray(seq.block_table[: -(-context_len // self.kv_cache.block_size)], dtype=np.int64)
+            gather_blocks = self._tensor(self._head_blocks(table[None, :]).reshape(-1))
+        # Short chunks attend with grouped_attention on the CPU (measured faster there).
+        small = self.device.type == "cpu" and n * context_len <= MAX_GROUPED_SCORES
+        if small or start > 0 or self.sliding_window is not None:
+            allowed = self._prefill_allowed(start, context_len)
+            if small:
+                bias = self._tensor(np.where(allowed, np.float32(0), np.float32(-np.inf)))
+            else:
+                mask = torch.from_numpy(allowed).to(self.device)
+        return PrefillSegment(row, n, context_len, gather_blocks, mask, bias)
+
+    def _prefill_allowed(self, start: int, context_len: int) -> np.ndarray:
+        """``[context_len - start, context_len]`` bool: True where the query at position
+        ``start + i`` may attend the key at position ``j`` (causal, within the window)."""
+        query_pos = np.arange(start, context_len)[:, None]
+        key_pos = np.arange(context_len)[None, :]
+        allowed = key_pos <= query_pos
+        if self.sliding_window is not None:
+            allowed &= key_pos > query_pos - self.sliding_window
+        return allowed
 
     def _head_blocks(self, tables: np.ndarray) -> np.ndarray:
         """``[N, blocks]`` block ids -> ``[N, kv_heads, blocks]`` rows of the cache's block view."""
@@ -172,3 +198,27 @@ class ModelRunner:
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+
+def _num_leading_decodes(scheduled: list[tuple[Sequence, int]]) -> int:
+    """The leading one-token chunks: they attend as one batch of decodes."""
+    num_decodes = 0
+    for _, n in scheduled:
+        if n != 1:
+            break
+        num_decodes += 1
+    return num_decodes
+
+
+def _token_layout(scheduled: list[tuple[Sequence, int]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The step's token ids and positions (int64 ``[T]``), chunk after chunk, and the
+    row of each chunk's last token."""
+    ids: list[int] = []
+    positions: list[int] = []
+    last_rows: list[int] = []
+    for seq, n in scheduled:
+        start = seq.num_computed_tokens
+        ids.extend(seq.token_ids[start : start + n])
+        positions.extend(range(start, start + n))
+        last_rows.append(len(ids) - 1)
+    return np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), last_rows

@@ -8,8 +8,6 @@ kernel, CUDA logits to the ``@cuda.jit`` twin.
 
 from __future__ import annotations
 
-from typing import Sequence as Seq
-
 import torch
 
 from lmserve.backends.torch.kernels.sampling import SamplingBatch, SamplingWorkspace, sample_cpu, sample_cuda
@@ -21,7 +19,7 @@ class Sampler:
     def __init__(self) -> None:
         self._workspace = SamplingWorkspace()
 
-    def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """``logits``: float32 ``[len(seqs), vocab]`` (overwritten). Returns one token id per sequence."""
         # Token histories are only copied for rows with penalties.
         batch = SamplingBatch.from_requests(
@@ -45,7 +43,7 @@ class Logprobs:
     Built from the logits before sampling, which overwrites them; read after.
     """
 
-    def __init__(self, logits: torch.Tensor, seqs: Seq[Sequence]):
+    def __init__(self, logits: torch.Tensor, seqs: list[Sequence]):
         self._num_rows = len(seqs)
         self._rows = [row for row, seq in enumerate(seqs) if seq.sampling_params.logprobs is not None]
         self._wanted = [seqs[row].sampling_params.logprobs for row in self._rows]
@@ -54,7 +52,7 @@ class Logprobs:
         rows = torch.as_tensor(self._rows, device=logits.device)
         self._logprobs = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
 
-    def records(self, token_ids: Seq[int]) -> list[TokenLogprob | None]:
+    def records(self, token_ids: list[int]) -> list[TokenLogprob | None]:
         """One per row: the sampled token's logprob and top alternatives, or None
         for rows that did not ask."""
         records: list[TokenLogprob | None] = [None] * self._num_rows
@@ -65,7 +63,7 @@ class Logprobs:
         return records
 
 
-def logprob_records(logprobs: torch.Tensor, token_ids: Seq[int], top_k: Seq[int]) -> list[TokenLogprob]:
+def logprob_records(logprobs: torch.Tensor, token_ids: list[int], top_k: list[int]) -> list[TokenLogprob]:
     """For each row of ``logprobs`` (log-softmaxed, ``[N, vocab]``): the logprob of
     ``token_ids[i]`` and the row's ``top_k[i]`` most likely alternatives (one device read)."""
     values = logprobs.gather(1, torch.as_tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
@@ -77,13 +75,9 @@ def logprob_records(logprobs: torch.Tensor, token_ids: Seq[int], top_k: Seq[int]
             for token, value, ids, vals, wanted in zip(token_ids, values, top_ids, top_values, top_k)]
 
 
-def suppress_stop_tokens(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: frozenset[int]) -> None:
-    """Make EOS and stop tokens impossible for sequences short of their ``min_tokens``."""
+def suppress_stop_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Make the tokens that would end a sequence (its ``stop_token_ids``) impossible
+    while it is short of its ``min_tokens``."""
     for row, seq in enumerate(seqs):
-        params = seq.sampling_params
-        if seq.num_output_tokens < params.min_tokens:
-            banned = set(params.stop_token_ids)
-            if not params.ignore_eos:
-                banned |= eos_token_ids
-            if banned:
-                logits[row, sorted(banned)] = float("-inf")
+        if seq.num_output_tokens < seq.sampling_params.min_tokens and seq.stop_token_ids:
+            logits[row, sorted(seq.stop_token_ids)] = float("-inf")

@@ -28,6 +28,9 @@ class Sequence:
     arrival_index: int
     #: The sampling seed: the request's, or a random one drawn on arrival.
     seed: int = 0
+    #: The ids that end it (``SamplingParams.stop_ids`` of the model's EOS ids),
+    #: computed once by the engine on arrival.
+    stop_token_ids: frozenset[int] = frozenset()
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     #: Prompt tokens found in the prefix cache when the sequence was scheduled.

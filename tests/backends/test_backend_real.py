@@ -8,8 +8,8 @@ import torch
 from lmserve.core.bus import RequestBus
 from lmserve.core.config import ServeConfig
 from lmserve.core.model_source import ModelSource
-from lmserve.core.tokenizer import Tokenizer
 from lmserve.core.types import FinishReason, GenerationRequest, SamplingParams
+from lmserve.plugins.tokenizer_files import tokenizer_from_gguf
 
 pytestmark = pytest.mark.real_model
 
@@ -30,7 +30,7 @@ def lmserve_bus(smollm2_gguf):
 
     config = ServeConfig(model=str(smollm2_gguf), session_len=1024)
     backend = lmserve_make_backend(config, ModelSource("smollm2", smollm2_gguf, "gguf", "test"))
-    return backend, Tokenizer.from_gguf(smollm2_gguf)
+    return backend, tokenizer_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import queue
 import pytest
 
 from lmserve.backends.torch.factory import EngineConfig, create_backend
-from lmserve.core.tokenizer import Tokenizer
 from lmserve.core.types import EngineRequest, FinishReason, SamplingParams
+from lmserve.plugins.tokenizer_files import tokenizer_from_gguf
 
 pytestmark = pytest.mark.real_model
 
@@ -52,7 +52,7 @@ class Runner:
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_gguf):
-    return Tokenizer.from_gguf(smollm2_gguf)
+    return tokenizer_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """Numba kernels of the torch backend: a CPU ``@njit`` twin for every ``@cuda.jit`` kernel.
 
 - ``sampling``: batched token sampling (penalties, greedy, temperature,
-  top-k, top-p, min-p) with counter-based per-request randomness;
+  top-k, top-p, min-p) with counter-based per-request randomness; its code
+  lies in ``sampling_batch`` (the host-built batch), ``sampling_cpu`` and
+  ``sampling_cuda`` (the kernels and their launchers);
 - ``cache``: paged key/value cache writes and gathers;
 - ``random``: the Philox counter-based generator both devices share;
 - ``attention``: decode attention reading the paged cache in place (CPU only:

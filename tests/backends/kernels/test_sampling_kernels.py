@@ -332,16 +332,16 @@ def test_cuda_kernel_compiles_for_a_gpu(monkeypatch):
     import numba
     from numba import cuda
 
-    from lmserve.backends.torch.kernels import sampling
+    from lmserve.backends.torch.kernels import sampling_cuda
 
     # compiling device functions asks the (absent) driver for the compute capability
     monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
                         lambda: SimpleNamespace(compute_capability=(8, 0)))
     batch = SamplingBatch.from_requests([SamplingParams()], [[]])
     scratch = np.zeros((1, 8), np.float32)
-    args = sampling._cuda_kernel_args(scratch, batch.kernel_args(), scratch.view(np.int32),
-                                      scratch, np.zeros(1, np.int64), np.zeros(1, np.float32))
-    ptx, _ = cuda.compile_ptx(sampling._sample_kernel.py_func,
+    args = sampling_cuda._cuda_kernel_args(scratch, batch.kernel_args(), scratch.view(np.int32),
+                                           scratch, np.zeros(1, np.int64), np.zeros(1, np.float32))
+    ptx, _ = cuda.compile_ptx(sampling_cuda._sample_kernel.py_func,
                               tuple(numba.typeof(a) for a in args), cc=(8, 0))
     assert ".entry" in ptx
 

@@ -1,0 +1,396 @@
+"""The CPU sampling kernel (Numba ``@njit``): one row at a time, rows over
+Numba's threads in large batches. What it computes: :mod:`.sampling`.
+
+It is the reference for its CUDA twin (:mod:`.sampling_cuda`), which compiles
+the two per-token rules written here once (:func:`_penalize`,
+:func:`_choose_level`) and shares their constants. They live in this file
+because Numba's on-disk cache is invalidated by a change to the file of the
+function it compiled, not to the files that function calls into.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from lmserve.backends.torch.kernels.fastmath import FASTMATH, exp_nonpositive
+from lmserve.backends.torch.kernels.random import uniform
+from lmserve.backends.torch.kernels.sampling_batch import (
+    SamplingBatch,
+    SamplingWorkspace,
+    _check_batch,
+    _token_counts,
+)
+
+# Probability levels (relative to the most likely token) for candidate sets.
+_LEVELS = np.exp(-np.array([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 18.0])).astype(np.float32)
+_NUM_LEVELS = len(_LEVELS)
+# token_counts holds, per token of a row's history: output count | flags.
+_PROMPT_BIT = 1 << 29
+_APPLIED_BIT = 1 << 30
+_COUNT_MASK = _PROMPT_BIT - 1
+_SCAN_BLOCK = 1024
+# Rows go over Numba's threads only with this many rows and threads: with few
+# cores, the engine's other threads keep a worker waiting (milliseconds).
+PARALLEL_MIN_ROWS = 16
+PARALLEL_MIN_THREADS = 4
+# A level is trusted to hold the top-p nucleus only with this much mass to spare
+# (covers the rounding of the CPU kernel's float32 level sums).
+_MASS_SLACK = 1.0 + 1e-4
+
+
+# ---- shared by both kernels (compiled for each) ------------------------------------------
+
+
+def _penalize(x, token, count, repetition, presence, frequency):
+    """Apply the penalties to one token seen in the history (``count`` output occurrences)."""
+    value = x[token]
+    if repetition != 1.0:
+        value = value / repetition if value > 0 else value * repetition
+    if count > 0:
+        value = value - frequency * np.float32(count)
+        value = value - presence
+    x[token] = value
+
+
+def _choose_level(level_counts, level_masses, total, top_k, top_p, min_p, vocab_size):
+    """The highest level whose tokens must contain the kept set, or -1 for all tokens."""
+    k_on = 0 < top_k < vocab_size
+    p_on = top_p < 1.0
+    m_on = min_p > 0.0
+    if not (k_on or p_on or m_on):
+        return -1
+    for j in range(_NUM_LEVELS):
+        if k_on:
+            # the top-p cut needs the whole top-k mass, so it must lie above the level
+            if level_counts[j] >= top_k or (not p_on and m_on and min_p >= _LEVELS[j]):
+                return j
+        elif (p_on and level_masses[j] >= top_p * total * _MASS_SLACK) or (
+                m_on and min_p >= _LEVELS[j]):
+            return j
+    return -1
+
+
+_penalize_cpu = njit(cache=True)(_penalize)
+_choose_level_cpu = njit(cache=True)(_choose_level)
+
+
+# ---- the kernel ---------------------------------------------------------------------------
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_max(x):
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x[0]
+    n8 = x.size // 8 * 8
+    for i in range(0, n8, 8):  # eight chains: a single one does not vectorize
+        a0 = max(a0, x[i])
+        a1 = max(a1, x[i + 1])
+        a2 = max(a2, x[i + 2])
+        a3 = max(a3, x[i + 3])
+        a4 = max(a4, x[i + 4])
+        a5 = max(a5, x[i + 5])
+        a6 = max(a6, x[i + 6])
+        a7 = max(a7, x[i + 7])
+    m = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
+    for i in range(n8, x.size):
+        m = max(m, x[i])
+    return m
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _exp_in_place(x, m, inv_temperature):
+    """``x[i] = exp((x[i] - m) / T)``; returns the sum (float64)."""
+    total = 0.0
+    for i in range(x.size):
+        p = exp_nonpositive((x[i] - m) * inv_temperature)
+        x[i] = p
+        total += p
+    return total
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _level_stats(p, counts, masses):
+    """Count and sum the probabilities at or above each level (float32 sums: see _MASS_SLACK)."""
+    l0, l1, l2, l3 = _LEVELS[0], _LEVELS[1], _LEVELS[2], _LEVELS[3]
+    l4, l5, l6, l7 = _LEVELS[4], _LEVELS[5], _LEVELS[6], _LEVELS[7]
+    zero = np.float32(0.0)
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = np.int32(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    for i in range(p.size):
+        v = p[i]
+        c0 += np.int32(v >= l0); s0 += v if v >= l0 else zero  # noqa: E702
+        c1 += np.int32(v >= l1); s1 += v if v >= l1 else zero  # noqa: E702
+        c2 += np.int32(v >= l2); s2 += v if v >= l2 else zero  # noqa: E702
+        c3 += np.int32(v >= l3); s3 += v if v >= l3 else zero  # noqa: E702
+        c4 += np.int32(v >= l4); s4 += v if v >= l4 else zero  # noqa: E702
+        c5 += np.int32(v >= l5); s5 += v if v >= l5 else zero  # noqa: E702
+        c6 += np.int32(v >= l6); s6 += v if v >= l6 else zero  # noqa: E702
+        c7 += np.int32(v >= l7); s7 += v if v >= l7 else zero  # noqa: E702
+    counts[0], counts[1], counts[2], counts[3] = c0, c1, c2, c3
+    counts[4], counts[5], counts[6], counts[7] = c4, c5, c6, c7
+    masses[0], masses[1], masses[2], masses[3] = s0, s1, s2, s3
+    masses[4], masses[5], masses[6], masses[7] = s4, s5, s6, s7
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _count_at_least(p, threshold):
+    count = 0
+    for i in range(p.size):
+        count += np.int32(p[i] >= threshold)
+    return count
+
+
+@njit(cache=True)
+def _first_index_of(x, value):
+    """The first ``i`` with ``x[i] >= value`` (the argmax when ``value`` is the max)."""
+    for start in range(0, x.size, 256):
+        block = x[start:start + 256]
+        if _count_at_least(block, value):
+            for j in range(block.size):
+                if block[j] >= value:
+                    return start + j
+    return 0
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _masked_sum(p, threshold):
+    total = 0.0
+    for i in range(p.size):
+        total += p[i] if p[i] >= threshold else np.float32(0.0)
+    return total
+
+
+@njit(cache=True)
+def _gather_at_least(p, threshold, count):
+    """The values ``>= threshold`` (``count`` of them), skipping blocks that hold none."""
+    out = np.empty(count, np.float32)
+    n = 0
+    for start in range(0, p.size, 256):
+        block = p[start:start + 256]
+        if _count_at_least(block, threshold):
+            for v in block:
+                if v >= threshold and n < count:
+                    out[n] = v
+                    n += 1
+    return out[:n]
+
+
+@njit(cache=True)
+def _cut_threshold(candidates, total, floor, top_k, top_p, min_p, vocab_size):
+    """The smallest kept probability: top-k, then top-p of those, then min-p (ties kept)."""
+    threshold = floor
+    n = candidates.size
+    k_on = 0 < top_k < vocab_size
+    if k_on or top_p < 1.0:
+        s = np.sort(candidates)  # ascending: s[n - 1 - j] is the j-th most likely
+        kept = n
+        if k_on and top_k < n:
+            threshold = max(threshold, s[n - top_k])
+            kept = top_k
+            while kept < n and s[n - 1 - kept] >= s[n - top_k]:
+                kept += 1
+        if top_p < 1.0:
+            mass = total
+            if k_on:
+                mass = 0.0
+                for j in range(kept):
+                    mass += s[n - 1 - j]
+            target = top_p * mass
+            cumulative = 0.0
+            for j in range(kept):
+                cumulative += s[n - 1 - j]
+                if cumulative >= target:
+                    threshold = max(threshold, s[n - 1 - j])
+                    break
+    return max(threshold, min_p)
+
+
+@njit(cache=True)
+def _draw(p, threshold, u):
+    """Inverse CDF in token order over the tokens ``>= threshold``; (token, log-probability)."""
+    mass = _masked_sum(p, threshold)
+    target = u * mass
+    cumulative = 0.0
+    token = 0
+    for start in range(0, p.size, _SCAN_BLOCK):
+        block = p[start:start + _SCAN_BLOCK]
+        block_mass = _masked_sum(block, threshold)
+        if block_mass <= 0.0:
+            continue
+        if cumulative + block_mass <= target:
+            cumulative += block_mass
+            token = start + block.size - 1  # rounding fallback: stay near the end
+            continue
+        for j in range(block.size):
+            if block[j] >= threshold and block[j] > 0.0:
+                cumulative += block[j]
+                token = start + j
+                if cumulative > target:
+                    break
+        break
+    while token > 0 and (p[token] < threshold or p[token] <= 0.0):  # after a rounding fallback
+        token -= 1
+    return token, math.log(p[token]) - math.log(mass)
+
+
+@njit(cache=True)
+def _process_row(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
+                 num_prompt_tokens, repetition, presence, frequency, token_counts):
+    for j in range(bias_offsets[row], bias_offsets[row + 1]):
+        x[bias_ids[j]] += bias_values[j]
+    start, end = token_offsets[row], token_offsets[row + 1]
+    counts = token_counts[row]
+    for j in range(start, end):
+        counts[token_ids[j]] = 0
+    for j in range(start, end):
+        if j < start + num_prompt_tokens[row]:
+            counts[token_ids[j]] |= _PROMPT_BIT
+        else:
+            counts[token_ids[j]] += 1
+    for j in range(start, end):
+        c = counts[token_ids[j]]
+        if not c & _APPLIED_BIT:
+            counts[token_ids[j]] = c | _APPLIED_BIT
+            _penalize_cpu(x, token_ids[j], c & _COUNT_MASK, repetition[row], presence[row],
+                          frequency[row])
+
+
+@njit(cache=True)
+def _support(x, temperature, top_k, top_p, min_p):
+    """Turn processed logits into unnormalised probabilities in place; the kept threshold."""
+    m = _row_max(x)
+    total = _exp_in_place(x, m, np.float32(1.0) / temperature)
+    if not (0 < top_k < x.size or top_p < 1.0 or min_p > 0.0):
+        return np.float32(0.0)
+    level_counts = np.empty(_NUM_LEVELS, np.int64)
+    level_masses = np.empty(_NUM_LEVELS, np.float64)
+    _level_stats(x, level_counts, level_masses)
+    level = _choose_level_cpu(level_counts, level_masses, total, top_k, top_p, min_p, x.size)
+    floor = _LEVELS[level] if level >= 0 else np.float32(0.0)
+    count = level_counts[level] if level >= 0 else x.size
+    candidates = _gather_at_least(x, floor, count)
+    return _cut_threshold(candidates, total, floor, top_k, top_p, min_p, x.size)
+
+
+@njit(cache=True)
+def _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence, frequency,
+                seeds, steps, token_ids, token_offsets, num_prompt_tokens, bias_ids, bias_values,
+                bias_offsets, token_counts, out_tokens, out_logprobs):
+    x = logits[row]
+    _process_row(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
+                 num_prompt_tokens, repetition, presence, frequency, token_counts)
+    if temperature[row] <= 0.0:
+        m = _row_max(x)
+        token = _first_index_of(x, m)
+        out_tokens[row] = token
+        out_logprobs[row] = -math.log(_exp_in_place(x, m, np.float32(1.0)))
+    else:
+        threshold = _support(x, temperature[row], top_k[row], top_p[row], min_p[row])
+        token, logprob = _draw(x, threshold, uniform(seeds[row], steps[row]))
+        out_tokens[row] = token
+        out_logprobs[row] = logprob
+
+
+@njit(parallel=True, cache=True)
+def _sample_rows_parallel(logits, temperature, top_p, top_k, min_p, repetition, presence,
+                          frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
+                          bias_ids, bias_values, bias_offsets, token_counts, out_tokens,
+                          out_logprobs):
+    for row in prange(logits.shape[0]):
+        _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence,
+                    frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
+                    bias_ids, bias_values, bias_offsets, token_counts, out_tokens, out_logprobs)
+
+
+@njit(cache=True)
+def _sample_rows_serial(logits, temperature, top_p, top_k, min_p, repetition, presence,
+                        frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
+                        bias_ids, bias_values, bias_offsets, token_counts, out_tokens,
+                        out_logprobs):
+    for row in range(logits.shape[0]):
+        _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence,
+                    frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
+                    bias_ids, bias_values, bias_offsets, token_counts, out_tokens, out_logprobs)
+
+
+@njit(cache=True)
+def _penalize_rows(logits, repetition, presence, frequency, token_ids, token_offsets,
+                   num_prompt_tokens, bias_ids, bias_values, bias_offsets, token_counts):
+    for row in range(logits.shape[0]):
+        _process_row(logits[row], row, bias_ids, bias_values, bias_offsets, token_ids,
+                     token_offsets, num_prompt_tokens, repetition, presence, frequency,
+                     token_counts)
+
+
+@njit(cache=True)
+def _probs_rows(logits, temperature, top_p, top_k, min_p, out):
+    for row in range(logits.shape[0]):
+        x = logits[row]
+        out[row] = 0.0
+        if temperature[row] <= 0.0:
+            out[row, _first_index_of(x, _row_max(x))] = 1.0
+        else:
+            threshold = _support(x, temperature[row], top_k[row], top_p[row], min_p[row])
+            mass = _masked_sum(x, threshold)
+            for i in range(x.size):
+                out[row, i] = x[i] / mass if x[i] >= threshold else 0.0
+
+
+# ---- launchers ----------------------------------------------------------------------------
+
+
+def _host_logits(logits) -> np.ndarray:
+    array = np.asarray(logits)  # a CPU torch tensor becomes a zero-copy view
+    if array.dtype != np.float32 or array.ndim != 2:
+        raise ValueError(f"logits must be float32 [batch, vocab], got {array.dtype} {array.shape}")
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        array = np.ascontiguousarray(array)
+    return array
+
+
+def sample_cpu(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None = None, *,
+               parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sample one token per row of float32 ``logits`` ``[B, V]`` (numpy or a CPU tensor).
+
+    Returns ``(token_ids int64 [B], logprobs float32 [B])``. ``logits`` is
+    overwritten (scratch) when it is a C-contiguous writable float32 array.
+    ``parallel``: rows over Numba's threads; None does so from
+    ``PARALLEL_MIN_ROWS`` rows and ``PARALLEL_MIN_THREADS`` threads on.
+    """
+    logits = _host_logits(logits)
+    rows, vocab_size = logits.shape
+    _check_batch(batch, rows, vocab_size)
+    tokens = np.empty(rows, np.int64)
+    logprobs = np.empty(rows, np.float32)
+    if rows == 0:
+        return tokens, logprobs
+    counts = _token_counts(batch, rows, vocab_size, workspace, device=False)
+    if parallel is None:
+        parallel = rows >= PARALLEL_MIN_ROWS and numba.get_num_threads() >= PARALLEL_MIN_THREADS
+    kernel = _sample_rows_parallel if parallel else _sample_rows_serial
+    kernel(logits, *batch.kernel_args(), counts, tokens, logprobs)
+    return tokens, logprobs
+
+
+def apply_penalties_cpu(logits, batch: SamplingBatch,
+                        workspace: SamplingWorkspace | None = None) -> np.ndarray:
+    """Add the logit bias and apply the penalties in place (the first stage of sampling)."""
+    logits = _host_logits(logits)
+    _check_batch(batch, *logits.shape)
+    args = batch.kernel_args()
+    counts = _token_counts(batch, logits.shape[0], logits.shape[1], workspace, device=False)
+    _penalize_rows(logits, *args[4:7], *args[9:], counts)
+    return logits
+
+
+def sampling_probs_cpu(logits, batch: SamplingBatch,
+                       workspace: SamplingWorkspace | None = None) -> np.ndarray:
+    """The distribution each row's token is drawn from, float32 ``[B, V]`` (one-hot if greedy)."""
+    logits = apply_penalties_cpu(logits, batch, workspace)
+    args = batch.kernel_args()
+    out = np.empty(logits.shape, np.float32)
+    _probs_rows(logits, args[0], args[1], args[2], args[3], out)
+    return out

@@ -1,0 +1,304 @@
+"""The CUDA sampling kernel (Numba ``@cuda.jit``): one thread block per row.
+What it computes: :mod:`.sampling`.
+
+The twin of the CPU kernel (:mod:`.sampling_cpu`), from which it takes the
+per-token rules both compile (penalties, the choice of a candidate level) and
+their constants; tested against it under Numba's CUDA simulator. Importing
+needs no GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, types
+
+from lmserve.backends.torch.kernels.random import uniform_cuda
+from lmserve.backends.torch.kernels.sampling_batch import (
+    SamplingBatch,
+    SamplingWorkspace,
+    _check_batch,
+    _token_counts,
+)
+from lmserve.backends.torch.kernels.sampling_cpu import (
+    _APPLIED_BIT,
+    _COUNT_MASK,
+    _LEVELS,
+    _NUM_LEVELS,
+    _PROMPT_BIT,
+    _choose_level,
+    _penalize,
+)
+
+_LEVEL_BITS = _LEVELS.view(np.int32)
+_ONE_BITS = int(np.float32(1.0).view(np.int32))
+_MAX_THREADS = 256  # block size limit (a power of two); shared buffers are sized for it
+_F64_SHARED = (_NUM_LEVELS + 2, _MAX_THREADS)  # level masses, the total, scan scratch
+_I32_SHARED = (_NUM_LEVELS + 1, _MAX_THREADS)  # level counts, scratch
+_SUM, _MAX, _MIN = 0, 1, 2  # the reductions of _block_reduce
+
+_penalize_cuda = cuda.jit(device=True)(_penalize)
+_choose_level_cuda = cuda.jit(device=True)(_choose_level)
+
+
+@cuda.jit(device=True)
+def _block_reduce(buf, value, op):
+    """``op`` (_SUM, _MAX or _MIN) of ``value`` over the block, for every thread;
+    ``buf``: a shared row of its type. (A CUDA device function cannot take an
+    operator, hence the code.)"""
+    tid = cuda.threadIdx.x
+    buf[tid] = value
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if tid < stride:
+            other = buf[tid + stride]
+            if op == _SUM:
+                buf[tid] += other
+            elif (op == _MAX and other > buf[tid]) or (op == _MIN and other < buf[tid]):
+                buf[tid] = other
+        cuda.syncthreads()
+        stride //= 2
+    total = buf[0]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True)
+def _penalize_row_cuda(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
+                       num_prompt_tokens, repetition, presence, frequency, token_counts):
+    tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    for j in range(bias_offsets[row] + tid, bias_offsets[row + 1], threads):
+        x[bias_ids[j]] += bias_values[j]
+    cuda.syncthreads()
+    start, end = token_offsets[row], token_offsets[row + 1]
+    if end > start:
+        counts = token_counts[row]
+        for j in range(start + tid, end, threads):
+            counts[token_ids[j]] = 0
+        cuda.syncthreads()
+        for j in range(start + tid, end, threads):
+            if j < start + num_prompt_tokens[row]:
+                cuda.atomic.or_(counts, token_ids[j], _PROMPT_BIT)
+            else:
+                cuda.atomic.add(counts, token_ids[j], 1)
+        cuda.syncthreads()
+        for j in range(start + tid, end, threads):
+            c = cuda.atomic.or_(counts, token_ids[j], _APPLIED_BIT)
+            if not c & _APPLIED_BIT:
+                _penalize_cuda(x, token_ids[j], c & _COUNT_MASK, repetition[row], presence[row],
+                               frequency[row])
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _bisect_cut(candidates, candidate_bits, n, low, goal, by_mass, fbuf, ibuf):
+    """Largest threshold (as float bits) keeping ``goal`` candidates (or mass); ``low`` must."""
+    tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    high = _ONE_BITS + 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        count = 0
+        mass = 0.0
+        for j in range(tid, n, threads):
+            if candidate_bits[j] >= mid:
+                count += 1
+                mass += candidates[j]
+        if by_mass:
+            kept = _block_reduce(fbuf, mass, _SUM) >= goal
+        else:
+            kept = _block_reduce(ibuf, count, _SUM) >= goal
+        if kept:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+@cuda.jit
+def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_bits, repetition,
+                   presence, frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
+                   bias_ids, bias_values, bias_offsets, token_counts, candidates, candidate_bits,
+                   out_tokens, out_logprobs):
+    row = cuda.blockIdx.x
+    tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    fbuf = cuda.shared.array(_F64_SHARED, types.float64)
+    ibuf = cuda.shared.array(_I32_SHARED, types.int32)
+    x, bits = logits[row], logit_bits[row]
+    vocab_size = x.size
+    if tid == 0:  # what a row of NaNs gets; the drawing thread overwrites it
+        out_tokens[row] = 0
+        out_logprobs[row] = math.nan
+    _penalize_row_cuda(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
+                       num_prompt_tokens, repetition, presence, frequency, token_counts)
+    local_max = -math.inf
+    for i in range(tid, vocab_size, threads):
+        if x[i] > local_max:
+            local_max = x[i]
+    m = np.float32(_block_reduce(fbuf[0], local_max, _MAX))
+
+    if temperature[row] <= 0.0:  # greedy: the first maximum
+        first = vocab_size
+        for i in range(tid, vocab_size, threads):
+            if x[i] == m:
+                first = i
+                break
+        token = _block_reduce(ibuf[0], first, _MIN)
+        total = 0.0
+        for i in range(tid, vocab_size, threads):
+            total += math.exp(x[i] - m)
+        total = _block_reduce(fbuf[0], total, _SUM)
+        if tid == 0:
+            out_tokens[row] = token
+            out_logprobs[row] = -math.log(total)
+        return
+
+    # probabilities relative to the most likely token, and the level statistics
+    inv_temperature = np.float32(1.0) / temperature[row]
+    level_counts = cuda.local.array(_NUM_LEVELS, types.int32)
+    level_masses = cuda.local.array(_NUM_LEVELS, types.float64)
+    for j in range(_NUM_LEVELS):
+        level_counts[j] = 0
+        level_masses[j] = 0.0
+    total = 0.0
+    for i in range(tid, vocab_size, threads):
+        p = np.float32(math.exp((x[i] - m) * inv_temperature))
+        x[i] = p
+        total += p
+        for j in range(_NUM_LEVELS):
+            if p >= _LEVELS[j]:
+                level_counts[j] += 1
+                level_masses[j] += p
+    for j in range(_NUM_LEVELS):
+        fbuf[j, tid] = level_masses[j]
+        ibuf[j, tid] = level_counts[j]
+    fbuf[_NUM_LEVELS, tid] = total
+    cuda.syncthreads()
+    stride = threads // 2
+    while stride > 0:
+        if tid < stride:
+            for j in range(_NUM_LEVELS + 1):
+                fbuf[j, tid] += fbuf[j, tid + stride]
+            for j in range(_NUM_LEVELS):
+                ibuf[j, tid] += ibuf[j, tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+    for j in range(_NUM_LEVELS):
+        level_counts[j] = ibuf[j, 0]
+        level_masses[j] = fbuf[j, 0]
+    total = fbuf[_NUM_LEVELS, 0]
+    cuda.syncthreads()
+
+    k, nucleus = top_k[row], top_p[row]
+    k_on = 0 < k < vocab_size
+    threshold = 0  # float bits of the smallest kept probability (p >= 0: bits order = value order)
+    if k_on or nucleus < 1.0 or min_p[row] > 0.0:
+        level = _choose_level_cuda(level_counts, level_masses, total, k, nucleus, min_p[row],
+                                   vocab_size)
+        threshold = _LEVEL_BITS[level] if level >= 0 else 0
+        # gather the candidates (any order: the cuts below only count and sum)
+        if tid == 0:
+            ibuf[0, 0] = 0
+        cuda.syncthreads()
+        row_candidates, row_candidate_bits = candidates[row], candidate_bits[row]
+        for i in range(tid, vocab_size, threads):
+            if bits[i] >= threshold:
+                row_candidates[cuda.atomic.add(ibuf, (0, 0), 1)] = x[i]
+        cuda.syncthreads()
+        n = ibuf[0, 0]
+        cuda.syncthreads()
+        if k_on:
+            threshold = _bisect_cut(row_candidates, row_candidate_bits, n, threshold, k, False,
+                                    fbuf[0], ibuf[0])
+        if nucleus < 1.0:
+            top_k_mass = total
+            if k_on:
+                top_k_mass = 0.0
+                for j in range(tid, n, threads):
+                    if row_candidate_bits[j] >= threshold:
+                        top_k_mass += row_candidates[j]
+                top_k_mass = _block_reduce(fbuf[0], top_k_mass, _SUM)
+            threshold = _bisect_cut(row_candidates, row_candidate_bits, n, threshold,
+                                    nucleus * top_k_mass, True, fbuf[0], ibuf[0])
+        if min_p_bits[row] > threshold:
+            threshold = min_p_bits[row]
+
+    # inverse CDF in token order: each thread owns a contiguous chunk
+    chunk = (vocab_size + threads - 1) // threads
+    begin = tid * chunk if tid * chunk < vocab_size else vocab_size
+    stop = begin + chunk if begin + chunk < vocab_size else vocab_size
+    chunk_mass = 0.0
+    for i in range(begin, stop):
+        if bits[i] >= threshold:
+            chunk_mass += x[i]
+    fbuf[0, tid] = chunk_mass
+    cuda.syncthreads()
+    if tid == 0:
+        running = 0.0
+        last = 0
+        for t in range(threads):
+            fbuf[1, t] = running
+            running += fbuf[0, t]
+            if fbuf[0, t] > 0.0:
+                last = t
+        fbuf[2, 0] = running
+        ibuf[0, 0] = last
+    cuda.syncthreads()
+    mass, prefix = fbuf[2, 0], fbuf[1, tid]
+    target = uniform_cuda(seeds[row], steps[row]) * mass
+    if chunk_mass > 0.0 and prefix <= target and (target < prefix + chunk_mass or tid == ibuf[0, 0]):
+        cumulative = prefix
+        token = begin
+        for i in range(begin, stop):
+            if bits[i] >= threshold and x[i] > 0.0:
+                cumulative += x[i]
+                token = i
+                if cumulative > target:
+                    break
+        out_tokens[row] = token
+        out_logprobs[row] = math.log(x[token]) - math.log(mass)
+
+
+# ---- launcher -----------------------------------------------------------------------------
+
+
+def _device_array(array):
+    """A numba device view of a torch CUDA tensor or a device array (the simulator's too)."""
+    if hasattr(array, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(array)
+    return array
+
+
+def _cuda_kernel_args(logits, batch_args, token_counts, candidates, tokens, logprobs) -> tuple:
+    """``_sample_kernel``'s arguments in order; float32 arrays are also passed as their bits."""
+    return (logits, logits.view(np.int32), *batch_args[:4], batch_args[3].view(np.int32),
+            *batch_args[4:], token_counts, candidates, candidates.view(np.int32), tokens, logprobs)
+
+
+def sample_cuda(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None = None, *,
+                threads: int = _MAX_THREADS, stream=0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sample_cpu` on the GPU: ``logits`` is a float32 ``[B, V]`` CUDA tensor or
+    device array (C-contiguous; overwritten). Returns host arrays.
+
+    ``stream``: a numba stream; for torch's current stream pass
+    ``cuda.external_stream(torch.cuda.current_stream().cuda_stream)``.
+    """
+    if threads > _MAX_THREADS or threads & (threads - 1):
+        raise ValueError(f"threads must be a power of two <= {_MAX_THREADS}, got {threads}")
+    logits = _device_array(logits)
+    if logits.dtype != np.float32 or len(logits.shape) != 2:
+        raise ValueError(f"logits must be float32 [batch, vocab], got {logits.dtype} {logits.shape}")
+    rows, vocab_size = logits.shape
+    _check_batch(batch, rows, vocab_size)
+    if rows == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    args = [cuda.to_device(a, stream=stream) for a in batch.kernel_args()]
+    workspace = workspace or SamplingWorkspace()
+    counts = _token_counts(batch, rows, vocab_size, workspace, device=True)
+    candidates = workspace.get("candidates", rows, vocab_size, np.float32, device=True)
+    tokens = cuda.device_array(rows, np.int64, stream=stream)
+    logprobs = cuda.device_array(rows, np.float32, stream=stream)
+    _sample_kernel[rows, threads, stream](
+        *_cuda_kernel_args(logits, args, counts, candidates, tokens, logprobs))
+    return tokens.copy_to_host(stream=stream), logprobs.copy_to_host(stream=stream)
