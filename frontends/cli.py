@@ -18,13 +18,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from lmserve.core.chat_template import HF, ChatTemplateRegistry
 from lmserve.core.config import DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
+from lmserve.core.startup import resolve_model
 from lmserve.frontends.api_client import APIClient
 from lmserve.frontends.openai.http_config import HTTPConfig
 from lmserve.frontends.terminal_chat import chat_in_terminal
-from lmserve.plugins.chat_templates import HF, ChatTemplateRegistry, choose_chat_template
 
 
 def _plugin_modules(argv: Sequence[str]) -> list[str]:
@@ -192,15 +193,7 @@ def _templates(pm, model: str | None, chat_template: str | None) -> int:
     if model is None:
         return 0
     # Resolved as the server resolves it, the tokenizer included; no weights load.
-    config = ServeConfig(model=model, chat_template=chat_template)
-    tried: list[str] = []
-    source = call_safely(pm, "lmserve_resolve_model", model=model, tried=tried)
-    if source is None:
-        raise ModelNotFoundError(model, tried)
-    tokenizer = call_safely(pm, "lmserve_load_tokenizer", source=source)
-    if tokenizer is None:
-        raise PluginError(f"No plugin could load the tokenizer of {source.path}.")
-    choice = choose_chat_template(pm, source, tokenizer, config)
+    choice = resolve_model(pm, ServeConfig(model=model, chat_template=chat_template)).template_choice
     print(f"\n{model} gets {choice.template.name!r}: {choice.reason}.")
     print("A first turn renders as:")
     print(choice.template.render([{"role": "user", "content": "Hello!"}], add_generation_prompt=True))

@@ -1,25 +1,14 @@
-"""The ``base`` chat template: the identity, for models without a template."""
+"""Contributes the ``base`` chat template (the identity) to the registry.
+
+The template itself is the kernel's, since it is also the choice's last resort
+(:class:`lmserve.core.chat_template.BaseChatTemplate`); here it joins the
+registry, so ``--chat-template base`` picks it and ``lmserve templates`` lists it.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from lmserve.core import hookimpl
-from lmserve.core.chat_template import Message
-
-
-class BaseChatTemplate:
-    """Concatenates the messages' contents; adds nothing.
-
-    The last resort of the choice (``lmserve.plugins.chat_templates``), and
-    ``--chat-template base`` for a model that needs no decoration.
-    """
-
-    name = "base"
-    stop_words: tuple[str, ...] = ()
-
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        return "".join(message["content"] for message in messages)
+from lmserve.core.chat_template import BaseChatTemplate
 
 
 @hookimpl

@@ -60,13 +60,15 @@ class LiveServer:
 
     Returns from the constructor once ``/health`` answers 200, so a test can
     send requests at once; raises with the server's output when it exits or
-    stays unhealthy. Its output goes to a log file, read with :meth:`log`.
+    stays unhealthy. Its output goes to a log file in ``log_dir`` (the temp
+    folder by default; the fixtures pass one of pytest's), read with :meth:`log`.
     """
 
-    def __init__(self, model: str | Path, *args: str, env: dict | None = None, startup_timeout: float = 180):
+    def __init__(self, model: str | Path, *args: str, env: dict | None = None, startup_timeout: float = 180,
+                 log_dir: Path | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / f"lmserve-test-{self.port}.log"
+        self.log_path = Path(log_dir or tempfile.gettempdir()) / f"lmserve-test-{self.port}.log"
         self._log = open(self.log_path, "w+")
         self.process = subprocess.Popen(
             [*LMSERVE, "serve", "api_server", str(model), "--server-name", "127.0.0.1",
@@ -180,26 +182,27 @@ def lmserve_engine(lmserve_tiny_model_dir) -> Iterator[TinyEngine]:
     """The torch engine on the tiny model, on the CPU, started for the session
     and shut down after it."""
     from lmserve.backends.torch.factory import EngineConfig, create_backend
-    from lmserve.core.tokenizer import Tokenizer
+    from lmserve.plugins.tokenizer_files import tokenizer_from_path
 
     backend = create_backend(lmserve_tiny_model_dir, EngineConfig(
         device="cpu", cache_max_entry_count=64, cache_block_seq_len=16))
-    engine = TinyEngine(backend, Tokenizer.from_pretrained(lmserve_tiny_model_dir))
+    engine = TinyEngine(backend, tokenizer_from_path(lmserve_tiny_model_dir))
     yield engine
     backend.shutdown()
 
 
 @pytest.fixture(scope="session")
-def lmserve_server_factory(lmserve_tiny_model_dir) -> Iterator[Callable[..., LiveServer]]:
+def lmserve_server_factory(lmserve_tiny_model_dir, tmp_path_factory) -> Iterator[Callable[..., LiveServer]]:
     """``start(*args, model=None, env=None)``: a :class:`LiveServer` of
     ``lmserve serve api_server`` on ``model`` (the tiny model by default) with
     the extra command-line ``args`` and environment variables ``env`` (added to
     this process's). Every server started is stopped at the end of the
     session; stop one sooner with ``server.stop()``."""
     servers: list[LiveServer] = []
+    log_dir = tmp_path_factory.mktemp("lmserve-logs")
 
     def start(*args: str, model: str | Path | None = None, env: dict | None = None) -> LiveServer:
-        server = LiveServer(model or lmserve_tiny_model_dir, *args, env=env)
+        server = LiveServer(model or lmserve_tiny_model_dir, *args, env=env, log_dir=log_dir)
         servers.append(server)
         return server
 

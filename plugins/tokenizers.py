@@ -1,4 +1,8 @@
-"""Built-in tokenizer loading: byte-level BPE from GGUF metadata or tokenizer.json."""
+"""Built-in tokenizer loading: byte-level BPE from GGUF metadata or tokenizer.json.
+
+The loaders are in ``lmserve.plugins.tokenizer_files``, imported on the first
+call so that loading the plugins stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,6 @@ from lmserve.core.model_source import ModelSource
 
 @hookimpl(trylast=True)
 def lmserve_load_tokenizer(source: ModelSource):
-    from lmserve.core.tokenizer import Tokenizer
+    from lmserve.plugins.tokenizer_files import tokenizer_from_path
 
-    return Tokenizer.from_pretrained(source.path)
+    return tokenizer_from_path(source.path)

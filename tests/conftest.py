@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,23 @@ from lmserve.plugins.pytest_plugin import LMSERVE, LiveServer, free_port  # noqa
 from lmserve.plugins.tiny_model import write_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_stay_under_pytest(tmp_path_factory):
+    """Everything the run writes to a temp folder (server logs, the servers' own temp
+    files) goes under pytest's temp paths; at the end the system temp folder holds
+    nothing new but pytest's own folder."""
+    system_temp = Path(tempfile.gettempdir())
+    before = set(os.listdir(system_temp))
+    private = tmp_path_factory.mktemp("temp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(private))  # for the servers the tests start
+        patch.setattr(tempfile, "tempdir", str(private))  # for this process
+        yield private
+    pytest_folder = tmp_path_factory.getbasetemp().parent.name
+    left = sorted(set(os.listdir(system_temp)) - before - {pytest_folder})
+    assert not left, f"the test run left files in {system_temp}: {left}"
 
 
 def smollm2_gguf_path() -> Path:

@@ -8,7 +8,6 @@ import pytest
 
 from lmserve.core.backend import Backend
 from lmserve.core.bus import RequestBus
-from lmserve.core.tokenizer import Tokenizer
 from lmserve.core.types import (
     BackendUnavailableError,
     EngineOutput,
@@ -17,6 +16,7 @@ from lmserve.core.types import (
     InvalidRequestError,
     SamplingParams,
 )
+from lmserve.plugins.tokenizer_files import tokenizer_from_hf_dir
 
 
 class ScriptedBackend(Backend):
@@ -83,7 +83,7 @@ def tokenizer(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("tok")
     write_tiny_tokenizer(directory)
-    return Tokenizer.from_hf_dir(directory)
+    return tokenizer_from_hf_dir(directory)
 
 
 def _run(coro):

@@ -6,6 +6,7 @@ import pytest
 
 from lmserve.core.detokenizer import IncrementalDetokenizer
 from lmserve.core.tokenizer import Tokenizer, bytes_to_spelled
+from lmserve.plugins.tokenizer_files import tokenizer_from_gguf, tokenizer_from_hf_dir
 from tiny_tokenizer import write_tiny_tokenizer
 
 TEXTS = [
@@ -21,12 +22,12 @@ TEXTS = [
 def tiny(tmp_path_factory) -> Tokenizer:
     directory = tmp_path_factory.mktemp("tiny-tokenizer")
     write_tiny_tokenizer(directory)
-    return Tokenizer.from_hf_dir(directory)
+    return tokenizer_from_hf_dir(directory)
 
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm2_gguf)
+    return tokenizer_from_gguf(smollm2_gguf)
 
 
 def stream(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool = True, step: int = 1):

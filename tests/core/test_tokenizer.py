@@ -1,4 +1,8 @@
-"""The tiktoken-based tokenizer against HF tokenizers, id for id."""
+"""The tiktoken-based tokenizer against HF tokenizers, id for id.
+
+The tokenizers are read from files by the built-in loaders
+(``lmserve.plugins.tokenizer_files``), whose reading is tested here too.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from lmserve.core.tokenizer import (
     bytes_to_spelled,
     spelled_to_bytes,
 )
+from lmserve.plugins.tokenizer_files import tokenizer_from_gguf, tokenizer_from_hf_dir, tokenizer_from_path
 from tiny_tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, tokenizer_config, write_tiny_tokenizer
 
 import transformers  # noqa: E402  (the reference; a dev dependency)
@@ -124,7 +129,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir) -> Tokenizer:
-    return Tokenizer.from_pretrained(tiny_dir)
+    return tokenizer_from_path(tiny_dir)
 
 
 def test_corpus_is_mixed():
@@ -186,7 +191,7 @@ def test_ids_not_in_merge_order(tiny_dir, tmp_path):
         assert merged != sorted(merged)
 
     directory = _rewrite(tiny_dir, tmp_path / "shuffled", shuffle)
-    tokenizer = Tokenizer.from_hf_dir(directory)
+    tokenizer = tokenizer_from_hf_dir(directory)
     assert tokenizer._identity_limit == -1  # the translated path is the one under test
     assert_same_as_hf(tokenizer, load_hf(directory), CORPUS)
 
@@ -205,7 +210,7 @@ def test_unreachable_and_plain_added_tokens(tiny_dir, tmp_path):
         vocab["<tool>"] = len(vocab)
 
     directory = _rewrite(tiny_dir, tmp_path / "unreachable", edit)
-    tokenizer = Tokenizer.from_hf_dir(directory)
+    tokenizer = tokenizer_from_hf_dir(directory)
     hf = load_hf(directory)
     texts = ["run quickly", " quickly", "a<tool>b <tool> x", "     five", *CORPUS[:60]]
     assert_same_as_hf(tokenizer, hf, texts)
@@ -241,7 +246,7 @@ def test_pre_tokenizers(tiny_dir, tmp_path, pre_tokenizer):
 
     directory = _rewrite(tiny_dir, tmp_path / "pre", edit)
     texts = [*CORPUS, "123 1234 12 3 x123y  1 \n 12\n\n 1", "  1", " \t 12", "a  \n\n  1"]
-    assert_same_as_hf(Tokenizer.from_hf_dir(directory), load_hf(directory), texts)
+    assert_same_as_hf(tokenizer_from_hf_dir(directory), load_hf(directory), texts)
 
 
 def test_hf_config_variants(tiny_dir, tmp_path):
@@ -251,7 +256,7 @@ def test_hf_config_variants(tiny_dir, tmp_path):
     config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     config["add_bos_token"] = True
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    tokenizer = Tokenizer.from_pretrained(directory)
+    tokenizer = tokenizer_from_path(directory)
     assert tokenizer.bos_token_id == tokenizer.token_to_id("<|im_start|>")
     assert tokenizer.chat_template == "D"
     assert tokenizer.encode("hi")[0] == tokenizer.bos_token_id
@@ -259,7 +264,7 @@ def test_hf_config_variants(tiny_dir, tmp_path):
     del config["chat_template"], config["add_bos_token"]
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "chat_template.jinja").write_text("J")
-    tokenizer = Tokenizer.from_pretrained(directory)
+    tokenizer = tokenizer_from_path(directory)
     assert tokenizer.chat_template == "J" and tokenizer.add_bos_token is False
 
 
@@ -268,9 +273,9 @@ def test_refuses_what_it_cannot_do(tiny_dir, tmp_path):
         spec["model"]["type"] = "Unigram"
 
     with pytest.raises(ValueError, match="Unigram"):
-        Tokenizer.from_hf_dir(_rewrite(tiny_dir, tmp_path / "unigram", not_bpe))
+        tokenizer_from_hf_dir(_rewrite(tiny_dir, tmp_path / "unigram", not_bpe))
     with pytest.raises(FileNotFoundError):
-        Tokenizer.from_pretrained(tmp_path / "missing")
+        tokenizer_from_path(tmp_path / "missing")
 
 
 def _write_gguf(path: Path, tiny_dir: Path, model: str = "gpt2", pre: str = "gpt2") -> Path:
@@ -298,7 +303,7 @@ def _write_gguf(path: Path, tiny_dir: Path, model: str = "gpt2", pre: str = "gpt
 
 
 def test_gguf_metadata(tiny_dir, tiny, tmp_path):
-    tokenizer = Tokenizer.from_pretrained(_write_gguf(tmp_path / "tiny.gguf", tiny_dir))
+    tokenizer = tokenizer_from_path(_write_gguf(tmp_path / "tiny.gguf", tiny_dir))
     assert tokenizer.vocab_size == tiny.vocab_size
     assert tokenizer.special_token_ids == tiny.special_token_ids
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.chat_template) == ("<|im_start|>", "<|im_end|>", "CHAT")
@@ -306,14 +311,14 @@ def test_gguf_metadata(tiny_dir, tiny, tmp_path):
     for text in CORPUS:
         assert tokenizer.encode(text) == tiny.encode(text)
 
-    llama3 = Tokenizer.from_gguf(_write_gguf(tmp_path / "llama3.gguf", tiny_dir, pre="llama-bpe"))
+    llama3 = tokenizer_from_gguf(_write_gguf(tmp_path / "llama3.gguf", tiny_dir, pre="llama-bpe"))
     assert llama3.pattern == LLAMA3_PATTERN
-    qwen2 = Tokenizer.from_gguf(_write_gguf(tmp_path / "qwen2.gguf", tiny_dir, pre="qwen2"))
+    qwen2 = tokenizer_from_gguf(_write_gguf(tmp_path / "qwen2.gguf", tiny_dir, pre="qwen2"))
     assert qwen2.pattern == QWEN2_PATTERN
-    gpt4o = Tokenizer.from_gguf(_write_gguf(tmp_path / "gpt4o.gguf", tiny_dir, pre="gpt-4o"))
+    gpt4o = tokenizer_from_gguf(_write_gguf(tmp_path / "gpt4o.gguf", tiny_dir, pre="gpt-4o"))
     assert gpt4o.pattern == GPT4O_PATTERN and gpt4o.encode("Hello World's") == tiny.encode("Hello World's")
     with pytest.raises(ValueError, match="'llama'"):
-        Tokenizer.from_gguf(_write_gguf(tmp_path / "spm.gguf", tiny_dir, model="llama"))
+        tokenizer_from_gguf(_write_gguf(tmp_path / "spm.gguf", tiny_dir, model="llama"))
 
 
 def test_import_stays_light():
@@ -327,7 +332,7 @@ def test_import_stays_light():
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm2_gguf)
+    return tokenizer_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -148,9 +148,9 @@ def test_health(tiny_server):
 
 
 def test_logit_bias_steers_every_token(tiny_server, tiny_model_dir):
-    from lmserve.core.tokenizer import Tokenizer
+    from lmserve.plugins.tokenizer_files import tokenizer_from_hf_dir
 
-    tokenizer = Tokenizer.from_hf_dir(tiny_model_dir)
+    tokenizer = tokenizer_from_hf_dir(tiny_model_dir)
     token = tokenizer.encode("a", add_bos=False)[0]
     body = {"model": "tiny", "prompt": "xyz", "max_tokens": 4, "temperature": 0.7, "seed": 3,
             "logit_bias": {str(token): 100}}

@@ -12,17 +12,17 @@ import json
 import pytest
 
 from conftest import LMDEPLOY_DOC_JSON
-from lmserve.core.chat_template import render_continuation
-from lmserve.core.plugins import PluginError, create_plugin_manager
-from lmserve.core.types import InvalidRequestError
-from lmserve.plugins.base_chat_template import BaseChatTemplate
-from lmserve.plugins.chat_templates import (
-    BUILTIN_TEMPLATES,
+from lmserve.core.chat_template import (
+    BaseChatTemplate,
     ChatTemplateRegistry,
     DefaultSystemPrompt,
     FieldsChatTemplate,
+    render_continuation,
     with_meta_instruction,
 )
+from lmserve.core.plugins import PluginError, create_plugin_manager
+from lmserve.core.types import InvalidRequestError
+from lmserve.plugins.chat_templates import BUILTIN_TEMPLATES
 from lmserve.plugins.hf_chat_template import JinjaChatTemplate
 
 BUILTINS = {template.name: template for template in BUILTIN_TEMPLATES}
@@ -301,10 +301,10 @@ def test_meta_instruction_puts_a_system_message_first_for_other_kinds():
 
 @pytest.mark.real_model
 def test_hf_renders_the_whole_conversation_like_transformers(smollm2_gguf, hf_smollm2_tokenizer):
-    from lmserve.core.tokenizer import Tokenizer
+    from lmserve.plugins.tokenizer_files import tokenizer_from_gguf
     from lmserve.plugins.hf_chat_template import model_chat_template
 
-    template = model_chat_template(Tokenizer.from_gguf(smollm2_gguf))
+    template = model_chat_template(tokenizer_from_gguf(smollm2_gguf))
     expected = hf_smollm2_tokenizer.apply_chat_template(WHOLE, tokenize=False, add_generation_prompt=True)
     assert template.render(WHOLE) == expected
     first = hf_smollm2_tokenizer.apply_chat_template(FIRST, tokenize=False, add_generation_prompt=True)

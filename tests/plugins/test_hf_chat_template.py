@@ -24,9 +24,9 @@ def smollm2_hf_tokenizer(hf_smollm2_tokenizer):
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_renders_like_transformers_on_the_real_template(smollm2_gguf, smollm2_hf_tokenizer, messages, add_generation_prompt):
-    from lmserve.core.tokenizer import Tokenizer
+    from lmserve.plugins.tokenizer_files import tokenizer_from_gguf
 
-    tokenizer = Tokenizer.from_gguf(smollm2_gguf)
+    tokenizer = tokenizer_from_gguf(smollm2_gguf)
     template = JinjaChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     expected = smollm2_hf_tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt

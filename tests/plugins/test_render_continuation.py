@@ -8,8 +8,7 @@ BOS appears twice.
 
 import pytest
 
-from lmserve.core.chat_template import render_continuation
-from lmserve.plugins.base_chat_template import BaseChatTemplate
+from lmserve.core.chat_template import BaseChatTemplate, render_continuation
 from lmserve.plugins.hf_chat_template import JinjaChatTemplate
 
 # Jinja templates in the styles models ship: ChatML with a default system prompt
@@ -79,9 +78,9 @@ def test_a_template_that_drops_replies_cannot_continue_a_conversation():
 @pytest.mark.real_model
 def test_the_real_models_template_continues_like_transformers_renders_the_whole(smollm2_gguf,
                                                                                  hf_smollm2_tokenizer):
-    from lmserve.core.tokenizer import Tokenizer
+    from lmserve.plugins.tokenizer_files import tokenizer_from_gguf
 
-    tokenizer = Tokenizer.from_gguf(smollm2_gguf)
+    tokenizer = tokenizer_from_gguf(smollm2_gguf)
     template = JinjaChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     whole = hf_smollm2_tokenizer.apply_chat_template(
         [*FIRST, {"role": "assistant", "content": REPLY}, *NEXT], tokenize=False, add_generation_prompt=True)
