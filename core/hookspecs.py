@@ -148,7 +148,9 @@ def lmserve_register_routes(app: Any, state: Any) -> None:
     """Add HTTP routes to the server.
 
     Called once while the Sanic app is built, after the built-in OpenAI
-    routes. The built-in routes are registered through this same hook.
+    routes. The built-in routes are registered through this same hook. A
+    route that generates is decorated with
+    ``lmserve.frontends.openai.limits.admitted`` so the admission limits apply.
 
     :param app: the :class:`sanic.Sanic` application.
     :param state: the server state (``state.bus``, ``state.tokenizer``,

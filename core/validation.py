@@ -12,6 +12,11 @@ from typing import Iterable
 from lmserve.core.types import InvalidRequestError
 
 
+def context_room(num_tokens: int, max_model_len: int) -> int:
+    """How many tokens may still be generated after ``num_tokens`` (0 or less: none)."""
+    return max_model_len - num_tokens
+
+
 def check_context_room(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
                        prompt_param: str = "messages") -> int:
     """The ``max_tokens`` to use, or a clear error when the prompt does not fit.
@@ -22,13 +27,13 @@ def check_context_room(num_prompt_tokens: int, max_tokens: int | None, max_model
     :param prompt_param: the parameter named when the prompt alone leaves no room.
     :returns: ``max_tokens``, or the room left when it was ``None``.
     """
-    if num_prompt_tokens >= max_model_len:
+    room = context_room(num_prompt_tokens, max_model_len)
+    if room <= 0:
         raise InvalidRequestError(
             f"The prompt has {num_prompt_tokens} tokens, but this model's maximum context "
             f"length is {max_model_len} tokens, which leaves no room to generate.",
             prompt_param,
         )
-    room = max_model_len - num_prompt_tokens
     if max_tokens is None:
         return room
     if max_tokens > room:

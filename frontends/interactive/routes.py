@@ -33,22 +33,34 @@ from sanic.response import json as json_response
 from lmserve.core import hookimpl
 from lmserve.core.chat_template import render_continuation
 from lmserve.core.sessions import Session, SessionBusyError
-from lmserve.core.types import (
-    FinishReason,
-    GenerationOutput,
-    GenerationRequest,
-    InvalidRequestError,
-    SamplingParams,
-)
+from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
+from lmserve.core.validation import context_room
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
 from lmserve.frontends.openai.errors import APIError, error_response
-from lmserve.frontends.openai.generation import checked_stop_strings
 from lmserve.frontends.openai.limits import admitted
-from lmserve.frontends.openai.openapi import ROUTE_DOCS, RouteDoc
+from lmserve.frontends.openai.openapi import RouteDoc
 from lmserve.frontends.openai.parsing import parse_body
+from lmserve.frontends.openai.sampling import (
+    checked_stop_strings,
+    sampling_params,
+    with_template_stop_strings,
+    with_template_stop_token_ids,
+)
 from lmserve.frontends.openai.state import ServerState
 
 NDJSON = "application/x-ndjson"
+
+#: The route's entry in /openapi.json.
+CHAT_INTERACTIVE_DOC = RouteDoc(
+    "A turn of an interactive chat (LMDeploy)", "Interactive", InteractiveRequest, InteractiveResponse,
+    line_stream=InteractiveResponse, errors=(400, 409, 413, 500, 503), admitted=True,
+    description="The server keeps the conversation of `session_id` (its KV cache too), so each turn "
+    "sends only its new message. With `stream: true` the answer is one `InteractiveResponse` JSON "
+    "object per line (`text` is the new text). End a session with `prompt: \"\"`, "
+    "`request_output_len: 0`, `interactive_mode: false`; stop a running turn with `cancel: true`. "
+    "A turn on a session whose previous turn still runs gets a 409.",
+    example={"prompt": "Hello! How are you?", "session_id": 1, "interactive_mode": True},
+)
 
 
 @hookimpl
@@ -71,23 +83,16 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
             if sessions.end(body.session_id):
                 await sessions.wait_idle(body.session_id)  # a running turn winds down first
             return _single_reply(body, _reply(finish_reason="stop"))
-        # Cancels and ends above never wait for admission; turns do.
-        return await admitted(lambda req: _turn(state, body, req), request.app.ctx.admission)(request)
+        # Cancels and ends above never wait for admission; turns do (_turn is admitted).
+        return await _turn(request, state, body)
 
     app.add_route(chat_interactive, "/v1/chat/interactive", methods=["POST"], name="chat_interactive",
-                  ctx_generation=False)
-    ROUTE_DOCS["chat_interactive"] = RouteDoc(
-        "A turn of an interactive chat (LMDeploy)", "Interactive", InteractiveRequest, InteractiveResponse,
-        line_stream=InteractiveResponse, errors=(400, 409, 413, 500, 503), admitted=True,
-        description="The server keeps the conversation of `session_id` (its KV cache too), so each turn "
-        "sends only its new message. With `stream: true` the answer is one `InteractiveResponse` JSON "
-        "object per line (`text` is the new text). End a session with `prompt: \"\"`, "
-        "`request_output_len: 0`, `interactive_mode: false`; stop a running turn with `cancel: true`. "
-        "A turn on a session whose previous turn still runs gets a 409.",
-    )
+                  ctx_doc=CHAT_INTERACTIVE_DOC)
 
 
-async def _turn(state: ServerState, body: InteractiveRequest, request: Request):
+@admitted
+async def _turn(request: Request, state: ServerState, body: InteractiveRequest):
+    """A turn: it waits for an admission slot and holds it while it generates."""
     sessions = state.bus.sessions
     if body.session_id == -1:
         session = None
@@ -99,7 +104,7 @@ async def _turn(state: ServerState, body: InteractiveRequest, request: Request):
     try:
         history = session.history_tokens if session is not None else 0
         input_ids = _render_turn(state, session, body.prompt)
-        room = state.max_model_len - history - len(input_ids)
+        room = context_room(history + len(input_ids), state.max_model_len)
         if body.request_output_len is not None and body.request_output_len < 0:
             raise APIError(400, f"request_output_len must be at least 0, got {body.request_output_len}.",
                            "request_output_len")
@@ -114,9 +119,7 @@ async def _turn(state: ServerState, body: InteractiveRequest, request: Request):
             return _single_reply(body, _reply(input_tokens=len(input_ids), history_tokens=history,
                                               finish_reason="length"))
         params = _sampling_params(state, body, min(body.request_output_len or room, room))
-        stop = checked_stop_strings(body)
-        if not body.ignore_eos:  # the template's stop words of several tokens end a turn too
-            stop += tuple(word for word in state.default_stop_strings if word not in stop)
+        stop = with_template_stop_strings(state, checked_stop_strings(body.stop), ignore_eos=body.ignore_eos)
     except BaseException:
         if session is not None:
             sessions.abandon_turn(session)
@@ -156,17 +159,13 @@ def _render_turn(state: ServerState, session: Session | None, prompt) -> list[in
 
 
 def _sampling_params(state: ServerState, body: InteractiveRequest, max_tokens: int) -> SamplingParams:
-    stop_token_ids = () if body.ignore_eos else state.default_stop_token_ids
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
-            stop_token_ids=stop_token_ids, ignore_eos=body.ignore_eos,
-            skip_special_tokens=body.skip_special_tokens, min_tokens=body.min_new_tokens or 0,
-        )
-    except InvalidRequestError as exc:
-        param = "min_new_tokens" if exc.param == "min_tokens" else exc.param
-        raise APIError(400, exc.message, param) from exc
+    return sampling_params(
+        max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, seed=body.seed,
+        stop_token_ids=with_template_stop_token_ids(state, (), ignore_eos=body.ignore_eos),
+        ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens, min_tokens=body.min_new_tokens,
+        body_names={"min_tokens": "min_new_tokens"},
+    )
 
 
 def _reply(text: str = "", tokens: int = 0, input_tokens: int = 0, history_tokens: int = 0,

@@ -12,18 +12,17 @@ from sanic.exceptions import PayloadTooLarge, SanicException
 
 from lmserve.core.bus import RequestBus
 from lmserve.core.config import ServeConfig
-from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely
+from lmserve.core.startup import resolve_model
 from lmserve.core.types import BackendUnavailableError, InvalidRequestError
 from lmserve.frontends.openai.auth import setup_auth
 from lmserve.frontends.openai.cors import setup_cors
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.http_config import HTTPConfig
-from lmserve.frontends.openai.limits import setup_limits
+from lmserve.frontends.openai.limits import refuse_generation_flags, setup_limits
 from lmserve.frontends.openai.openapi import setup_openapi
 from lmserve.frontends.openai.shutdown import setup_graceful_shutdown
 from lmserve.frontends.openai.state import ServerState
-from lmserve.plugins.chat_templates import choose_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +35,8 @@ UNWIND_TIMEOUT_S = 2.0
 def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
     """Everything the routes need, built through the hooks (slow: weights load here)."""
     call_safely(pm, "lmserve_configure", config=config)
-    tried: list[str] = []
-    source = call_safely(pm, "lmserve_resolve_model", model=config.model, tried=tried)
-    if source is None:
-        raise ModelNotFoundError(config.model, tried)
-    print(f"lmserve: model {config.model!r} found by {source.found_by}: {source.path}", file=sys.stderr)
-    tokenizer = call_safely(pm, "lmserve_load_tokenizer", source=source)
-    if tokenizer is None:
-        raise PluginError(f"No plugin could load the tokenizer of {source.path}.")
-    choice = choose_chat_template(pm, source, tokenizer, config)
-    print(f"lmserve: chat template {choice.template.name!r}: {choice.reason}", file=sys.stderr)
+    model = resolve_model(pm, config, announce=lambda line: print(f"lmserve: {line}", file=sys.stderr))
+    source, tokenizer, choice = model.source, model.tokenizer, model.template_choice
     backend = call_safely(pm, "lmserve_make_backend", config=config, source=source)
     if backend is None:
         raise PluginError("No backend plugin is loaded.")
@@ -73,7 +64,8 @@ def create_app(state: ServerState, pm: pluggy.PluginManager) -> Sanic:
     """The Sanic app over ``state``; routes come from :hook:`lmserve_register_routes`.
 
     Request middleware runs in this order: CORS preflight, API key, then the
-    route, generation routes through the admission queue.
+    route; a generation route (declared with :func:`~lmserve.frontends.openai.limits.admitted`)
+    goes through the admission queue.
     """
     config = HTTPConfig.from_options(state.config.options)
     # lmserve configures logging itself (--log-level); Sanic would add its own handlers.
@@ -88,8 +80,9 @@ def create_app(state: ServerState, pm: pluggy.PluginManager) -> Sanic:
     setup_graceful_shutdown(app, config.shutdown_timeout)
     setup_cors(app, config)
     setup_auth(app, config.api_keys)
+    setup_limits(app, config)  # the queue the routes declared @admitted go through
     call_safely(pm, "lmserve_register_routes", app=app, state=state)
-    setup_limits(app, config)  # wraps the generation routes: after every route is registered
+    refuse_generation_flags(app)
     setup_openapi(app, disable_docs=config.disable_docs)
     return app
 

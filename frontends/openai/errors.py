@@ -7,8 +7,6 @@ clients read the top-level ``code`` (the HTTP status).
 
 from __future__ import annotations
 
-import json
-
 from sanic import HTTPResponse
 from sanic.response import json as json_response
 
@@ -52,12 +50,3 @@ def error_response(status: int, message: str, param: str | None = None,
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return json_response(error_body(status, message, param), status=status, headers=headers)
 
-
-def sse_event(payload: dict) -> str:
-    """One server-sent event carrying ``payload`` as compact JSON."""
-    return "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n\n"
-
-
-def sse_error(status: int, message: str, param: str | None = None) -> str:
-    """An error sent as a stream event, after streaming began."""
-    return sse_event(error_body(status, message, param))

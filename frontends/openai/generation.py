@@ -26,25 +26,21 @@ from lmserve.core.types import (
     SamplingParams,
     TokenLogprob,
 )
-from lmserve.frontends.openai.errors import APIError, error_response, sse_error, sse_event
+from lmserve.core.validation import check_context_room, check_token_ids
+from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.logprobs import LogprobsFormatter
+from lmserve.frontends.openai.sampling import (
+    checked_stop_strings,
+    sampling_params,
+    with_template_stop_strings,
+    with_template_stop_token_ids,
+)
+from lmserve.frontends.openai.sse import SSE_DONE, sse_error, sse_event
 from lmserve.frontends.openai.state import ServerState
 
 
 #: Bounds on the work one request may ask for (its choices share one admission slot).
 MAX_CHOICES = 256
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_LENGTH = 256
-
-
-def checked_stop_strings(body) -> tuple[str, ...]:
-    """The body's ``stop`` (None, a string or a list) as strings, within the bounds
-    every generation route keeps."""
-    stop = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
-    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_LENGTH for s in stop):
-        raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings of at most "
-                       f"{MAX_STOP_STRING_LENGTH} characters each.", "stop")
-    return stop
 
 
 @dataclass
@@ -98,36 +94,35 @@ class Generation:
                if not (token.isascii() and token.isdigit() and int(token) < vocab_size)]
         if bad:
             raise APIError(400, f"logit_bias key {bad[0]!r} is not a token id of this model.", "logit_bias")
-        bad = [token for token in (body.stop_token_ids or ()) if not 0 <= token < vocab_size]
-        if bad:
-            raise APIError(400, f"stop_token_ids: {bad[0]} is not a token id of this model.", "stop_token_ids")
+        try:
+            check_token_ids(body.stop_token_ids or (), vocab_size, "stop_token_ids")
+        except InvalidRequestError as exc:
+            raise APIError(400, exc.message, exc.param) from exc
         if len(self.prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"A request may ask for at most {MAX_CHOICES} choices (prompts x n), "
                            f"got {len(self.prompts)} x {body.n}.", "n" if body.n > 1 else "prompt")
         logprobs, logprobs_param = self._logprobs_request()
-        stop = checked_stop_strings(body)
-        stop_token_ids = tuple(body.stop_token_ids or ())
-        if not body.ignore_eos:  # the template's stop words end a turn like EOS does
-            stop_token_ids += state.default_stop_token_ids
-            if self.chat:  # a completion's prompt is not the template's, nor are its stop words
-                stop += tuple(word for word in state.default_stop_strings if word not in stop)
+        stop = checked_stop_strings(body.stop)
+        stop_token_ids = with_template_stop_token_ids(state, tuple(body.stop_token_ids or ()),
+                                                      ignore_eos=body.ignore_eos)
+        if self.chat:  # a completion's prompt is not the template's, nor are its stop words
+            stop = with_template_stop_strings(state, stop, ignore_eos=body.ignore_eos)
 
         choices = []
         for prompt_index, prompt in enumerate(self.prompts):
             try:
-                max_tokens = state.bus.check_length(len(prompt), requested)
+                max_tokens = check_context_room(len(prompt), requested, state.max_model_len,
+                                                prompt_param="messages" if self.chat else "prompt")
             except InvalidRequestError as exc:
-                param = {"max_tokens": requested_param, "messages": "messages" if self.chat else "prompt"}
-                message = exc.message.replace("max_tokens", requested_param)
-                raise APIError(400, message, param.get(exc.param, exc.param)) from exc
+                param = requested_param if exc.param == "max_tokens" else exc.param
+                raise APIError(400, exc.message.replace("max_tokens", requested_param), param) from exc
             for number in range(body.n):
+                params = self._sampling_params(max_tokens, logprobs, logprobs_param, stop_token_ids, number)
                 try:
-                    params = self._sampling_params(max_tokens, logprobs, stop_token_ids, number)
                     request = GenerationRequest(tuple(prompt), params, stop=stop,
                                                 include_stop_str_in_output=body.include_stop_str_in_output)
                 except InvalidRequestError as exc:
-                    param = logprobs_param if exc.param == "logprobs" else exc.param
-                    raise APIError(400, exc.message, param) from exc
+                    raise APIError(400, exc.message, exc.param) from exc
                 echo = echo_texts[prompt_index] if echo_texts else ""
                 choices.append(Choice(prompt_index * body.n + number, request, echo))
         return choices
@@ -142,28 +137,29 @@ class Generation:
             return (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs"
         return body.logprobs, "logprobs"
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None, stop_token_ids: tuple[int, ...],
-                         number: int) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, logprobs_param: str,
+                         stop_token_ids: tuple[int, ...], number: int) -> SamplingParams:
         body = self.body
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=0 if body.top_k is None else body.top_k,
-            min_p=0.0 if body.min_p is None else body.min_p,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=body.logit_bias or {},
+        return sampling_params(
+            max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=body.logit_bias,
             # Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
             seed=None if body.seed is None else body.seed + number,
             stop_token_ids=stop_token_ids,
             ignore_eos=body.ignore_eos,
             skip_special_tokens=body.skip_special_tokens,
-            min_tokens=body.min_tokens or 0,
+            min_tokens=body.min_tokens,
             logprobs=logprobs,
             # An echoed prompt comes with its tokens' logprobs too (as lm-eval's loglikelihood needs).
             prompt_logprobs=logprobs if not self.chat and body.echo else None,
+            body_names={"logprobs": logprobs_param},
         )
 
     # -------------------------------------------------------------------- running
@@ -265,7 +261,7 @@ class Generation:
                         "id": self.id, "object": self._chunk_object, "created": self.created,
                         "model": self.state.model_name, "choices": [], "usage": self._usage(),
                     }))
-            await response.send("data: [DONE]\n\n")
+            await response.send(SSE_DONE)
             await response.eof()
         finally:  # a client gone, an error: stop every choice (their generators abort)
             for task in tasks:

@@ -5,10 +5,11 @@ At most ``--max-concurrent-requests`` generation requests run at once; up to
 request gets a 503 with ``Retry-After``. A waiting request whose client leaves
 (its handler is cancelled) leaves the queue. Every other route is unlimited.
 
-Generation routes are the POST routes listed in :data:`GENERATION_PATHS`, or any
-route registered with ``ctx_generation=True`` (``ctx_generation=False`` opts a
-listed path out). Their handlers are wrapped once, after every route is
-registered; the router calls ``route.handler`` at request time.
+A generation route says so where it is declared: its handler is decorated with
+:func:`admitted`, which takes a slot of the app's :class:`AdmissionQueue`
+(``app.ctx.admission``, made by :func:`setup_limits` from the flags) for as long
+as the handler runs, a stream until it ends. Nothing is wrapped after
+registration.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from inspect import isawaitable
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
+from lmserve.core.plugins import PluginError
 from lmserve.frontends.openai.errors import error_response
 from lmserve.frontends.openai.http_config import HTTPConfig
 
-#: Routes (Sanic's normalised paths) whose requests generate tokens.
-GENERATION_PATHS = frozenset({"v1/chat/completions", "v1/completions"})
 #: Seconds a client told "busy" is asked to wait before trying again.
 RETRY_AFTER_S = 1
 
@@ -79,13 +79,6 @@ class AdmissionQueue:
         self.num_running -= 1
 
 
-def is_generation_route(route) -> bool:
-    flag = getattr(route.ctx, "generation", None)
-    if flag is not None:
-        return bool(flag)
-    return route.path in GENERATION_PATHS and "POST" in route.methods
-
-
 def busy_response(admission: AdmissionQueue) -> HTTPResponse:
     return error_response(
         503,
@@ -95,11 +88,16 @@ def busy_response(admission: AdmissionQueue) -> HTTPResponse:
     )
 
 
-def admitted(handler, admission: AdmissionQueue):
-    """``handler`` run only once ``admission`` gives it a slot (a 503 when the queue is full)."""
+def admitted(handler):
+    """Decorator of a generation handler: it runs only once the app's admission queue
+    gives it a slot, and holds the slot until it returns (a 503 when the queue is full).
+
+    ``handler``'s first argument is the request; the queue is ``request.app.ctx.admission``.
+    """
 
     @functools.wraps(handler)
-    async def admitted(request: Request, *args, **kwargs):
+    async def admitted_handler(request: Request, *args, **kwargs):
+        admission: AdmissionQueue = request.app.ctx.admission
         if not await admission.acquire():
             return busy_response(admission)
         try:
@@ -110,18 +108,26 @@ def admitted(handler, admission: AdmissionQueue):
         finally:
             admission.release()
 
-    return admitted
+    return admitted_handler
 
 
 def setup_limits(app: Sanic, config: HTTPConfig) -> AdmissionQueue:
-    """Cap the body size and admit generation requests through ``app.ctx.admission``.
-
-    Call after every route is registered.
-    """
+    """Cap the body size, and make the queue :func:`admitted` handlers go through (``app.ctx.admission``)."""
     app.config.REQUEST_MAX_SIZE = config.max_request_bytes
     admission = AdmissionQueue(config.max_concurrent_requests, config.max_queued_requests or 0)
     app.ctx.admission = admission
-    for route in app.router.routes:
-        if is_generation_route(route):
-            route.handler = admitted(route.handler, admission)
     return admission
+
+
+def refuse_generation_flags(app: Sanic) -> None:
+    """Stop the start-up when a route asks for admission with ``ctx_generation=True``.
+
+    That flag wrapped a route after registration; a generation route is now declared
+    with :func:`admitted`. Refusing it beats serving the route without the limits.
+    """
+    flagged = sorted(route.name for route in app.router.routes if getattr(route.ctx, "generation", False))
+    if flagged:
+        raise PluginError(
+            f"Route(s) {', '.join(flagged)} were registered with ctx_generation=True, which no longer "
+            "admits them: decorate the handler with lmserve.frontends.openai.limits.admitted instead."
+        )

@@ -2,10 +2,11 @@
 
 The document is OpenAPI 3.1, generated from the same pydantic models that
 validate the requests (protocol.py) plus the models of the response bodies
-(responses.py). Every route on the app appears: the built-in ones with the
-summary, body and responses :data:`ROUTE_DOCS` gives their route name, a
-plugin's route with a bare operation (a plugin may add an entry to
-``ROUTE_DOCS`` from its :hook:`lmserve_register_routes`).
+(responses.py). Every route on the app appears: with the summary, body and
+responses of its :class:`RouteDoc`, or as a bare operation when it has none. A
+route declares its doc where it is registered, ``app.add_route(...,
+ctx_doc=RouteDoc(...))`` (the interactive route does; a plugin's route may);
+the OpenAI routes of this package have theirs in :data:`ROUTE_DOCS`, by route name.
 
 sanic-ext serves both: its OpenAPI extension, moved from ``/docs`` to the root,
 serves Swagger UI and the document. Its own generator is not used: it writes
@@ -26,7 +27,7 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -66,10 +67,13 @@ class RouteDoc:
     public: bool = False
     #: Goes through the admission queue (limits.py): its 503 carries ``Retry-After``.
     admitted: bool = False
+    #: An example of the JSON body (the OpenAI routes' examples are built here, with the model's name).
+    example: dict | None = field(default=None, hash=False)
 
 
 _GENERATION_ERRORS = (400, 404, 413, 500, 503)
 
+#: The docs of this package's routes, by route name; any other route declares its own (``ctx_doc``).
 ROUTE_DOCS: dict[str, RouteDoc] = {
     "models": RouteDoc("List the served model", "OpenAI", response=responses.ModelList),
     "chat_completions": RouteDoc(
@@ -166,7 +170,7 @@ class _DocumentBuilder:
         if name.startswith("openapi.") or route.extra.static or route.extra.websocket:
             return  # the docs themselves, files, websockets
         path, parameters = _openapi_path(route.uri)
-        doc = ROUTE_DOCS.get(name)
+        doc = getattr(route.ctx, "doc", None) or ROUTE_DOCS.get(name)
         methods = sorted(method for method in route.methods if method not in ("HEAD", "OPTIONS"))
         for method in methods:
             operation_id = name if len(methods) == 1 else f"{name}_{method.lower()}"
@@ -191,7 +195,7 @@ class _DocumentBuilder:
             operation["description"] = doc.description
         if doc.request is not None:
             media: dict[str, Any] = {"schema": self.schema_ref(doc.request, mode="validation")}
-            example = self.request_example(name)
+            example = doc.example if doc.example is not None else self.request_example(name)
             if example is not None:
                 media["example"] = example
             operation["requestBody"] = {"required": True, "content": {"application/json": media}}
@@ -254,7 +258,6 @@ class _DocumentBuilder:
             "encode": {"input": "Hello, world"},
             "tokenize": {"model": model, "prompt": "Hello, world"},
             "detokenize": {"model": model, "tokens": self.example_ids},
-            "chat_interactive": {"prompt": "Hello! How are you?", "session_id": 1, "interactive_mode": True},
         }.get(name)
 
     # ----------------------------------------------------------------- schemas

@@ -8,7 +8,6 @@ import pydantic
 from sanic import Request
 
 from lmserve.frontends.openai.errors import APIError
-from lmserve.frontends.openai.state import ServerState
 
 
 def parse_body(request: Request, model: type[pydantic.BaseModel]):
@@ -36,7 +35,3 @@ def _is_union_tag(part) -> bool:
         "[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool", "none")
     )
 
-
-def check_model(state: ServerState, model: str) -> None:
-    if model != state.model_name:
-        raise APIError(404, f"The model '{model}' does not exist.", "model")

@@ -1,7 +1,8 @@
 """The OpenAI routes: /v1/models, /v1/chat/completions, /v1/completions, /health
 (and, from tokenization.py, /v1/encode, /tokenize, /detokenize).
 
-Registered through :hook:`lmserve_register_routes`, like a plugin's routes.
+Registered through :hook:`lmserve_register_routes`, like a plugin's routes. The two
+generation routes are declared :func:`~lmserve.frontends.openai.limits.admitted`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from sanic import Request, Sanic
 from sanic.response import json as json_response
 
 from lmserve.core import hookimpl
+from lmserve.core.types import InvalidRequestError
+from lmserve.core.validation import check_token_ids
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.generation import Generation
-from lmserve.frontends.openai.parsing import check_model, parse_body
+from lmserve.frontends.openai.limits import admitted
+from lmserve.frontends.openai.parsing import parse_body
 from lmserve.frontends.openai.protocol import ChatCompletionRequest, CompletionRequest
+from lmserve.frontends.openai.served_model import check_model
 from lmserve.frontends.openai.state import ServerState
 from lmserve.frontends.openai.tokenization import register_tokenization_routes
 
@@ -44,6 +49,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
             return json_response({"status": "ok"})
         return error_response(503, "The engine is not running.", retry_after=5)
 
+    @admitted
     async def chat_completions(request: Request):
         body = parse_body(request, ChatCompletionRequest)
         check_model(state, body.model)
@@ -58,6 +64,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
             prompt_ids = state.tokenizer.encode(prompt, add_bos=False)
         return await Generation(state, body, [prompt_ids], chat=True).respond(request)
 
+    @admitted
     async def completions(request: Request):
         body = parse_body(request, CompletionRequest)
         check_model(state, body.model)
@@ -103,8 +110,9 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
         ids = state.tokenizer.encode(item) if isinstance(item, str) else list(item)
         if not ids:
             raise APIError(400, "The prompt is empty: nothing to generate from.", "prompt")
-        bad = [i for i in ids if not 0 <= i < state.tokenizer.vocab_size]
-        if bad:
-            raise APIError(400, f"Token id {bad[0]} is outside the vocabulary.", "prompt")
+        try:
+            check_token_ids(ids, state.tokenizer.vocab_size, "prompt")
+        except InvalidRequestError as exc:
+            raise APIError(400, exc.message, exc.param) from exc
         result.append(ids)
     return result

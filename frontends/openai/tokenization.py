@@ -5,9 +5,12 @@ from __future__ import annotations
 from sanic import Request, Sanic
 from sanic.response import json as json_response
 
+from lmserve.core.types import InvalidRequestError
+from lmserve.core.validation import check_token_ids
 from lmserve.frontends.openai.errors import APIError
-from lmserve.frontends.openai.parsing import check_model, parse_body
+from lmserve.frontends.openai.parsing import parse_body
 from lmserve.frontends.openai.protocol import DetokenizeRequest, EncodeRequest, TokenizeRequest
+from lmserve.frontends.openai.served_model import check_model
 from lmserve.frontends.openai.state import ServerState
 
 
@@ -48,10 +51,10 @@ def register_tokenization_routes(app: Sanic, state: ServerState) -> None:
         body = parse_body(request, DetokenizeRequest)
         if body.model is not None:
             check_model(state, body.model)
-        bad = [token for token in body.tokens if not 0 <= token < tokenizer.vocab_size]
-        if bad:
-            raise APIError(400, f"Token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size}).",
-                           "tokens")
+        try:
+            check_token_ids(body.tokens, tokenizer.vocab_size, "tokens")
+        except InvalidRequestError as exc:
+            raise APIError(400, exc.message, exc.param) from exc
         return json_response({"prompt": tokenizer.decode(body.tokens)})
 
     app.add_route(encode, "/v1/encode", methods=["POST"], name="encode")

@@ -3,7 +3,7 @@
 import pytest
 
 from lmserve.core.types import InvalidRequestError, SamplingParams
-from lmserve.core.validation import check_context_room, check_token_ids
+from lmserve.core.validation import check_context_room, check_token_ids, context_room
 
 
 def test_context_room_is_max_tokens_when_it_fits_and_the_rest_of_the_context_when_unset():
@@ -40,3 +40,9 @@ def test_stop_ids_are_the_stop_token_ids_plus_eos_unless_ignore_eos():
     assert SamplingParams(stop_token_ids=(5,)).stop_ids(eos) == {2, 5, 7}
     assert SamplingParams(stop_token_ids=(5,), ignore_eos=True).stop_ids(eos) == {5}
     assert SamplingParams().stop_ids(()) == frozenset()
+
+
+def test_context_room_counts_what_is_left_after_the_tokens_so_far():
+    assert context_room(6, 8) == 2
+    assert context_room(8, 8) == 0
+    assert context_room(9, 8) == -1

@@ -11,7 +11,7 @@ from openapi_spec_validator import validate
 from sanic import Sanic
 
 from lmserve.frontends.openai import protocol, responses
-from lmserve.frontends.openai.openapi import build_openapi
+from lmserve.frontends.openai.openapi import RouteDoc, build_openapi
 
 #: (method, path, operationId, request model, 200 JSON model) of every built-in route.
 BUILT_IN = [
@@ -163,3 +163,19 @@ def test_api_keys_are_documented_when_required():
     assert chat["security"] == [{"apiKey": []}] and "401" in chat["responses"]
     assert "401" not in build_openapi(_app())["paths"]["/v1/chat/completions"]["post"]["responses"]
 
+
+def test_a_route_declares_its_doc_where_it_is_registered():
+    app = _app()
+
+    async def handler(request):
+        pass
+
+    doc = RouteDoc("Tokens of a text", "Plugins", protocol.TokenizeRequest, responses.TokenizeResponse,
+                   errors=(400, 503), admitted=True, example={"prompt": "hi"})
+    app.add_route(handler, "/my/tokens", methods=["POST"], name="my_tokens", ctx_doc=doc)
+    document = build_openapi(app)
+    validate(document)
+    operation = document["paths"]["/my/tokens"]["post"]
+    assert operation["summary"] == "Tokens of a text" and operation["tags"] == ["Plugins"]
+    assert operation["requestBody"]["content"]["application/json"]["example"] == {"prompt": "hi"}
+    assert operation["responses"]["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}

@@ -14,9 +14,12 @@ import httpx
 import openai
 import pytest
 
+from sanic import Sanic
+
+from lmserve.core.plugins import PluginError
 from lmserve.frontends.cli import main
 from lmserve.frontends.openai.cors import CORSPolicy
-from lmserve.frontends.openai.limits import AdmissionQueue
+from lmserve.frontends.openai.limits import AdmissionQueue, admitted, refuse_generation_flags
 
 KEYS = ("key-one", "key-two")
 ORIGIN = "https://app.example.com"
@@ -244,6 +247,64 @@ def test_a_waiting_client_that_leaves_frees_its_place(server):
         running.close()
     wait_for_metric(server, "lmserve:num_http_requests_running", 0)
     wait_for_metric(server, "lmserve:num_http_requests_waiting", 0)
+
+
+def test_every_generation_route_is_admitted_and_interactive_ends_never_wait(server):
+    running = open_request(server, LONG_STREAM)
+    waiting = None
+    try:
+        read_until(running, b"data: ")  # it holds the only slot
+        waiting = open_request(server, SHORT)
+        wait_for_metric(server, "lmserve:num_http_requests_waiting", 1)  # the queue is full
+        for path, body in [
+            ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
+            ("/v1/completions", SHORT),
+            ("/v1/chat/interactive", {"prompt": "x", "session_id": 5, "interactive_mode": True}),
+        ]:
+            refused = httpx.post(server.base_url + path, json=body, headers=AUTH, timeout=30)
+            assert_error(refused, 503)
+            assert refused.headers["retry-after"] == "1", path
+        # Cancels and ends of interactive sessions never wait for admission.
+        for body in [{"prompt": "", "session_id": 5, "request_output_len": 0, "interactive_mode": False},
+                     {"prompt": "", "session_id": 5, "cancel": True}]:
+            reply = httpx.post(server.base_url + "/v1/chat/interactive", json=body, headers=AUTH, timeout=30)
+            assert reply.status_code == 200 and reply.json()["finish_reason"] == "stop", reply.text
+    finally:
+        running.close()
+        if waiting is not None:
+            waiting.close()
+    wait_for_metric(server, "lmserve:num_http_requests_running", 0)
+    wait_for_metric(server, "lmserve:num_http_requests_waiting", 0)
+
+
+def test_an_admitted_handler_holds_its_slot_until_it_returns():
+    queue = AdmissionQueue(max_running=1, max_waiting=0)
+    request = SimpleNamespace(app=SimpleNamespace(ctx=SimpleNamespace(admission=queue)))
+
+    @admitted
+    async def handler(request, name):
+        if name == "outer":  # a second request while this one holds the only slot, with no place to wait
+            busy = await handler(request, "inner")
+            assert busy.status == 503 and busy.headers["retry-after"] == "1"
+        return f"{name}: {queue.num_running} running"
+
+    assert asyncio.run(handler(request, "outer")) == "outer: 1 running"
+    assert queue.num_running == 0 and queue.num_rejected == 1
+
+
+def test_a_route_flagged_ctx_generation_stops_the_start_up():
+    """``ctx_generation=True`` used to admit a route; now a route is declared @admitted, and
+    the old flag is refused rather than served without limits."""
+    app = Sanic("operations_ctx_generation")
+
+    async def handler(request):
+        pass
+
+    app.add_route(handler, "/plain", methods=["POST"], name="plain")
+    refuse_generation_flags(app)  # nothing flagged
+    app.add_route(handler, "/generate", methods=["POST"], name="generate", ctx_generation=True)
+    with pytest.raises(PluginError, match="generate.*ctx_generation=True.*admitted"):
+        refuse_generation_flags(app)
 
 
 def test_admission_queue_hands_slots_over_in_order():
