@@ -94,7 +94,7 @@ def _setup_errors(app: Sanic) -> None:
 
     @app.exception(InvalidRequestError)
     async def invalid_request(request: Request, exc: InvalidRequestError):
-        # Raised below the routes, e.g. by a chat template that refuses the messages.
+        # The request rules (core.validation) and whatever lies below the routes, e.g. a chat template.
         return error_response(400, exc.message, exc.param)
 
     @app.exception(BackendUnavailableError)

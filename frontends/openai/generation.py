@@ -94,10 +94,7 @@ class Generation:
                if not (token.isascii() and token.isdigit() and int(token) < vocab_size)]
         if bad:
             raise APIError(400, f"logit_bias key {bad[0]!r} is not a token id of this model.", "logit_bias")
-        try:
-            check_token_ids(body.stop_token_ids or (), vocab_size, "stop_token_ids")
-        except InvalidRequestError as exc:
-            raise APIError(400, exc.message, exc.param) from exc
+        check_token_ids(body.stop_token_ids or (), vocab_size, "stop_token_ids")
         if len(self.prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"A request may ask for at most {MAX_CHOICES} choices (prompts x n), "
                            f"got {len(self.prompts)} x {body.n}.", "n" if body.n > 1 else "prompt")
@@ -118,11 +115,8 @@ class Generation:
                 raise APIError(400, exc.message.replace("max_tokens", requested_param), param) from exc
             for number in range(body.n):
                 params = self._sampling_params(max_tokens, logprobs, logprobs_param, stop_token_ids, number)
-                try:
-                    request = GenerationRequest(tuple(prompt), params, stop=stop,
-                                                include_stop_str_in_output=body.include_stop_str_in_output)
-                except InvalidRequestError as exc:
-                    raise APIError(400, exc.message, exc.param) from exc
+                request = GenerationRequest(tuple(prompt), params, stop=stop,
+                                            include_stop_str_in_output=body.include_stop_str_in_output)
                 echo = echo_texts[prompt_index] if echo_texts else ""
                 choices.append(Choice(prompt_index * body.n + number, request, echo))
         return choices

@@ -13,7 +13,6 @@ from sanic import Request, Sanic
 from sanic.response import json as json_response
 
 from lmserve.core import hookimpl
-from lmserve.core.types import InvalidRequestError
 from lmserve.core.validation import check_token_ids
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.generation import Generation
@@ -110,9 +109,6 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
         ids = state.tokenizer.encode(item) if isinstance(item, str) else list(item)
         if not ids:
             raise APIError(400, "The prompt is empty: nothing to generate from.", "prompt")
-        try:
-            check_token_ids(ids, state.tokenizer.vocab_size, "prompt")
-        except InvalidRequestError as exc:
-            raise APIError(400, exc.message, exc.param) from exc
+        check_token_ids(ids, state.tokenizer.vocab_size, "prompt")
         result.append(ids)
     return result

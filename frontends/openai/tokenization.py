@@ -5,7 +5,6 @@ from __future__ import annotations
 from sanic import Request, Sanic
 from sanic.response import json as json_response
 
-from lmserve.core.types import InvalidRequestError
 from lmserve.core.validation import check_token_ids
 from lmserve.frontends.openai.errors import APIError
 from lmserve.frontends.openai.parsing import parse_body
@@ -51,10 +50,7 @@ def register_tokenization_routes(app: Sanic, state: ServerState) -> None:
         body = parse_body(request, DetokenizeRequest)
         if body.model is not None:
             check_model(state, body.model)
-        try:
-            check_token_ids(body.tokens, tokenizer.vocab_size, "tokens")
-        except InvalidRequestError as exc:
-            raise APIError(400, exc.message, exc.param) from exc
+        check_token_ids(body.tokens, tokenizer.vocab_size, "tokens")
         return json_response({"prompt": tokenizer.decode(body.tokens)})
 
     app.add_route(encode, "/v1/encode", methods=["POST"], name="encode")
