@@ -9,6 +9,8 @@ from typing import Any, Mapping
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+#: The torch engine's weight-only ``--quantization`` methods.
+QUANTIZATIONS = ("int8", "int4")
 
 #: The ``command`` that :hook:`lmserve_add_cli_options` gets for the API server's parser.
 SERVE_API_SERVER = "serve api_server"

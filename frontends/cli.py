@@ -103,7 +103,7 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model-name", default=None, metavar="NAME", help="The model name served in /v1/models (default: MODEL).")
     model.add_argument("--session-len", type=int, default=None, metavar="TOKENS", help="Context length in tokens (default: the model's).")
     model.add_argument("--device", default="auto", help=f"One of {', '.join(DEVICES)} or cuda:N; auto picks CUDA when present.")
-    model.add_argument("--dtype", default="auto", choices=DTYPES, help="Weights and KV dtype; auto: float32 on the CPU, bfloat16/float16 on CUDA.")
+    model.add_argument("--dtype", default="auto", choices=DTYPES, help="Weights and KV dtype; auto: bfloat16 on CPUs with native bf16 matmul (AMX, AVX512-BF16), else float32; bfloat16/float16 on CUDA.")
     _add_chat_template_option(model)
     model.add_argument("--meta-instruction", default=None, metavar="TEXT",
                        help="The default system prompt, for conversations that start without a system message.")

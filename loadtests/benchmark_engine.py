@@ -2,6 +2,7 @@
 
     python loadtests/benchmark_engine.py [--concurrency 1 8 32 64] [--max-tokens 128]
         [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--model PATH | --random-weights]
+        [--quantization int8|int4] [--skip-hf | --skip-lmserve]
 
 The model is the shipped SmolLM2-135M-Instruct GGUF unless ``--model`` names
 another (a GGUF file or an HF directory), or ``--random-weights`` writes a
@@ -101,7 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, help="A GGUF file or an HF model directory.")
     parser.add_argument("--random-weights", action="store_true",
                         help="A random model of SmolLM2-135M's shape instead of the real weights.")
+    parser.add_argument("--quantization", choices=["int8", "int4"], help="lmserve's weight-only quantization.")
     parser.add_argument("--skip-hf", action="store_true", help="Measure lmserve only.")
+    parser.add_argument("--skip-lmserve", action="store_true", help="Measure HF only.")
     args = parser.parse_args(argv)
 
     import transformers
@@ -121,17 +124,17 @@ def main(argv=None) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **gguf)
     requests = workload(tokenizer, max(args.concurrency), args.max_tokens)
 
-    backend = create_backend(path, EngineConfig(device=args.device, dtype=args.dtype, session_len=2048,
-                                                cache_max_entry_count=0.2, max_batch_size=max(args.concurrency)))
-    outputs: queue.SimpleQueue = queue.SimpleQueue()
-    backend.start(lambda outs: [outputs.put(o) for o in outs])
-
-    rows = []
-    for c in args.concurrency:
-        ours = run_lmserve(backend, outputs, requests[:c])
-        print(f"lmserve  concurrency {c:3d}: {ours:8.1f} tok/s", file=sys.stderr, flush=True)
-        rows.append([c, ours, None])
-    backend.shutdown()
+    rows = [[c, None, None] for c in args.concurrency]
+    if not args.skip_lmserve:
+        backend = create_backend(path, EngineConfig(device=args.device, dtype=args.dtype, session_len=2048,
+                                                    cache_max_entry_count=0.2, max_batch_size=max(args.concurrency),
+                                                    quantization=args.quantization))
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        backend.start(lambda outs: [outputs.put(o) for o in outs])
+        for row in rows:
+            row[1] = run_lmserve(backend, outputs, requests[: row[0]])
+            print(f"lmserve  concurrency {row[0]:3d}: {row[1]:8.1f} tok/s", file=sys.stderr, flush=True)
+        backend.shutdown()
 
     if not args.skip_hf:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -143,13 +146,14 @@ def main(argv=None) -> int:
     hf_best = max((r[2] for r in rows if r[2]), default=None)
     name = "random SmolLM2-135M-shaped model" if args.random_weights else path.name
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{name}, {args.dtype}, {where}, max_tokens {args.max_tokens}\n")
+    quantized = f", lmserve {args.quantization}" if args.quantization else ""
+    print(f"\n{name}, {args.dtype}{quantized}, {where}, max_tokens {args.max_tokens}\n")
     print("| concurrency | lmserve tok/s | HF tok/s | lmserve / HF same c | lmserve / HF best |")
     print("|---:|---:|---:|---:|---:|")
     for c, ours, hf in rows:
-        same = f"{ours / hf:.2f}x" if hf else "-"
-        best = f"{ours / hf_best:.2f}x" if hf_best else "-"
-        print(f"| {c} | {ours:.1f} | {hf:.1f} | {same} | {best} |" if hf else f"| {c} | {ours:.1f} | - | - | - |")
+        same = f"{ours / hf:.2f}x" if hf and ours else "-"
+        best = f"{ours / hf_best:.2f}x" if hf_best and ours else "-"
+        print(f"| {c} | {f'{ours:.1f}' if ours else '-'} | {f'{hf:.1f}' if hf else '-'} | {same} | {best} |")
     return 0
 
 

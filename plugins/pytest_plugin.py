@@ -62,6 +62,8 @@ class LiveServer:
     send requests at once; raises with the server's output when it exits or
     stays unhealthy. Its output goes to a log file in ``log_dir`` (the temp
     folder by default; the fixtures pass one of pytest's), read with :meth:`log`.
+    It runs in float32 unless ``args`` name a ``--dtype`` (``auto`` picks bfloat16 on
+    CPUs with AMX, and tests compare outputs with float32 references).
     """
 
     def __init__(self, model: str | Path, *args: str, env: dict | None = None, startup_timeout: float = 180,
@@ -72,7 +74,7 @@ class LiveServer:
         self._log = open(self.log_path, "w+")
         self.process = subprocess.Popen(
             [*LMSERVE, "serve", "api_server", str(model), "--server-name", "127.0.0.1",
-             "--server-port", str(self.port), *args],
+             "--server-port", str(self.port), *(() if "--dtype" in args else ("--dtype", "float32")), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + startup_timeout
@@ -185,7 +187,7 @@ def lmserve_engine(lmserve_tiny_model_dir) -> Iterator[TinyEngine]:
     from lmserve.plugins.tokenizer_files import tokenizer_from_path
 
     backend = create_backend(lmserve_tiny_model_dir, EngineConfig(
-        device="cpu", cache_max_entry_count=64, cache_block_seq_len=16))
+        device="cpu", dtype="float32", cache_max_entry_count=64, cache_block_seq_len=16))
     engine = TinyEngine(backend, tokenizer_from_path(lmserve_tiny_model_dir))
     yield engine
     backend.shutdown()

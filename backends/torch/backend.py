@@ -90,8 +90,9 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         runner, blocks = self.engine.runner, self.engine.block_manager
         tokens = blocks.num_blocks * blocks.block_size
+        weights = f", {runner.weights}" if runner.weights else ""
         return (
-            f"torch engine on {runner.device}: KV cache {blocks.num_blocks} blocks x {blocks.block_size} "
+            f"torch engine on {runner.device}{weights}: KV cache {blocks.num_blocks} blocks x {blocks.block_size} "
             f"tokens ({tokens} tokens), context {self.max_model_len}, batch {self.engine.scheduler.max_batch_size}, "
             f"prefix caching {'on' if blocks.enable_prefix_caching else 'off'}"
         )

@@ -11,14 +11,17 @@ import torch
 
 from lmserve.backends.torch.backend import TorchBackend
 from lmserve.backends.torch.block_manager import BlockManager
-from lmserve.backends.torch.device import resolve_device, resolve_dtype
+from lmserve.backends.torch.device import choose_dtype, resolve_device
 from lmserve.backends.torch.engine import LLMEngine
 from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.kernels import warm_up as warm_up_kernels
 from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
+from lmserve.backends.torch.quantized_linear import QUANTIZATIONS, quantize_linear_layers
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
+from lmserve.backends.torch.model import LlamaForCausalLM
+from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.weights import load_model
 from lmserve.core.types import EngineRequest, SamplingParams
 
@@ -33,6 +36,8 @@ class EngineConfig:
     max_batch_size: int = 128
     max_prefill_token_num: int = 4096
     enable_prefix_caching: bool = False
+    #: Weight-only quantization of the linear layers (``int8``, ``int4``); None: the dtype's.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         count = self.cache_max_entry_count
@@ -43,6 +48,8 @@ class EngineConfig:
         for name in ("cache_block_seq_len", "max_batch_size", "max_prefill_token_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}.")
 
 
 def available_memory(device: torch.device) -> int:
@@ -66,14 +73,40 @@ def create_backend(path: str | Path, config: EngineConfig,
     return TorchBackend(lambda: build_engine(path, config, progress))
 
 
-def build_engine(path: str | Path, config: EngineConfig,
-                 progress: Callable[[int, int], None] | None = None) -> LLMEngine:
+@dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    model: LlamaForCausalLM
+    device: torch.device
+    dtype: torch.dtype
+    #: What the weights are and why, for the start-up line.
+    weights: str
+
+
+def load_engine_model(path: str | Path, config: EngineConfig,
+                      progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    """The model as the engine runs it: loaded in the chosen dtype, projections fused,
+    quantized if asked, and on the CPU packed for oneDNN."""
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype, dtype_reason = choose_dtype(config.dtype, device)
+    if config.quantization is not None and device.type != "cpu":
+        raise ValueError(f"--quantization {config.quantization} runs on the CPU only for now.")
     model_config, model = load_model(path, device=device, dtype=dtype, progress=progress)
     model.fuse_projections()
+    dtype_name = str(dtype).removeprefix("torch.")
+    weights = f"{dtype_name} ({dtype_reason})"
+    if config.quantization is not None:
+        quantize_linear_layers(model, config.quantization)
+        weights = f"{config.quantization} weights, {dtype_name} activations and KV cache ({dtype_reason})"
     if device.type == "cpu":
         pack_linear_layers(model)
+    return LoadedModel(model_config, model, device, dtype, weights)
+
+
+def build_engine(path: str | Path, config: EngineConfig,
+                 progress: Callable[[int, int], None] | None = None) -> LLMEngine:
+    loaded = load_engine_model(path, config, progress)
+    model_config, model, device, dtype = loaded.config, loaded.model, loaded.device, loaded.dtype
     max_model_len = config.session_len or model_config.max_position_embeddings
 
     block_size = config.cache_block_seq_len
@@ -86,7 +119,8 @@ def build_engine(path: str | Path, config: EngineConfig,
         raise ValueError("No memory is left for the KV cache; raise --cache-max-entry-count or free memory.")
 
     kv_cache = PagedKVCache.allocate(model_config, num_blocks, block_size, dtype, device)
-    runner = ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window)
+    runner = ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window,
+                         weights=loaded.weights)
     scheduler = Scheduler(
         BlockManager(num_blocks, block_size, config.enable_prefix_caching),
         max_batch_size=config.max_batch_size,

@@ -40,11 +40,14 @@ class DecodeFields(NamedTuple):
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, device: torch.device,
-                 sliding_window: int | None = None, decode_in_place: bool | None = None):
+                 sliding_window: int | None = None, decode_in_place: bool | None = None,
+                 weights: str = ""):
         """``decode_in_place``: decodes attend by reading the cache in place (a
         Numba kernel) rather than gathering their contexts; default: on the CPU,
-        for float32 and bfloat16 caches."""
+        for float32 and bfloat16 caches. ``weights`` says what the weights are
+        (dtype, quantization and why), for the start-up line."""
         self.model = model
+        self.weights = weights
         self.kv_cache = kv_cache
         self.device = device
         self.sliding_window = sliding_window

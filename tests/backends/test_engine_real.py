@@ -27,7 +27,7 @@ def prompts(tokenizer):
 
 class Runner:
     def __init__(self, path, **config):
-        self.backend = create_backend(path, EngineConfig(session_len=1024, **config))
+        self.backend = create_backend(path, EngineConfig(**{"dtype": "float32", "session_len": 1024, **config}))
         self.outputs = queue.SimpleQueue()
         self.backend.start(lambda outs: [self.outputs.put(o) for o in outs])
         self.engine = self.backend.engine

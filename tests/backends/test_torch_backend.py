@@ -41,7 +41,7 @@ class Collector:
 
 
 def make_backend(tiny_model_dir, **kwargs):
-    options = dict(cache_max_entry_count=64, cache_block_seq_len=16, session_len=256)
+    options = dict(dtype="float32", cache_max_entry_count=64, cache_block_seq_len=16, session_len=256)
     options.update(kwargs)
     backend = create_backend(tiny_model_dir, EngineConfig(**options))
     collector = Collector()
