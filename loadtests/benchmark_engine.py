@@ -44,14 +44,23 @@ def model_path() -> Path:
     return Path(dist.locate_file(next(f for f in dist.files if f.name.endswith(".gguf"))))
 
 
+def request_text(i: int) -> str:
+    """The user message of request ``i`` (about 30 to 300 tokens as a chat prompt)."""
+    return BASE * (1 + (i * 5) % 11) + f"Question {i}: summarize the text above in detail."
+
+
+def output_tokens(i: int, max_tokens: int) -> int:
+    """Request ``i``'s output length: max_tokens for the first, then down to half of it."""
+    return max_tokens - (max_tokens // 2) * (i % 4) // 3
+
+
 def workload(tokenizer, count: int, max_tokens: int) -> list[tuple[list[int], int]]:
     requests = []
     for i in range(count):
-        text = BASE * (1 + (i * 5) % 11) + f"Question {i}: summarize the text above in detail."
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": request_text(i)}], tokenize=False,
                                                add_generation_prompt=True)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        requests.append((ids, max_tokens // 2 + (max_tokens // 2) * (i % 4) // 3))
+        requests.append((ids, output_tokens(i, max_tokens)))
     return requests
 
 

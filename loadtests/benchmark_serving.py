@@ -4,7 +4,8 @@
         [--max-tokens 128] [--long-prompt-tokens 2000] [--label lmserve] [--json out.json]
 
 Workload: the chat prompts of ``benchmark_engine.py`` (about 30 to 300 tokens,
-requested outputs of 50% to 100% of ``--max-tokens``), greedy, streamed. The end
+requested outputs of 50% to 100% of ``--max-tokens``; one request asks for all of
+it), greedy, streamed. The end
 tokens of SmolLM2's template (ids 0 and 2) are banned with ``logit_bias`` (a field
 every OpenAI-compatible server takes), so every server produces exactly the
 requested tokens. At each concurrency level that many requests start at once;
@@ -28,16 +29,15 @@ import time
 
 import httpx
 
-BASE = ("The history of computing is longer than the history of computing hardware and modern "
-        "computing technology, and includes methods for pen and paper. ")
+from benchmark_engine import BASE, output_tokens, request_text  # loadtests/, the script's own folder
+
 #: SmolLM2's <|endoftext|> and <|im_end|>: banned so that every request runs to max_tokens.
 END_TOKEN_BIAS = {"0": -100, "2": -100}
 
 
 def chat_workload(count: int, max_tokens: int) -> list[tuple[str, int]]:
     """``(user message, max_tokens)`` per request, as benchmark_engine.py builds them."""
-    return [(BASE * (1 + (i * 5) % 11) + f"Question {i}: summarize the text above in detail.",
-             max_tokens // 2 + (max_tokens // 2) * (i % 4) // 3) for i in range(count)]
+    return [(request_text(i), output_tokens(i, max_tokens)) for i in range(count)]
 
 
 async def stream_chat(client: httpx.AsyncClient, model: str, text: str,
@@ -81,9 +81,9 @@ async def run_level(url: str, model: str, requests: list[tuple[str, int]]) -> di
 
 
 def long_text(tokens: int, repeat: int) -> str:
-    """A user message of about ``tokens`` tokens (SmolLM2's tokenizer: ~1.3 a word);
+    """A user message of about ``tokens`` tokens (SmolLM2's tokenizer: ~1.13 a word here);
     ``repeat`` changes its first word, so no server can reuse a cached prefix."""
-    words = (BASE.split() * (tokens // 10))[: int(tokens / 1.3)]
+    words = (BASE.split() * (tokens // 10))[: int(tokens / 1.13)]
     return f"Note {repeat}. " + " ".join(words) + "\nSummarize."
 
 

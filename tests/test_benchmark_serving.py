@@ -1,0 +1,58 @@
+"""loadtests/benchmark_serving.py against a live server: every request runs to its
+max_tokens (the end tokens are banned), and the figures it writes add up."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LiveServer
+
+LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
+
+
+@pytest.fixture(scope="module")
+def benchmark_serving(monkeypatch_module):
+    monkeypatch_module.syspath_prepend(str(LOADTESTS))
+    import benchmark_serving
+
+    yield benchmark_serving
+    sys.modules.pop("benchmark_serving", None)
+    sys.modules.pop("benchmark_engine", None)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def server(long_model_dir, tmp_path_factory):
+    """The tiny model with room for the workload's prompts (byte-level tokens: ~700 for the longest)."""
+    server = LiveServer(long_model_dir, "--model-name", "tiny", "--cache-max-entry-count", "512",
+                        log_dir=tmp_path_factory.mktemp("benchmark-server"))
+    yield server
+    server.stop()
+
+
+def test_each_request_produces_exactly_its_max_tokens(benchmark_serving, server, tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    assert benchmark_serving.main(["--url", server.base_url, "--concurrency", "1", "3", "--max-tokens", "6",
+                                   "--long-prompt-tokens", "40", "--repeats", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["model"] == "tiny"
+    assert [level["concurrency"] for level in figures["levels"]] == [1, 3]
+    for level in figures["levels"]:
+        assert level["tokens"] == level["requested_tokens"] > 0
+        assert level["tokens_per_s"] == pytest.approx(level["tokens"] / level["seconds"])
+    assert figures["levels"][0]["requested_tokens"] == 6  # one request asks for all of --max-tokens
+    assert figures["long_prompt_tokens"] > 20 and figures["long_prompt_ttft_s"] > 0
+    assert "| 3 |" in capsys.readouterr().out
+
+
+def test_a_refused_request_stops_the_benchmark(benchmark_serving, server):
+    with pytest.raises(RuntimeError, match="404"):
+        benchmark_serving.main(["--url", server.base_url, "--model", "no-such-model", "--concurrency", "1"])
