@@ -81,11 +81,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scales).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return _rows_through(x, self.out_features, lambda rows: torch.ops.aten._weight_int8pack_mm(
+            rows, self.weight_int8, self.scales), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -107,16 +104,22 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, self.group_size,
-                                                         self.scales_and_zeros).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return _rows_through(x, self.out_features, lambda rows: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, self.weight_int4, self.group_size, self.scales_and_zeros), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def _rows_through(x: torch.Tensor, out_features: int, kernel, bias: torch.Tensor | None) -> torch.Tensor:
+    """``kernel`` on ``x``'s rows in :data:`COMPUTE_DTYPE` (a ``[T, in]`` input, the
+    model's case, without a reshape), back in ``x``'s dtype, plus ``bias``."""
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    out = kernel(rows.to(COMPUTE_DTYPE)).to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
 
 
 def quantizes(linear: nn.Linear, method: str) -> bool:
