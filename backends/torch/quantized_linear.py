@@ -122,11 +122,9 @@ def _rows_through(x: torch.Tensor, out_features: int, kernel, bias: torch.Tensor
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
 
 
-def quantizes(linear: nn.Linear, method: str) -> bool:
-    """Whether ``linear`` has a shape the ``method``'s kernel takes."""
-    if method == "int4":
-        return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
-    return True
+def int4_fits(linear: nn.Linear) -> bool:
+    """Whether the int4 kernel takes ``linear``'s shape (whole groups in, outputs in sixteens)."""
+    return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
 
 
 def quantize_linear_layers(model: nn.Module, method: str) -> int:
@@ -141,7 +139,7 @@ def quantize_linear_layers(model: nn.Module, method: str) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child.weight.device.type != "cpu":
                 continue
-            if method == "int4" and name != "lm_head" and quantizes(child, "int4"):
+            if method == "int4" and name != "lm_head" and int4_fits(child):
                 setattr(parent, name, Int4Linear(child))
             else:
                 setattr(parent, name, Int8Linear(child))
