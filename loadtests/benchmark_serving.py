@@ -3,13 +3,13 @@
     python loadtests/benchmark_serving.py --url http://127.0.0.1:23333 [--concurrency 1 8 64]
         [--max-tokens 128] [--long-prompt-tokens 2000] [--label lmserve] [--json out.json]
 
-Workload: the chat prompts of ``benchmark_engine.py`` (about 30 to 300 tokens,
+Workload: the chat prompts of ``benchmark_engine.py`` (``workload.py``: about 30 to 300 tokens,
 requested outputs of 50% to 100% of ``--max-tokens``; one request asks for all of
-it), greedy, streamed. The end
-tokens of SmolLM2's template (ids 0 and 2) are banned with ``logit_bias`` (a field
-every OpenAI-compatible server takes), so every server produces exactly the
-requested tokens. At each concurrency level that many requests start at once;
-the figures are output tokens / wall time, and the median time to first token.
+it), greedy, streamed. The model's end tokens (``--ban-token-ids``, default SmolLM2's
+0 and 2) are banned with ``logit_bias`` (a field every OpenAI-compatible server
+takes), so every server produces exactly the requested tokens. At each concurrency
+level that many requests start at once; the figures are output tokens / wall time,
+and the median time to first token.
 
 ``--long-prompt-tokens N`` also times the first token of one chat prompt of about
 N tokens (``max_tokens`` 1), alone on the server, ``--repeats`` times (median).
@@ -29,10 +29,10 @@ import time
 
 import httpx
 
-from benchmark_engine import BASE, output_tokens, request_text  # loadtests/, the script's own folder
+from workload import BASE, output_tokens, request_text  # loadtests/, the script's own folder
 
 #: SmolLM2's <|endoftext|> and <|im_end|>: banned so that every request runs to max_tokens.
-END_TOKEN_BIAS = {"0": -100, "2": -100}
+SMOLLM2_END_TOKEN_IDS = (0, 2)
 
 
 def chat_workload(count: int, max_tokens: int) -> list[tuple[str, int]]:
@@ -40,12 +40,12 @@ def chat_workload(count: int, max_tokens: int) -> list[tuple[str, int]]:
     return [(request_text(i), output_tokens(i, max_tokens)) for i in range(count)]
 
 
-async def stream_chat(client: httpx.AsyncClient, model: str, text: str,
-                      max_tokens: int) -> tuple[float, int, int | None]:
+async def stream_chat(client: httpx.AsyncClient, model: str, text: str, max_tokens: int,
+                      banned: tuple[int, ...]) -> tuple[float, int, int | None]:
     """One streamed chat completion: (seconds to the first content, tokens produced,
-    prompt tokens if the server reports usage)."""
+    prompt tokens if the server reports usage); ``banned`` token ids are never produced."""
     body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True, "logit_bias": END_TOKEN_BIAS,
+            "temperature": 0.0, "stream": True, "logit_bias": {str(i): -100 for i in banned},
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = None
@@ -69,10 +69,10 @@ async def stream_chat(client: httpx.AsyncClient, model: str, text: str,
     return (first if first is not None else time.perf_counter() - start), usage_tokens or chunks, prompt_tokens
 
 
-async def run_level(url: str, model: str, requests: list[tuple[str, int]]) -> dict:
+async def run_level(url: str, model: str, requests: list[tuple[str, int]], banned: tuple[int, ...]) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=1024)) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(stream_chat(client, model, text, n) for text, n in requests))
+        results = await asyncio.gather(*(stream_chat(client, model, text, n, banned) for text, n in requests))
         elapsed = time.perf_counter() - start
     tokens = sum(r[1] for r in results)
     return {"concurrency": len(requests), "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
@@ -87,13 +87,14 @@ def long_text(tokens: int, repeat: int) -> str:
     return f"Note {repeat}. " + " ".join(words) + "\nSummarize."
 
 
-async def long_prompt_ttft(url: str, model: str, tokens: int, repeats: int) -> tuple[float, int | None]:
+async def long_prompt_ttft(url: str, model: str, tokens: int, repeats: int,
+                           banned: tuple[int, ...]) -> tuple[float, int | None]:
     """Median seconds to the first token of a chat prompt of about ``tokens`` tokens,
     and the prompt's token count as the server reports it."""
     times, prompt_tokens = [], None
     async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
         for repeat in range(repeats):
-            ttft, _, prompt_tokens = await stream_chat(client, model, long_text(tokens, repeat), 1)
+            ttft, _, prompt_tokens = await stream_chat(client, model, long_text(tokens, repeat), 1, banned)
             times.append(ttft)
     return statistics.median(times), prompt_tokens
 
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="The model name to send (default: the first of /v1/models).")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 64])
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--ban-token-ids", type=int, nargs="+", default=list(SMOLLM2_END_TOKEN_IDS),
+                        help="The model's end-of-text token ids, banned so every request runs to its max_tokens.")
     parser.add_argument("--long-prompt-tokens", type=int, default=0,
                         help="Also time the first token of one prompt of about this many tokens.")
     parser.add_argument("--repeats", type=int, default=3, help="Long-prompt repeats (median).")
@@ -138,16 +141,18 @@ def main(argv=None) -> int:
 
     url = args.url.rstrip("/")
     model = args.model or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-    asyncio.run(run_level(url, model, chat_workload(1, 4)))  # warm-up
+    banned = tuple(args.ban_token_ids)
+    asyncio.run(run_level(url, model, chat_workload(1, 4), banned))  # warm-up
     rows = []
     for c in args.concurrency:
-        row = asyncio.run(run_level(url, model, chat_workload(c, args.max_tokens)))
+        row = asyncio.run(run_level(url, model, chat_workload(c, args.max_tokens), banned))
         rows.append(row)
         print(f"{args.label} concurrency {c:3d}: {row['tokens_per_s']:8.1f} tok/s, "
               f"TTFT median {row['ttft_median_s']:.2f} s", file=sys.stderr, flush=True)
     long_ttft = prompt_tokens = hf = None
     if args.long_prompt_tokens:
-        long_ttft, prompt_tokens = asyncio.run(long_prompt_ttft(url, model, args.long_prompt_tokens, args.repeats))
+        long_ttft, prompt_tokens = asyncio.run(long_prompt_ttft(url, model, args.long_prompt_tokens, args.repeats,
+                                                                banned))
         if args.hf_reference:
             hf = hf_forward_seconds(args.hf_reference, args.long_prompt_tokens, args.repeats, args.hf_dtype)
 

@@ -63,7 +63,7 @@ class LiveServer:
     stays unhealthy. Its output goes to a log file in ``log_dir`` (the temp
     folder by default; the fixtures pass one of pytest's), read with :meth:`log`.
     It runs in float32 unless ``args`` name a ``--dtype`` (``auto`` picks bfloat16 on
-    CPUs with AMX, and tests compare outputs with float32 references).
+    CPUs with AMX or AVX512-BF16, and tests compare outputs with float32 references).
     """
 
     def __init__(self, model: str | Path, *args: str, env: dict | None = None, startup_timeout: float = 180,

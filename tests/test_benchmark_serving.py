@@ -1,5 +1,5 @@
 """loadtests/benchmark_serving.py against a live server: every request runs to its
-max_tokens (the end tokens are banned), and the figures it writes add up."""
+max_tokens (the tiny model's end tokens are banned), and the figures it writes add up."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 from conftest import LiveServer
+
+from lmserve.plugins.tiny_model import SPECIAL_TOKENS, VOCAB_SIZE
+
+#: The tiny model's <|endoftext|> and <|im_end|>, and byte 2 (its generation config's EOS).
+TINY_END_TOKEN_IDS = [str(VOCAB_SIZE - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(token))
+                      for token in ("<|endoftext|>", "<|im_end|>")] + ["2"]
 
 LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 
@@ -20,7 +26,7 @@ def benchmark_serving(monkeypatch_module):
 
     yield benchmark_serving
     sys.modules.pop("benchmark_serving", None)
-    sys.modules.pop("benchmark_engine", None)
+    sys.modules.pop("workload", None)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,8 @@ def server(long_model_dir, tmp_path_factory):
 def test_each_request_produces_exactly_its_max_tokens(benchmark_serving, server, tmp_path, capsys):
     out = tmp_path / "figures.json"
     assert benchmark_serving.main(["--url", server.base_url, "--concurrency", "1", "3", "--max-tokens", "6",
-                                   "--long-prompt-tokens", "40", "--repeats", "1", "--json", str(out)]) == 0
+                                   "--long-prompt-tokens", "40", "--repeats", "1", "--json", str(out),
+                                   "--ban-token-ids", *TINY_END_TOKEN_IDS]) == 0
     figures = json.loads(out.read_text())
     assert figures["model"] == "tiny"
     assert [level["concurrency"] for level in figures["levels"]] == [1, 3]

@@ -17,7 +17,7 @@ from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.kernels import warm_up as warm_up_kernels
 from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
-from lmserve.backends.torch.quantized_linear import QUANTIZATIONS, quantize_linear_layers
+from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.model import LlamaForCausalLM
@@ -48,8 +48,8 @@ class EngineConfig:
         for name in ("cache_block_seq_len", "max_batch_size", "max_prefill_token_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}.")
+        if self.quantization is not None:
+            check_quantization(self.quantization)
 
 
 def available_memory(device: torch.device) -> int:
@@ -88,9 +88,9 @@ def load_engine_model(path: str | Path, config: EngineConfig,
     """The model as the engine runs it: loaded in the chosen dtype, projections fused,
     quantized if asked, and on the CPU packed for oneDNN."""
     device = resolve_device(config.device)
-    dtype, dtype_reason = choose_dtype(config.dtype, device)
     if config.quantization is not None and device.type != "cpu":
         raise ValueError(f"--quantization {config.quantization} runs on the CPU only for now.")
+    dtype, dtype_reason = choose_dtype(config.dtype, device)
     model_config, model = load_model(path, device=device, dtype=dtype, progress=progress)
     model.fuse_projections()
     dtype_name = str(dtype).removeprefix("torch.")

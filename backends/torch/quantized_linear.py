@@ -10,7 +10,8 @@ which unpack a tile at a time in registers:
 - :class:`Int4Linear` (``int4``): asymmetric, groups of :data:`INT4_GROUP_SIZE`
   inputs per output row, ``w = (q - 8) * scale + zero`` with ``q`` in [0, 15]:
   the layout of GGUF's Q4_1 blocks (``w = d * q + m``, 32 weights a block,
-  ``zero = m + 8 d``), so a Q4_1 file's projections come back bit for bit;
+  ``zero = m + 8 d``), so a Q4_1 file's projections loaded in float32 get back
+  their own 4-bit codes (scales and zeros are kept in bfloat16);
   ``aten._weight_int4pack_mm_for_cpu``.
 
 The kernels run fastest with bfloat16 activations (their float32 path is not
@@ -127,13 +128,17 @@ def int4_fits(linear: nn.Linear) -> bool:
     return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
 
 
+def check_quantization(method: str) -> None:
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}.")
+
+
 def quantize_linear_layers(model: nn.Module, method: str) -> int:
     """Replace the model's CPU ``nn.Linear`` layers by quantized ones (``method``:
     ``int8`` or ``int4``; ``lm_head`` always int8); returns how many were replaced.
 
     Layers whose shape the int4 kernel cannot take become int8."""
-    if method not in QUANTIZATIONS:
-        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}.")
+    check_quantization(method)
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -108,8 +108,7 @@ def tiny_float32_logits(tiny_model_dir, tiny_text_ids):
     ("int8", 0.95, 0.02), ("int4", 0.80, 0.10)])
 def test_a_quantized_tiny_model_tracks_its_float32_self(tiny_model_dir, tiny_text_ids, tiny_float32_logits,
                                                       quantization, min_agreement, max_perplexity_change):
-    """Every projection of the model is quantized (nothing left as nn.Linear) and its
-    next-token choices and perplexity stay close to float32's."""
+    """Its next-token choices and perplexity stay close to float32's."""
     logits = engine_logits(tiny_model_dir, tiny_text_ids, dtype="float32", quantization=quantization)
     agreement = top1_agreement(logits, tiny_float32_logits)
     reference = perplexity(tiny_float32_logits, tiny_text_ids)
@@ -132,3 +131,12 @@ def test_the_engine_serves_with_quantized_weights(tiny_model_dir, quantization):
         outputs += engine.step()
     assert sum(len(o.new_token_ids) for o in outputs) == 6
     assert outputs[-1].finish_reason.value == "length"
+
+
+def test_quantization_is_refused_on_cuda_before_any_weight_loads(tiny_model_dir, monkeypatch):
+    from lmserve.backends.torch import factory
+
+    monkeypatch.setattr(factory, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(factory, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ValueError, match="--quantization int4 runs on the CPU only"):
+        factory.load_engine_model(tiny_model_dir, EngineConfig(quantization="int4"))
