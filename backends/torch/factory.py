@@ -13,15 +13,15 @@ from lmserve.backends.torch.backend import TorchBackend
 from lmserve.backends.torch.block_manager import BlockManager
 from lmserve.backends.torch.device import choose_dtype, resolve_device
 from lmserve.backends.torch.engine import LLMEngine
-from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.kernels import warm_up as warm_up_kernels
+from lmserve.backends.torch.model import LlamaForCausalLM
+from lmserve.backends.torch.model_config import ModelConfig
+from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
-from lmserve.backends.torch.model import LlamaForCausalLM
-from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.weights import load_model
 from lmserve.core.types import EngineRequest, SamplingParams
 

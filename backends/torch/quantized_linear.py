@@ -15,7 +15,7 @@ which unpack a tile at a time in registers:
   ``aten._weight_int4pack_mm_for_cpu``.
 
 The kernels run fastest with bfloat16 activations (their float32 path is not
-vectorised: 5-10x slower on the same shapes), so a layer converts its input to
+vectorised, nor is float16's: 5-30x slower on the same shapes), so a layer converts its input to
 bfloat16 and its output back; the model's other work stays in its dtype.
 In ``int4`` mode the output projection (``lm_head``, which decides the token) is
 kept in int8, as llama.cpp keeps it at 6 or 8 bits.
