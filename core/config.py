@@ -38,6 +38,8 @@ class ServeConfig:
     chat_template: str | None = None
     #: The default system prompt, for conversations that bring none; None: the template's own.
     meta_instruction: str | None = None
+    #: The tool-call parser's name or alias; None: the one that fits the chat template.
+    tool_call_parser: str | None = None
     plugins: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
 

@@ -32,6 +32,7 @@ from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest
 
 if TYPE_CHECKING:
     from lmserve.core.bus import RequestBus
+    from lmserve.core.structured_output import TokenConstraint
 
 logger = logging.getLogger(__name__)
 
@@ -155,18 +156,20 @@ class SessionManager:
         self._turn_done(session)
 
     async def run_turn(self, session: Session, new_token_ids: list[int], params: SamplingParams, *,
-                       keep: bool, stop: tuple[str, ...] = ()) -> AsyncIterator[GenerationOutput]:
+                       keep: bool, stop: tuple[str, ...] = (),
+                       constraint: TokenConstraint | None = None) -> AsyncIterator[GenerationOutput]:
         """Generate the reply to ``new_token_ids`` after the session's history.
 
         ``keep``: keep the history (and its keys and values) for the next turn;
-        False ends the session after this turn. Outputs are the bus's.
+        False ends the session after this turn. ``constraint``: the reply's
+        structured output. Outputs are the bus's.
         """
         prompt = [*session.token_ids, *new_token_ids]
         generated: list[int] = []
         last: GenerationOutput | None = None
         try:
             request = GenerationRequest(tuple(prompt), params, session.running_request_id, stop,
-                                        session_key=session.key, keep_kv=keep)
+                                        session_key=session.key, keep_kv=keep, constraint=constraint)
             async for out in self.bus.generate(request):
                 generated.extend(out.token_ids)
                 last = out

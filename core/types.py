@@ -13,7 +13,10 @@ import enum
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:  # annotations only
+    from lmserve.core.structured_output import TokenConstraint
 
 
 class FinishReason(str, enum.Enum):
@@ -90,10 +93,11 @@ class SamplingParams:
             )
         if not (_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}.", "min_p")
-        # Logits are divided by it in float32: values below 1e-6 would round to 0.
-        if not (_is_number(self.repetition_penalty) and 1e-6 <= self.repetition_penalty <= 2.0):
+        # Any positive value, as LMDeploy takes (below 1 favours repeats); the
+        # sampler clamps it to what float32 logits survive.
+        if not (_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty < math.inf):
             raise InvalidRequestError(
-                f"repetition_penalty must be in [1e-6, 2], got {self.repetition_penalty!r}.",
+                f"repetition_penalty must be a positive number, got {self.repetition_penalty!r}.",
                 "repetition_penalty",
             )
         for name in ("presence_penalty", "frequency_penalty"):
@@ -157,6 +161,9 @@ class GenerationRequest:
     #: An interactive session's key: see :class:`EngineRequest`.
     session_key: str | None = None
     keep_kv: bool = False
+    #: Structured output: the grammar state this generation's tokens must follow
+    #: (one per generation: it is stateful). See :mod:`lmserve.core.structured_output`.
+    constraint: TokenConstraint | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
@@ -182,6 +189,9 @@ class EngineRequest:
     #: finishes (replacing what was kept), until
     #: :meth:`~lmserve.core.backend.Backend.release_session` or memory pressure.
     keep_kv: bool = False
+    #: Only tokens this allows are sampled; it follows each sampled token (see
+    #: :mod:`lmserve.core.structured_output`). The request ends when it is finished.
+    constraint: TokenConstraint | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

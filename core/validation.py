@@ -25,7 +25,7 @@ def check_context_room(num_prompt_tokens: int, max_tokens: int | None, max_model
     :param max_tokens: tokens asked for; ``None`` means all the room left in the context.
     :param max_model_len: the context length.
     :param prompt_param: the parameter named when the prompt alone leaves no room.
-    :returns: ``max_tokens``, or the room left when it was ``None``.
+    :returns: ``max_tokens``, or the room left when it was ``None`` or smaller.
     """
     room = context_room(num_prompt_tokens, max_model_len)
     if room <= 0:
@@ -36,14 +36,9 @@ def check_context_room(num_prompt_tokens: int, max_tokens: int | None, max_model
         )
     if max_tokens is None:
         return room
-    if max_tokens > room:
-        raise InvalidRequestError(
-            f"This model's maximum context length is {max_model_len} tokens. You requested "
-            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
-            f"{max_tokens} for the completion). Reduce the prompt or max_tokens.",
-            "max_tokens",
-        )
-    return max_tokens
+    # More than the room left is no error (LMDeploy's rule): generation runs until the
+    # context is full and ends with finish_reason "length".
+    return min(max_tokens, room)
 
 
 def check_token_ids(token_ids: Iterable[int], vocab_size: int, param: str) -> None:

@@ -107,6 +107,10 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
     _add_chat_template_option(model)
     model.add_argument("--meta-instruction", default=None, metavar="TEXT",
                        help="The default system prompt, for conversations that start without a system message.")
+    model.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                       help="How tool calls are read from outputs of requests with tools: hermes (Qwen2.5, "
+                       "<tool_call>), llama3 (Llama 3.1 JSON), internlm (InternLM2 <|action_start|>), or a "
+                       "plugin's. Default: the one that fits the chat template, else hermes.")
 
     server = parser.add_argument_group("server")
     server.add_argument("--server-name", default="0.0.0.0", metavar="HOST", help="Host to bind.")
@@ -213,6 +217,7 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         session_ttl=args.session_ttl,
         chat_template=args.chat_template,
         meta_instruction=args.meta_instruction,
+        tool_call_parser=args.tool_call_parser,
         plugins=tuple(args.plugin),
         options=vars(args),
     )

@@ -175,7 +175,13 @@ class LLMEngine:
         # The prompt's logprobs ride with the first new token.
         prompt_logprobs = (tuple(seq.prompt_logprobs)
                            if seq.prompt_logprobs is not None and seq.num_output_tokens == 1 else None)
+        constraint = seq.request.constraint
         if token_id in seq.stop_token_ids:
+            reason = FinishReason.STOP
+        elif constraint is not None and not constraint.accept(token_id):
+            return self._finish(seq, FinishReason.ERROR, (), f"The response format's grammar refused token "
+                                f"{token_id}: {constraint.error}")
+        elif constraint is not None and constraint.is_finished():  # nothing may follow but the end
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

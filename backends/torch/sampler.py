@@ -4,10 +4,15 @@ Randomness is counter-based: the draw for a request's n-th output token is a
 function of (its seed, n) only, so a seeded request gives the same tokens
 alone, in any batch, and after preemption. CPU logits go to the ``@njit``
 kernel, CUDA logits to the ``@cuda.jit`` twin.
+
+Rows with a structured-output constraint sample only the tokens it allows: the
+constraint writes its bitmask on the host and the kernel applies it first
+(:func:`allowed_tokens`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lmserve.backends.torch.kernels.sampling import SamplingBatch, SamplingWorkspace, sample_cpu, sample_cuda
@@ -21,12 +26,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """``logits``: float32 ``[len(seqs), vocab]`` (overwritten). Returns one token id per sequence."""
+        token_bitmask, bitmask_rows = allowed_tokens(seqs, logits.shape[-1])
         # Token histories are only copied for rows with penalties.
         batch = SamplingBatch.from_requests(
             [seq.sampling_params for seq in seqs],
             [seq.output_token_ids for seq in seqs],
             [seq.request.prompt_token_ids for seq in seqs],
             seeds=[seq.seed for seq in seqs],
+            token_bitmask=token_bitmask,
+            bitmask_rows=bitmask_rows,
         )
         logits = logits.contiguous()
         if logits.is_cuda:
@@ -75,9 +83,34 @@ def logprob_records(logprobs: torch.Tensor, token_ids: list[int], top_k: list[in
             for token, value, ids, vals, wanted in zip(token_ids, values, top_ids, top_values, top_k)]
 
 
+def allowed_tokens(seqs: list[Sequence], vocab_size: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The sampler's mask of the constrained rows: ``(token_bitmask [M, ceil(vocab / 32)],
+    bitmask_rows [len(seqs)])``, row -1 for a free sequence; ``(None, None)`` when none is
+    constrained. Where a constraint accepts the text so far, the sequence's stop tokens
+    are allowed too (the grammar knows only EOS; the chat template may end turns otherwise)."""
+    constrained = [row for row, seq in enumerate(seqs) if seq.request.constraint is not None]
+    if not constrained:
+        return None, None
+    bitmask = np.zeros((len(constrained), (vocab_size + 31) // 32), np.int32)
+    bitmask_rows = np.full(len(seqs), -1, np.int32)
+    words = bitmask.view(np.uint32)
+    for index, row in enumerate(constrained):
+        seq = seqs[row]
+        seq.request.constraint.fill_bitmask(bitmask[index])
+        bitmask_rows[row] = index
+        if seq.stop_token_ids and seq.request.constraint.is_accepting():
+            for token in seq.stop_token_ids:
+                words[index, token >> 5] |= np.uint32(1 << (token & 31))
+    return bitmask, bitmask_rows
+
+
 def suppress_stop_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     """Make the tokens that would end a sequence (its ``stop_token_ids``) impossible
-    while it is short of its ``min_tokens``."""
+    while it is short of its ``min_tokens`` (unless its grammar is complete: it may
+    allow nothing else)."""
     for row, seq in enumerate(seqs):
         if seq.num_output_tokens < seq.sampling_params.min_tokens and seq.stop_token_ids:
+            constraint = seq.request.constraint
+            if constraint is not None and constraint.is_accepting():
+                continue
             logits[row, sorted(seq.stop_token_ids)] = float("-inf")

@@ -6,7 +6,7 @@ from typing import Literal, Union
 
 from pydantic import Field
 
-from lmserve.frontends.openai.protocol import ChatMessage, RequestBody
+from lmserve.frontends.openai.protocol import ChatMessage, RequestBody, ResponseFormat
 from lmserve.frontends.openai.responses import Response
 
 
@@ -32,6 +32,8 @@ class InteractiveRequest(RequestBody):
     seed: int | None = None
     min_new_tokens: int | None = None
     min_p: float = 0.0
+    #: Structured output, as in /v1/chat/completions (JSON schema, JSON object, regex).
+    response_format: ResponseFormat | None = None
     #: Vision-language and LoRA inputs of LMDeploy: refused with a 400 (not supported).
     image_url: Union[str, list[str], None] = None
     adapter_name: str | None = None

@@ -33,7 +33,7 @@ from sanic.response import json as json_response
 from lmserve.core import hookimpl
 from lmserve.core.chat_template import render_continuation
 from lmserve.core.sessions import Session, SessionBusyError
-from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
+from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, InvalidRequestError, SamplingParams
 from lmserve.core.validation import context_room
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
 from lmserve.frontends.openai.errors import APIError, error_response
@@ -47,6 +47,7 @@ from lmserve.frontends.openai.sampling import (
     with_template_stop_token_ids,
 )
 from lmserve.frontends.openai.state import ServerState
+from lmserve.frontends.openai.structured_output import output_grammar
 
 NDJSON = "application/x-ndjson"
 
@@ -120,15 +121,21 @@ async def _turn(request: Request, state: ServerState, body: InteractiveRequest):
                                               finish_reason="length"))
         params = _sampling_params(state, body, min(body.request_output_len or room, room))
         stop = with_template_stop_strings(state, checked_stop_strings(body.stop), ignore_eos=body.ignore_eos)
+        grammar = output_grammar(body.response_format)
+        try:
+            constraint = None if grammar is None else state.grammars.constraint(grammar)
+        except InvalidRequestError as exc:
+            raise APIError(400, exc.message, exc.param) from exc
     except BaseException:
         if session is not None:
             sessions.abandon_turn(session)
         raise
 
     if session is None:
-        outputs = state.bus.generate(GenerationRequest(tuple(input_ids), params, stop=stop))
+        outputs = state.bus.generate(GenerationRequest(tuple(input_ids), params, stop=stop, constraint=constraint))
     else:
-        outputs = sessions.run_turn(session, input_ids, params, keep=body.interactive_mode, stop=stop)
+        outputs = sessions.run_turn(session, input_ids, params, keep=body.interactive_mode, stop=stop,
+                                    constraint=constraint)
     counts = {"input_tokens": len(input_ids), "history_tokens": history}
     if body.stream:
         return await _stream(request, outputs, counts)

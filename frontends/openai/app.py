@@ -11,9 +11,11 @@ from sanic import Request, Sanic
 from sanic.exceptions import PayloadTooLarge, SanicException
 
 from lmserve.core.bus import RequestBus
+from lmserve.core.chat_template import render_chat
 from lmserve.core.config import ServeConfig
 from lmserve.core.plugins import PluginError, call_safely
 from lmserve.core.startup import resolve_model
+from lmserve.core.tool_calls import choose_tool_parser
 from lmserve.core.types import BackendUnavailableError, InvalidRequestError
 from lmserve.frontends.openai.auth import setup_auth
 from lmserve.frontends.openai.cors import setup_cors
@@ -37,6 +39,8 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
     call_safely(pm, "lmserve_configure", config=config)
     model = resolve_model(pm, config, announce=lambda line: print(f"lmserve: {line}", file=sys.stderr))
     source, tokenizer, choice = model.source, model.tokenizer, model.template_choice
+    parsers = [parser for contributed in pm.hook.lmserve_tool_parsers() for parser in contributed]
+    tool_parser = choose_tool_parser(parsers, config.tool_call_parser, tool_format_sample(choice.template))
     backend = call_safely(pm, "lmserve_make_backend", config=config, source=source)
     if backend is None:
         raise PluginError("No backend plugin is loaded.")
@@ -57,7 +61,24 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
         chat_template=choice.template,
         default_stop_token_ids=tuple(stop_ids),
         default_stop_strings=tuple(stop_strings),
+        tool_parser=tool_parser,
+        json_tool_parser=choose_tool_parser(parsers, "json", ""),
     )
+
+
+def tool_format_sample(template) -> str:
+    """What shows a template's tool format to :meth:`ToolParser.fits`: its source
+    (a Jinja template), and a conversation with a tool call rendered through it."""
+    sample_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    conversation = [{"role": "user", "content": "?"},
+                    {"role": "assistant", "content": None,
+                     "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "c", "content": "!"}]
+    try:
+        rendered = render_chat(template, conversation, tools=[sample_tool])
+    except Exception:  # a template that refuses tools shows no format
+        rendered = ""
+    return f"{getattr(template, 'source', '') or ''}\n{rendered}"
 
 
 def create_app(state: ServerState, pm: pluggy.PluginManager) -> Sanic:

@@ -1,8 +1,9 @@
 """Errors in OpenAI's shape, with LMDeploy's top-level fields alongside.
 
-Body: ``{"error": {"message", "type", "param", "code"}, "object": "error",
-"message", "type", "param", "code"}`` - OpenAI SDKs read ``error``; LMDeploy's
-clients read the top-level ``code`` (the HTTP status).
+Body: ``{"error": {"object": "error", "message", "type", "param", "code"},
+"object": "error", "message", "type", "param", "code"}`` - OpenAI SDKs read
+``error`` (``err.body``); LMDeploy's clients read the top-level ``code`` (the HTTP
+status).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     detail = {
+        "object": "error",
         "message": message,
         "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
         "param": param,
         "code": status,
     }
-    return {"error": detail, "object": "error", **detail}
+    return {"error": detail, **detail}
 
 
 def error_response(status: int, message: str, param: str | None = None,

@@ -26,6 +26,8 @@ from lmserve.core.types import (
     SamplingParams,
     TokenLogprob,
 )
+from lmserve.core.structured_output import OutputGrammar, TokenConstraint
+from lmserve.core.tool_calls import ToolCall, ToolCallDelta, ToolParser
 from lmserve.core.validation import check_context_room, check_token_ids
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.logprobs import LogprobsFormatter
@@ -36,11 +38,15 @@ from lmserve.frontends.openai.sampling import (
     with_template_stop_token_ids,
 )
 from lmserve.frontends.openai.sse import SSE_DONE, sse_error, sse_event
+from lmserve.frontends.openai.structured_output import output_grammar
+from lmserve.frontends.openai.tool_use import ToolUse
 from lmserve.frontends.openai.state import ServerState
 
 
 #: Bounds on the work one request may ask for (its choices share one admission slot).
 MAX_CHOICES = 256
+#: The finish_reason of a choice that ended by calling tools.
+TOOL_CALLS = "tool_calls"
 
 
 @dataclass
@@ -48,6 +54,9 @@ class Choice:
     index: int
     request: GenerationRequest
     echo: str = ""  # text put before the generated text (completions' echo)
+    #: Reads tool calls out of the text (a chat request with tools).
+    tool_parser: ToolParser | None = None
+    called_tools: bool = False  # a tool-call delta was streamed
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
@@ -62,10 +71,11 @@ class Generation:
     """Validates a parsed chat/completions body into choices, then answers it."""
 
     def __init__(self, state: ServerState, body, prompts: Sequence[Sequence[int]], *, chat: bool,
-                 echo_texts: Sequence[str] | None = None):
+                 echo_texts: Sequence[str] | None = None, tools: ToolUse | None = None):
         self.state = state
         self.body = body
         self.chat = chat
+        self.tools = tools or ToolUse()
         self.prompts = [list(prompt) for prompt in prompts]
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -86,9 +96,8 @@ class Generation:
             raise APIError(400, f"{requested_param} must be at least 1, got {requested}.", requested_param)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, f"response_format type {body.response_format.type!r} is not supported yet "
-                           "(no constrained decoding); use 'text'.", "response_format")
+        grammar = self.tools.grammar or output_grammar(body.response_format)
+        grammar_param = "tools" if self.tools.grammar else "response_format"
         vocab_size = state.tokenizer.vocab_size
         bad = [token for token in (body.logit_bias or {})
                if not (token.isascii() and token.isdigit() and int(token) < vocab_size)]
@@ -115,11 +124,20 @@ class Generation:
                 raise APIError(400, exc.message.replace("max_tokens", requested_param), param) from exc
             for number in range(body.n):
                 params = self._sampling_params(max_tokens, logprobs, logprobs_param, stop_token_ids, number)
+                constraint = None if grammar is None else self._constraint(grammar, grammar_param)
                 request = GenerationRequest(tuple(prompt), params, stop=stop,
-                                            include_stop_str_in_output=body.include_stop_str_in_output)
+                                            include_stop_str_in_output=body.include_stop_str_in_output,
+                                            constraint=constraint)
                 echo = echo_texts[prompt_index] if echo_texts else ""
-                choices.append(Choice(prompt_index * body.n + number, request, echo))
+                parser = self.tools.new_parser() if self.tools.new_parser else None
+                choices.append(Choice(prompt_index * body.n + number, request, echo, parser))
         return choices
+
+    def _constraint(self, grammar: OutputGrammar, param: str) -> TokenConstraint:
+        try:
+            return self.state.grammars.constraint(grammar)
+        except InvalidRequestError as exc:
+            raise APIError(400, exc.message.replace("response_format", param), param) from exc
 
     def _logprobs_request(self) -> tuple[int | None, str]:
         """(top alternatives wanted or None, the parameter that asked)."""
@@ -148,7 +166,8 @@ class Generation:
             seed=None if body.seed is None else body.seed + number,
             stop_token_ids=stop_token_ids,
             ignore_eos=body.ignore_eos,
-            skip_special_tokens=body.skip_special_tokens,
+            # A tool parser whose markers are special tokens must see them.
+            skip_special_tokens=body.skip_special_tokens and not self.tools.needs_special_tokens,
             min_tokens=body.min_tokens,
             logprobs=logprobs,
             # An echoed prompt comes with its tokens' logprobs too (as lm-eval's loglikelihood needs).
@@ -197,6 +216,13 @@ class Generation:
         wants_logprobs = choice.request.sampling_params.logprobs is not None
         if self.chat:
             body["message"] = {"role": "assistant", "content": text}
+            if choice.tool_parser is not None:
+                parsed = choice.tool_parser.parse(text)
+                if parsed.tool_calls:
+                    body["message"] = {"role": "assistant", "content": parsed.content or None,
+                                       "tool_calls": [_tool_call(call) for call in parsed.tool_calls]}
+                    if body["finish_reason"] == FinishReason.STOP.value:
+                        body["finish_reason"] = TOOL_CALLS
             if wants_logprobs:
                 body["logprobs"] = self.formatter.chat(choice.logprobs)
         else:
@@ -242,12 +268,22 @@ class Generation:
                 if out.prompt_logprobs is not None and choice.echo:  # the echo waited for its logprobs
                     prompt = self._with_prompt(choice, out.prompt_logprobs, self.formatter.completion((), 0))
                     await response.send(self._chunk(choice, choice.echo, None, include_usage, columns=prompt))
-                finish_reason = out.finish_reason.value if out.finish_reason is not None else None
-                if out.text or out.logprobs or finish_reason:
-                    delta = {"content": out.text} if self.chat and out.text else ({} if self.chat else out.text)
-                    await response.send(self._chunk(choice, delta, finish_reason, include_usage, out.logprobs))
+                if out.text or out.logprobs:
+                    delta = self._delta(choice, out.text)
+                    await response.send(self._chunk(choice, delta, None, include_usage, out.logprobs))
                     choice.text.append(out.text)
-                if finish_reason is not None:
+                if out.finish_reason is not None:
+                    if choice.tool_parser is not None:  # what the parser held back
+                        content, calls = choice.tool_parser.flush()
+                        if content or calls:
+                            await response.send(self._chunk(choice, self._tool_delta(choice, content, calls),
+                                                            None, include_usage))
+                    finish_reason = out.finish_reason.value
+                    if choice.called_tools and out.finish_reason is FinishReason.STOP:
+                        finish_reason = TOOL_CALLS
+                    # In a chunk of its own, as LMDeploy sends it.
+                    final = {"role": "assistant", "content": ""} if self.chat else ""
+                    await response.send(self._chunk(choice, final, finish_reason, include_usage))
                     unfinished -= 1
             else:
                 if include_usage:
@@ -261,6 +297,22 @@ class Generation:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _delta(self, choice: Choice, text: str):
+        """A chunk's delta for new text: completions' text; chat's role and content, with
+        the tool calls its parser found (content then holds only the text outside them)."""
+        if not self.chat:
+            return text
+        if choice.tool_parser is None:
+            return {"role": "assistant", "content": text}
+        return self._tool_delta(choice, *choice.tool_parser.feed(text))
+
+    def _tool_delta(self, choice: Choice, content: str, calls: Sequence[ToolCallDelta]) -> dict:
+        delta: dict = {"role": "assistant", "content": content}
+        if calls:
+            choice.called_tools = True
+            delta["tool_calls"] = [_tool_call_delta(call) for call in calls]
+        return delta
 
     @property
     def _chunk_object(self) -> str:
@@ -297,3 +349,19 @@ class Generation:
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+
+
+def _tool_call(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _tool_call_delta(call: ToolCallDelta) -> dict:
+    """OpenAI's streamed call piece: id, type and name on a call's first piece only."""
+    delta: dict = {"index": call.index}
+    function: dict = {"arguments": call.arguments}
+    if call.id is not None:
+        delta["id"], delta["type"] = call.id, "function"
+    if call.name is not None:
+        function["name"] = call.name
+    delta["function"] = function
+    return delta

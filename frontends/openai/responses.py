@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 #: Why a choice ended (the values of :class:`lmserve.core.types.FinishReason`).
-FinishReasonName = Literal["stop", "length", "abort", "error"]
+FinishReasonName = Literal["stop", "length", "tool_calls", "abort", "error"]
 
 
 class Response(BaseModel):
@@ -27,6 +27,7 @@ class Response(BaseModel):
 
 
 class ErrorDetail(Response):
+    object: Literal["error"]
     message: str
     type: str = Field(description="OpenAI's error type, e.g. invalid_request_error.")
     param: str | None = Field(description="The request field at fault, when there is one.")
@@ -93,9 +94,22 @@ class CompletionLogprobs(Response):
 # -------------------------------------------------------------- chat completions
 
 
+class FunctionCall(Response):
+    name: str
+    arguments: str = Field(description="The arguments object as JSON text.")
+
+
+class ToolCall(Response):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(Response):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="The text; null when the reply is only tool calls.")
+    tool_calls: list[ToolCall] = Field(None, description="Present when the request had tools and the model "
+                                       "called them (finish_reason ``tool_calls``).")  # type: ignore[assignment]
 
 
 class ChatCompletionChoice(Response):
@@ -122,13 +136,33 @@ def _no_defaults(schema: dict) -> None:
         field_schema.pop("default", None)
 
 
-class ChatCompletionDelta(Response):
-    """What a chunk adds to a choice: the first has the role, later ones content."""
+class FunctionCallDelta(Response):
+    """A piece of a streamed call: the name once, on its first delta; the arguments' JSON text in pieces."""
 
     model_config = ConfigDict(json_schema_extra=_no_defaults)
 
-    role: Literal["assistant"] = None  # type: ignore[assignment]
-    content: str = None  # type: ignore[assignment]
+    name: str = None  # type: ignore[assignment]
+    arguments: str
+
+
+class ToolCallDelta(Response):
+    model_config = ConfigDict(json_schema_extra=_no_defaults)
+
+    index: int = Field(description="Which call of the choice this piece belongs to.")
+    id: str = None  # type: ignore[assignment]
+    type: Literal["function"] = None  # type: ignore[assignment]
+    function: FunctionCallDelta
+
+
+class ChatCompletionDelta(Response):
+    """What a chunk adds to a choice. Every chunk carries the role and a content
+    string (LMDeploy's shape); the chunk with ``finish_reason`` has content ``""``."""
+
+    model_config = ConfigDict(json_schema_extra=_no_defaults)
+
+    role: Literal["assistant"]
+    content: str
+    tool_calls: list[ToolCallDelta] = None  # type: ignore[assignment]
 
 
 class ChatCompletionChunkChoice(Response):

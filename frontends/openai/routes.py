@@ -13,6 +13,7 @@ from sanic import Request, Sanic
 from sanic.response import json as json_response
 
 from lmserve.core import hookimpl
+from lmserve.core.chat_template import render_chat
 from lmserve.core.validation import check_token_ids
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.generation import Generation
@@ -22,6 +23,7 @@ from lmserve.frontends.openai.protocol import ChatCompletionRequest, CompletionR
 from lmserve.frontends.openai.served_model import check_model
 from lmserve.frontends.openai.state import ServerState
 from lmserve.frontends.openai.tokenization import register_tokenization_routes
+from lmserve.frontends.openai.tool_use import tool_use
 
 
 @hookimpl(tryfirst=True)
@@ -53,15 +55,16 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
         body = parse_body(request, ChatCompletionRequest)
         check_model(state, body.model)
         _check_session_free(state, body.session_id)
+        tools = tool_use(body, state.tool_parser, state.json_tool_parser)
         if isinstance(body.messages, str):  # a raw prompt
             prompt_ids = state.tokenizer.encode(body.messages)
         elif not body.do_preprocess:  # LMDeploy: the messages' texts, no template
             prompt_ids = state.tokenizer.encode("".join(m.text() for m in body.messages))
         else:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt = state.chat_template.render(messages, add_generation_prompt=True)
+            prompt = render_chat(state.chat_template, [m.for_template() for m in body.messages],
+                                 add_generation_prompt=True, tools=tools.template_tools)
             prompt_ids = state.tokenizer.encode(prompt, add_bos=False)
-        return await Generation(state, body, [prompt_ids], chat=True).respond(request)
+        return await Generation(state, body, [prompt_ids], chat=True, tools=tools).respond(request)
 
     @admitted
     async def completions(request: Request):

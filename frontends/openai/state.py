@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from lmserve.core.bus import RequestBus
 from lmserve.core.chat_template import ChatTemplate
 from lmserve.core.config import ServeConfig
+from lmserve.core.structured_output import GrammarCompiler
+from lmserve.core.tool_calls import ToolParser
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,16 @@ class ServerState:
     default_stop_token_ids: tuple[int, ...] = ()
     #: Template stop words of several tokens; every chat request stops on them as on its ``stop``.
     default_stop_strings: tuple[str, ...] = ()
+    #: Compiles response formats over this tokenizer (cached per format).
+    grammars: GrammarCompiler | None = None
+    #: Reads tool calls out of ``tool_choice: auto`` outputs (``--tool-call-parser``).
+    tool_parser: type[ToolParser] | None = None
+    #: Reads the constrained output of ``tool_choice: required``.
+    json_tool_parser: type[ToolParser] | None = None
+
+    def __post_init__(self) -> None:
+        if self.grammars is None:
+            object.__setattr__(self, "grammars", GrammarCompiler(self.tokenizer))
 
     @property
     def max_model_len(self) -> int:
