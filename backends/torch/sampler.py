@@ -98,9 +98,11 @@ def allowed_tokens(seqs: list[Sequence], vocab_size: int) -> tuple[np.ndarray | 
         seq = seqs[row]
         seq.request.constraint.fill_bitmask(bitmask[index])
         bitmask_rows[row] = index
-        if seq.stop_token_ids and seq.request.constraint.is_accepting():
+        ends = seq.request.constraint.is_accepting() or not words[index].any()
+        if seq.stop_token_ids and ends:  # a mask allowing nothing: end rather than sample garbage
             for token in seq.stop_token_ids:
-                words[index, token >> 5] |= np.uint32(1 << (token & 31))
+                if 0 <= token < vocab_size:
+                    words[index, token >> 5] |= np.uint32(1 << (token & 31))
     return bitmask, bitmask_rows
 
 

@@ -3,7 +3,8 @@
 The engine calls :func:`sample_cpu` or :func:`sample_cuda` once per step with
 float32 logits ``[B, V]`` and a :class:`SamplingBatch`. Per row, as vLLM does:
 
-1. logit bias is added; then the repetition penalty over every token seen in
+1. tokens a structured output's grammar forbids (the row's bitmask) become
+   -inf; logit bias is added; then the repetition penalty over every token seen in
    the prompt or the output (a positive logit is divided by it, any other
    multiplied); then the frequency and presence penalties over the output
    tokens (``logit -= frequency * count``, then ``logit -= presence``);
@@ -74,7 +75,10 @@ def warm_up(use_cuda: bool | None = None) -> None:
               SamplingParams(temperature=0.8, top_p=0.9, top_k=5, min_p=0.05, seed=0,
                              repetition_penalty=1.2, presence_penalty=0.5,
                              frequency_penalty=0.5, logit_bias={1: 2.0})]
-    batch = SamplingBatch.from_requests(params, [[1, 2], [3]], [[4], [5, 6]])
+    mask = np.full((1, 2), -1, np.int32)  # row 1 samples under a mask, as a structured output
+    mask[0, 0] = 0b1011
+    batch = SamplingBatch.from_requests(params, [[1, 2], [3]], [[4], [5, 6]],
+                                        token_bitmask=mask, bitmask_rows=np.array([-1, 0], np.int32))
     logits = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     sample_cpu(logits.copy(), batch, parallel=False)
     sample_cpu(logits.copy(), batch, parallel=True)

@@ -21,6 +21,7 @@ from lmserve.core.types import SamplingParams
 
 _INT32_MAX = 2**31 - 1
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM)
+_MIN_REPETITION_PENALTY = 1e-30
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class SamplingBatch:
     + 1]]``: ``num_prompt_tokens[i]`` prompt tokens, then output tokens (rows
     without penalties may leave it empty). Its logit bias is the same CSR
     layout over ``bias_token_ids`` / ``bias_values`` (no duplicate ids).
+
+    A row ``i`` with ``bitmask_rows[i] >= 0`` samples only the tokens its mask
+    allows: bit ``j`` of word ``w`` of ``token_bitmask[bitmask_rows[i]]`` set
+    means token ``32 * w + j`` is allowed (a structured output's grammar; the
+    layout grammar engines fill). The mask applies before everything else.
     """
 
     temperature: np.ndarray  # float32 [B]
@@ -50,6 +56,8 @@ class SamplingBatch:
     bias_token_ids: np.ndarray  # int32 [M]
     bias_values: np.ndarray  # float32 [M]
     bias_offsets: np.ndarray  # int64 [B + 1]
+    token_bitmask: np.ndarray  # int32 [M, ceil(V / 32)]
+    bitmask_rows: np.ndarray  # int32 [B]: the row's mask, -1 for none
 
     @property
     def size(self) -> int:
@@ -59,7 +67,9 @@ class SamplingBatch:
     def from_requests(cls, params: Sequence[SamplingParams],
                       output_token_ids: Sequence[Sequence[int]],
                       prompt_token_ids: Sequence[Sequence[int]] | None = None,
-                      seeds: Sequence[int | None] | None = None) -> SamplingBatch:
+                      seeds: Sequence[int | None] | None = None,
+                      token_bitmask: np.ndarray | None = None,
+                      bitmask_rows: np.ndarray | None = None) -> SamplingBatch:
         """Build a batch from each request's parameters and token ids.
 
         ``output_token_ids[i]`` are the tokens generated so far (their number
@@ -67,6 +77,8 @@ class SamplingBatch:
         prompts only for rows with a repetition penalty (so
         ``prompt_token_ids`` may be None when no row has one). The seed is
         ``seeds[i]``, else ``params[i].seed``, else a fresh random one per call.
+        ``token_bitmask`` / ``bitmask_rows``: the allowed tokens of constrained
+        rows (see the class); None: no row is constrained.
         """
         size = len(params)
         columns = {name: np.empty(size, dtype) for name, dtype in (
@@ -86,6 +98,8 @@ class SamplingBatch:
                 column[i] = getattr(p, name) if name != "top_k" else min(p.top_k, _INT32_MAX)  # > vocab: all
             if p.greedy or p.temperature < _GREEDY_EPS:
                 columns["temperature"][i] = 0.0
+            # A positive logit divided by a tiny penalty must stay finite.
+            columns["repetition_penalty"][i] = max(columns["repetition_penalty"][i], _MIN_REPETITION_PENALTY)
             seed = seeds[i] if seeds is not None and seeds[i] is not None else p.seed
             seed_array[i] = (random.getrandbits(64) if seed is None else seed) & 0xFFFF_FFFF_FFFF_FFFF
             steps[i] = len(output_token_ids[i])
@@ -103,10 +117,15 @@ class SamplingBatch:
             bias_values.extend(p.logit_bias.values())
             bias_offsets[i + 1] = len(bias_ids)
         token_ids = np.concatenate(histories) if histories else np.empty(0, np.int32)
+        if (token_bitmask is None) != (bitmask_rows is None):
+            raise ValueError("token_bitmask and bitmask_rows go together")
+        if token_bitmask is None:
+            token_bitmask, bitmask_rows = np.empty((0, 0), np.int32), np.full(size, -1, np.int32)
         return cls(**columns, seeds=seed_array, steps=steps, token_ids=token_ids,
                    token_offsets=token_offsets, num_prompt_tokens=num_prompt,
                    bias_token_ids=np.asarray(bias_ids, np.int32),
-                   bias_values=np.asarray(bias_values, np.float32), bias_offsets=bias_offsets)
+                   bias_values=np.asarray(bias_values, np.float32), bias_offsets=bias_offsets,
+                   token_bitmask=token_bitmask, bitmask_rows=bitmask_rows)
 
     def kernel_args(self) -> tuple[np.ndarray, ...]:
         """The arrays in kernel argument order, dtypes enforced (steps as uint64)."""
@@ -126,7 +145,17 @@ class SamplingBatch:
             _nonempty(self.bias_token_ids, np.int32),
             _nonempty(self.bias_values, np.float32),
             np.ascontiguousarray(self.bias_offsets, np.int64),
+            self._bitmask(),
+            np.ascontiguousarray(self.bitmask_rows, np.int32),
         )
+
+    def _bitmask(self) -> np.ndarray:
+        """``token_bitmask`` as a contiguous int32 ``[M, W]`` with at least one element."""
+        mask = np.ascontiguousarray(self.token_bitmask)
+        if mask.dtype == np.uint32:
+            mask = mask.view(np.int32)
+        mask = np.ascontiguousarray(mask, np.int32)
+        return mask if mask.size else np.zeros((1, 1), np.int32)
 
 
 def _nonempty(array: np.ndarray, dtype) -> np.ndarray:
@@ -161,6 +190,15 @@ def _check_batch(batch: SamplingBatch, rows: int, vocab_size: int) -> None:
         ids = getattr(batch, name)
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise ValueError(f"{name} holds ids outside a vocabulary of {vocab_size}")
+    rows_of_masks, mask = batch.bitmask_rows, batch.token_bitmask
+    if rows_of_masks.shape != (rows,):
+        raise ValueError(f"bitmask_rows has shape {rows_of_masks.shape}, not ({rows},)")
+    if rows_of_masks.size and rows_of_masks.max() >= 0:
+        if mask.ndim != 2 or mask.shape[1] < (vocab_size + 31) // 32:
+            raise ValueError(f"token_bitmask has shape {mask.shape}: a row needs "
+                             f"{(vocab_size + 31) // 32} words for a vocabulary of {vocab_size}")
+        if rows_of_masks.min() < -1 or rows_of_masks.max() >= mask.shape[0]:
+            raise ValueError(f"bitmask_rows holds rows outside a mask of {mask.shape[0]} rows")
 
 
 def _token_counts(batch: SamplingBatch, rows: int, vocab_size: int,

@@ -237,8 +237,25 @@ def _draw(p, threshold, u):
 
 
 @njit(cache=True)
-def _process_row(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
-                 num_prompt_tokens, repetition, presence, frequency, token_counts):
+def _mask_row(x, words):
+    """``x[t] = -inf`` for every token ``t`` whose bit in ``words`` is clear."""
+    ninf = np.float32(-np.inf)
+    for w in range(min(words.size, (x.size + 31) // 32)):
+        bits = words[w]
+        if bits == -1:  # all 32 allowed
+            continue
+        base = w * 32
+        for j in range(min(32, x.size - base)):
+            if not (bits >> j) & 1:
+                x[base + j] = ninf
+
+
+@njit(cache=True)
+def _process_row(x, row, bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
+                 token_ids, token_offsets, num_prompt_tokens, repetition, presence, frequency,
+                 token_counts):
+    if bitmask_rows[row] >= 0:
+        _mask_row(x, token_bitmask[bitmask_rows[row]])
     for j in range(bias_offsets[row], bias_offsets[row + 1]):
         x[bias_ids[j]] += bias_values[j]
     start, end = token_offsets[row], token_offsets[row + 1]
@@ -278,10 +295,11 @@ def _support(x, temperature, top_k, top_p, min_p):
 @njit(cache=True)
 def _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence, frequency,
                 seeds, steps, token_ids, token_offsets, num_prompt_tokens, bias_ids, bias_values,
-                bias_offsets, token_counts, out_tokens, out_logprobs):
+                bias_offsets, token_bitmask, bitmask_rows, token_counts, out_tokens, out_logprobs):
     x = logits[row]
-    _process_row(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
-                 num_prompt_tokens, repetition, presence, frequency, token_counts)
+    _process_row(x, row, bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
+                 token_ids, token_offsets, num_prompt_tokens, repetition, presence, frequency,
+                 token_counts)
     if temperature[row] <= 0.0:
         m = _row_max(x)
         token = _first_index_of(x, m)
@@ -297,32 +315,35 @@ def _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, prese
 @njit(parallel=True, cache=True)
 def _sample_rows_parallel(logits, temperature, top_p, top_k, min_p, repetition, presence,
                           frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
-                          bias_ids, bias_values, bias_offsets, token_counts, out_tokens,
-                          out_logprobs):
+                          bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
+                          token_counts, out_tokens, out_logprobs):
     for row in prange(logits.shape[0]):
         _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence,
                     frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
-                    bias_ids, bias_values, bias_offsets, token_counts, out_tokens, out_logprobs)
+                    bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows, token_counts,
+                    out_tokens, out_logprobs)
 
 
 @njit(cache=True)
 def _sample_rows_serial(logits, temperature, top_p, top_k, min_p, repetition, presence,
                         frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
-                        bias_ids, bias_values, bias_offsets, token_counts, out_tokens,
-                        out_logprobs):
+                        bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
+                        token_counts, out_tokens, out_logprobs):
     for row in range(logits.shape[0]):
         _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence,
                     frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
-                    bias_ids, bias_values, bias_offsets, token_counts, out_tokens, out_logprobs)
+                    bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows, token_counts,
+                    out_tokens, out_logprobs)
 
 
 @njit(cache=True)
 def _penalize_rows(logits, repetition, presence, frequency, token_ids, token_offsets,
-                   num_prompt_tokens, bias_ids, bias_values, bias_offsets, token_counts):
+                   num_prompt_tokens, bias_ids, bias_values, bias_offsets, token_bitmask,
+                   bitmask_rows, token_counts):
     for row in range(logits.shape[0]):
-        _process_row(logits[row], row, bias_ids, bias_values, bias_offsets, token_ids,
-                     token_offsets, num_prompt_tokens, repetition, presence, frequency,
-                     token_counts)
+        _process_row(logits[row], row, bias_ids, bias_values, bias_offsets, token_bitmask,
+                     bitmask_rows, token_ids, token_offsets, num_prompt_tokens, repetition,
+                     presence, frequency, token_counts)
 
 
 @njit(cache=True)
@@ -377,7 +398,8 @@ def sample_cpu(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None
 
 def apply_penalties_cpu(logits, batch: SamplingBatch,
                         workspace: SamplingWorkspace | None = None) -> np.ndarray:
-    """Add the logit bias and apply the penalties in place (the first stage of sampling)."""
+    """Mask the tokens a row's constraint forbids (-inf), add the logit bias and apply
+    the penalties, in place (the first stage of sampling)."""
     logits = _host_logits(logits)
     _check_batch(batch, *logits.shape)
     args = batch.kernel_args()

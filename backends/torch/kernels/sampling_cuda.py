@@ -66,9 +66,16 @@ def _block_reduce(buf, value, op):
 
 
 @cuda.jit(device=True)
-def _penalize_row_cuda(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
-                       num_prompt_tokens, repetition, presence, frequency, token_counts):
+def _penalize_row_cuda(x, row, bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
+                       token_ids, token_offsets, num_prompt_tokens, repetition, presence, frequency,
+                       token_counts):
     tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    if bitmask_rows[row] >= 0:  # the constraint's mask first, as the CPU kernel
+        words = token_bitmask[bitmask_rows[row]]
+        for i in range(tid, x.size, threads):
+            if not (words[i >> 5] >> (i & 31)) & 1:
+                x[i] = -math.inf
+        cuda.syncthreads()
     for j in range(bias_offsets[row] + tid, bias_offsets[row + 1], threads):
         x[bias_ids[j]] += bias_values[j]
     cuda.syncthreads()
@@ -119,8 +126,8 @@ def _bisect_cut(candidates, candidate_bits, n, low, goal, by_mass, fbuf, ibuf):
 @cuda.jit
 def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_bits, repetition,
                    presence, frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
-                   bias_ids, bias_values, bias_offsets, token_counts, candidates, candidate_bits,
-                   out_tokens, out_logprobs):
+                   bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows, token_counts,
+                   candidates, candidate_bits, out_tokens, out_logprobs):
     row = cuda.blockIdx.x
     tid, threads = cuda.threadIdx.x, cuda.blockDim.x
     fbuf = cuda.shared.array(_F64_SHARED, types.float64)
@@ -130,8 +137,9 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
     if tid == 0:  # what a row of NaNs gets; the drawing thread overwrites it
         out_tokens[row] = 0
         out_logprobs[row] = math.nan
-    _penalize_row_cuda(x, row, bias_ids, bias_values, bias_offsets, token_ids, token_offsets,
-                       num_prompt_tokens, repetition, presence, frequency, token_counts)
+    _penalize_row_cuda(x, row, bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
+                       token_ids, token_offsets, num_prompt_tokens, repetition, presence, frequency,
+                       token_counts)
     local_max = -math.inf
     for i in range(tid, vocab_size, threads):
         if x[i] > local_max:

@@ -294,7 +294,13 @@ def simulator_results() -> list[dict]:
         rng = np.random.default_rng(case)
         logits, prompts, outputs = make_case(rng, params, vocab_size, scale=2.5)
         logits[:, -5:] = -np.inf  # masked tokens
-        batch = SamplingBatch.from_requests(params, outputs, prompts)
+        # every other row under a structured output's token mask (the vocabularies are
+        # not multiples of 32: the last word is partial)
+        words = (vocab_size + 31) // 32
+        bitmask = rng.integers(-2**31, 2**31, (len(params), words), dtype=np.int64).astype(np.int32)
+        bitmask_rows = np.where(np.arange(len(params)) % 2 == 1, np.arange(len(params)), -1).astype(np.int32)
+        batch = SamplingBatch.from_requests(params, outputs, prompts, token_bitmask=bitmask,
+                                            bitmask_rows=bitmask_rows)
         cpu_tokens, cpu_logprobs = sample_cpu(logits.copy(), batch)
         gpu_tokens, gpu_logprobs = sample_cuda(cuda.to_device(logits.copy()), batch, threads=threads)
         results.append({"cpu": [cpu_tokens.tolist(), cpu_logprobs.tolist()],
