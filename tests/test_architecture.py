@@ -15,8 +15,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-#: What core/ may import besides itself and the standard library.
-CORE_MAY_IMPORT = {"pluggy", "tiktoken", "numpy"}
+#: What core/ may import besides itself and the standard library (llguidance: the
+#: structured outputs' grammar engine, imported when a grammar is first compiled).
+CORE_MAY_IMPORT = {"pluggy", "tiktoken", "numpy", "llguidance"}
 
 
 def _python_files(folder: str) -> list[Path]:
@@ -43,7 +44,7 @@ def _violations(folder: str, allowed) -> list[str]:
             for path in _python_files(folder) for line, module in _imports(path) if not allowed(module)]
 
 
-def test_core_imports_only_core_the_standard_library_pluggy_tiktoken_and_numpy():
+def test_core_imports_only_core_the_standard_library_and_its_few_libraries():
     def allowed(module: str) -> bool:
         top = module.split(".")[0]
         if top == "lmserve":

@@ -21,10 +21,11 @@ def test_a_prompt_that_fills_the_context_names_the_prompt_parameter():
     assert info.value.param == "prompt"
 
 
-def test_max_tokens_past_the_context_names_both_counts():
-    with pytest.raises(InvalidRequestError, match="4 in the prompt, 5 for the completion") as info:
-        check_context_room(4, 5, 8)
-    assert info.value.param == "max_tokens"
+def test_max_tokens_past_the_context_is_clipped_to_the_room_left():
+    """LMDeploy's rule: no error, generation runs until the context is full."""
+    assert check_context_room(4, 5, 8) == 4
+    assert check_context_room(4, 3, 8) == 3
+    assert check_context_room(4, None, 8) == 4
 
 
 def test_token_ids_outside_the_vocabulary_are_named():

@@ -182,6 +182,15 @@ class SamplingWorkspace:
         return array
 
 
+def _host_logits(logits) -> np.ndarray:
+    array = np.asarray(logits)  # a CPU torch tensor becomes a zero-copy view
+    if array.dtype != np.float32 or array.ndim != 2:
+        raise ValueError(f"logits must be float32 [batch, vocab], got {array.dtype} {array.shape}")
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        array = np.ascontiguousarray(array)
+    return array
+
+
 def _check_batch(batch: SamplingBatch, rows: int, vocab_size: int) -> None:
     """Shapes, and token ids inside the vocabulary (the kernels index with them unchecked)."""
     if batch.size != rows:

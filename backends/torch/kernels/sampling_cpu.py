@@ -22,6 +22,7 @@ from lmserve.backends.torch.kernels.sampling_batch import (
     SamplingBatch,
     SamplingWorkspace,
     _check_batch,
+    _host_logits,
     _token_counts,
 )
 
@@ -237,25 +238,14 @@ def _draw(p, threshold, u):
 
 
 @njit(cache=True)
-def _mask_row(x, words):
-    """``x[t] = -inf`` for every token ``t`` whose bit in ``words`` is clear."""
-    ninf = np.float32(-np.inf)
-    for w in range(min(words.size, (x.size + 31) // 32)):
-        bits = words[w]
-        if bits == -1:  # all 32 allowed
-            continue
-        base = w * 32
-        for j in range(min(32, x.size - base)):
-            if not (bits >> j) & 1:
-                x[base + j] = ninf
-
-
-@njit(cache=True)
 def _process_row(x, row, bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
                  token_ids, token_offsets, num_prompt_tokens, repetition, presence, frequency,
                  token_counts):
-    if bitmask_rows[row] >= 0:
-        _mask_row(x, token_bitmask[bitmask_rows[row]])
+    if bitmask_rows[row] >= 0:  # a structured output's mask: forbidden tokens become -inf
+        words = token_bitmask[bitmask_rows[row]]
+        for t in range(x.size):
+            if not (words[t >> 5] >> (t & 31)) & 1:
+                x[t] = -np.inf
     for j in range(bias_offsets[row], bias_offsets[row + 1]):
         x[bias_ids[j]] += bias_values[j]
     start, end = token_offsets[row], token_offsets[row + 1]
@@ -361,15 +351,6 @@ def _probs_rows(logits, temperature, top_p, top_k, min_p, out):
 
 
 # ---- launchers ----------------------------------------------------------------------------
-
-
-def _host_logits(logits) -> np.ndarray:
-    array = np.asarray(logits)  # a CPU torch tensor becomes a zero-copy view
-    if array.dtype != np.float32 or array.ndim != 2:
-        raise ValueError(f"logits must be float32 [batch, vocab], got {array.dtype} {array.shape}")
-    if not (array.flags.c_contiguous and array.flags.writeable):
-        array = np.ascontiguousarray(array)
-    return array
 
 
 def sample_cpu(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None = None, *,
