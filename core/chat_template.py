@@ -24,12 +24,13 @@ standard library (no Jinja: the ``hf`` template is a plugin's).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence, TypedDict, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, TypedDict, runtime_checkable
 
 from lmserve.core.plugins import PluginError, call_safely
 from lmserve.core.types import InvalidRequestError
@@ -45,9 +46,32 @@ CAPABILITIES = ("completion", "infilling", "chat", "python")
 # ------------------------------------------------------------------------ interface
 
 
-class Message(TypedDict):
+class FunctionCall(TypedDict):
+    name: str
+    #: The arguments object as JSON text (OpenAI's shape).
+    arguments: str
+
+
+class ToolCall(TypedDict):
+    """A call an assistant message made: ``{"id", "type": "function", "function"}``."""
+
+    id: str
+    type: str
+    function: FunctionCall
+
+
+class _RoleAndContent(TypedDict):
     role: str
-    content: str
+    content: str | None
+
+
+class Message(_RoleAndContent, total=False):
+    """An OpenAI chat message. ``content`` may be None for an assistant message
+    with ``tool_calls``; a ``tool`` message names the call it answers."""
+
+    tool_calls: list[ToolCall]
+    tool_call_id: str
+    name: str
 
 
 @runtime_checkable
@@ -61,6 +85,13 @@ class ChatTemplate(Protocol):
     of its own should get this one (templates contributed through
     :hook:`lmserve_chat_templates` are tried in order; without ``matches`` a
     template is chosen by name only).
+
+    Tools: a template renders OpenAI ``tools``, assistant ``tool_calls`` and
+    ``tool`` messages itself when its ``render`` has a parameter named ``tools``
+    (``render(messages, add_generation_prompt=True, tools=None)``; the
+    signature is the whole declaration, read by :func:`render_chat`). Any
+    other template gets them as Hermes text in plain messages (see
+    :func:`render_chat`).
     """
 
     #: A short name shown in logs and ``lmserve templates``.
@@ -73,6 +104,40 @@ class ChatTemplate(Protocol):
         when ``add_generation_prompt``. Raises ``InvalidRequestError`` for
         messages the template refuses."""
         ...
+
+
+def render_chat(template: ChatTemplate, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                tools: Sequence[dict] | None = None) -> str:
+    """The prompt for a chat request: ``messages`` and OpenAI ``tools`` through ``template``.
+
+    Without tools, tool calls and tool messages this is
+    ``template.render(messages, add_generation_prompt)``. With them, a
+    template whose ``render`` takes ``tools`` renders them itself; any other
+    gets the Hermes format (Qwen2.5's) as plain messages: the tools'
+    instructions after the system message's text (or as a system message),
+    each call as ``<tool_call>`` JSON after its assistant message's content,
+    and tool results as a user message of ``<tool_response>`` blocks (one for
+    consecutive results). Raises ``InvalidRequestError`` (``messages``) for a
+    call whose arguments are not a JSON object.
+    """
+    if not tools and not has_tool_parts(messages):
+        return template.render(messages, add_generation_prompt)
+    if takes_tools(template):
+        return template.render(messages, add_generation_prompt, tools=tools or None)
+    return template.render(hermes_messages(messages, tools), add_generation_prompt)
+
+
+def takes_tools(template: ChatTemplate) -> bool:
+    """Whether ``template`` renders tools itself: its ``render`` has a ``tools`` parameter."""
+    try:
+        return "tools" in inspect.signature(template.render).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
+
+
+def has_tool_parts(messages: Sequence[Message]) -> bool:
+    """Whether a conversation holds tool calls or tool results."""
+    return any(message["role"] == "tool" or message.get("tool_calls") for message in messages)
 
 
 #: Stand in for an earlier exchange when a continuation is rendered
@@ -103,6 +168,132 @@ def render_continuation(template: ChatTemplate, messages: Sequence[Message]) -> 
         raise ValueError(f"The chat template {template.name!r} drops earlier replies, so it cannot "
                          "continue a conversation.")
     return text[at + len(_EARLIER_REPLY):]
+
+
+# --------------------------------------------------------------------- tool formats
+
+#: How :class:`FieldsChatTemplate` writes tools (its ``tool_format``), as LMDeploy
+#: does: ``hermes`` (Qwen2.5's), ``internlm2``, ``llama3.1``; None is Hermes text too.
+TOOL_FORMATS = ("hermes", "internlm2", "llama3.1")
+
+_HERMES_TOOLS = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                 "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_HERMES_END_TOOLS = ("\n</tools>\n\nFor each function call, return a json object with function name and "
+                     "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+_LLAMA31_TOOLS = ("Given the following functions, please respond with a JSON for a function call with its proper "
+                  "arguments that best answers the given prompt.\n\n"
+                  'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+                  "value}. Do not use variables.\n\n")
+
+
+def tool_call_parts(call: ToolCall) -> tuple[str, dict[str, Any]]:
+    """A call's function name and arguments object (parsed from its JSON text).
+
+    Raises ``InvalidRequestError`` (``messages``) for a malformed call or
+    arguments that are not a JSON object.
+    """
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise InvalidRequestError('A tool call must be {"id", "type": "function", "function": {"name", '
+                                  f'"arguments"}}}}, got {call!r}.', "messages")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    if not isinstance(arguments, dict):
+        raise InvalidRequestError(f"The arguments of the call to {name!r} must be a JSON object, got "
+                                  f"{function.get('arguments')!r}.", "messages")
+    return name, arguments
+
+
+def hermes_messages(messages: Sequence[Message], tools: Sequence[dict] | None,
+                    default_system: str | None = None, *, merge_results: bool = True) -> list[Message]:
+    """``messages`` as plain messages with tools, calls and results in Hermes text (Qwen2.5's format).
+
+    The tools' instructions follow the system message's text (else
+    ``default_system``'s, else they are the system message); each call is a
+    ``<tool_call>`` JSON line after its message's content; consecutive tool
+    results become one user message of ``<tool_response>`` blocks (unless not
+    ``merge_results``: then they stay ``tool`` messages).
+    """
+    plain: list[Message] = []
+    for index, message in enumerate(messages):
+        if message["role"] == "tool" and merge_results:
+            response = f"<tool_response>\n{_text(message)}\n</tool_response>"
+            if index and messages[index - 1]["role"] == "tool":
+                plain[-1] = {"role": "user", "content": f"{plain[-1]['content']}\n{response}"}
+            else:
+                plain.append({"role": "user", "content": response})
+        else:
+            plain.append(_with_calls_as_text(message, _hermes_calls))
+    if not tools:
+        return plain
+    listed = "".join("\n" + json.dumps({"type": "function", "function": _function(tool)}, ensure_ascii=False)
+                     for tool in tools)
+    instructions = f"{_HERMES_TOOLS}{listed}{_HERMES_END_TOOLS}"
+    system, rest = _split_system(plain, default_system)
+    return [{"role": "system", "content": instructions if system is None else f"{system}\n\n{instructions}"}, *rest]
+
+
+def _llama31_messages(messages: Sequence[Message], tools: Sequence[dict] | None,
+                      default_system: str | None) -> list[Message]:
+    """Llama 3.1's JSON tool calling: ``Environment: ipython`` in the system turn,
+    the tools before the first user message's text, calls after ``<|python_tag|>``."""
+    plain = [_with_calls_as_text(message, _llama31_calls) for message in messages]
+    if not tools:
+        return plain
+    system, rest = _split_system(plain, default_system)
+    first_user = next((index for index, message in enumerate(rest) if message["role"] == "user"), None)
+    if first_user is None:
+        raise InvalidRequestError("Llama 3.1's format puts the tools in the first user message, and the "
+                                  "conversation has none.", "messages")
+    listed = "".join(json.dumps(tool, indent=4, ensure_ascii=False) + "\n\n" for tool in tools)
+    rest[first_user] = {"role": "user", "content": f"{_LLAMA31_TOOLS}{listed}{_text(rest[first_user])}"}
+    return [{"role": "system", "content": f"Environment: ipython\n{system or ''}"}, *rest]
+
+
+def _hermes_calls(content: str, calls: list[tuple[str, dict]]) -> str:
+    blocks = [f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n</tool_call>"
+              for name, arguments in calls]
+    return "\n".join([content, *blocks] if content else blocks)
+
+
+def _internlm2_calls(content: str, calls: list[tuple[str, dict]]) -> str:
+    return content + "".join(
+        f"<|action_start|><|plugin|>\n{json.dumps({'name': name, 'parameters': arguments}, ensure_ascii=False)}"
+        "<|action_end|>" for name, arguments in calls)
+
+
+def _llama31_calls(content: str, calls: list[tuple[str, dict]]) -> str:
+    return content + "<|python_tag|>" + "; ".join(
+        json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False) for name, arguments in calls)
+
+
+def _with_calls_as_text(message: Message, write) -> Message:
+    if not message.get("tool_calls"):
+        return message
+    calls = [tool_call_parts(call) for call in message["tool_calls"]]
+    return {"role": message["role"], "content": write(_text(message), calls)}
+
+
+def _split_system(messages: list[Message], default_system: str | None) -> tuple[str | None, list[Message]]:
+    """The system text (the first message's, else the default) and the other messages."""
+    if messages and messages[0]["role"] == "system":
+        return _text(messages[0]), messages[1:]
+    return default_system, messages
+
+
+def _function(tool: dict) -> dict:
+    """The function of an OpenAI tool ``{"type": "function", "function": {...}}``."""
+    return tool.get("function", tool) if isinstance(tool, dict) else tool
+
+
+def _text(message: Message) -> str:
+    return message.get("content") or ""
 
 
 # ------------------------------------------------------------------------- base
@@ -148,6 +339,18 @@ class FieldsChatTemplate:
     ``match`` rules do: every group in ``match_all`` must have one of its
     strings in the lowercased model name, and no string of ``match_none`` may
     be in it. An empty ``match_all`` matches nothing (chosen by name only).
+
+    Tools (``render(..., tools=...)``, tool calls, ``tool`` messages) are
+    written in LMDeploy's ``tool_format`` of the template: ``hermes``
+    (Qwen2.5's: the tools' instructions after the system text, the default
+    one being ``meta_instruction``; ``<tool_call>`` JSON after a reply;
+    results as a user turn of ``<tool_response>`` blocks), ``internlm2`` (the
+    tools in a ``system name=<|plugin|>`` turn after the system turn; calls as
+    ``<|action_start|><|plugin|>`` JSON; results in the ``tool`` box),
+    ``llama3.1`` (``Environment: ipython`` in the system turn, the tools
+    before the first user message, calls after ``<|python_tag|>``, results in
+    the ``tool`` box); None is Hermes text too, tool results going in the
+    ``tool`` box when the template has one.
     """
 
     name: str
@@ -170,20 +373,44 @@ class FieldsChatTemplate:
     aliases: tuple[str, ...] = ()
     match_all: tuple[tuple[str, ...], ...] = ()
     match_none: tuple[str, ...] = ()
+    #: How tools, calls and results are written: one of :data:`TOOL_FORMATS`, or None.
+    tool_format: str | None = None
 
     def __post_init__(self) -> None:
         if self.capability not in CAPABILITIES:
             raise ValueError(f"Chat template {self.name!r}: capability must be one of "
                              f"{', '.join(CAPABILITIES)}, got {self.capability!r}.")
+        if self.tool_format is not None and self.tool_format not in TOOL_FORMATS:
+            raise ValueError(f"Chat template {self.name!r}: tool_format must be None or one of "
+                             f"{', '.join(TOOL_FORMATS)}, got {self.tool_format!r}.")
         object.__setattr__(self, "stop_words", tuple(self.stop_words))
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[dict] | None = None) -> str:
         if self.capability == "completion":
-            return "".join(message["content"] for message in messages)
+            return "".join(_text(message) for message in messages)
+        tools_turn = ""
+        if tools or has_tool_parts(messages):
+            messages, tools_turn = self._with_tools(messages, tools)
         text = self.prefix
         if self.meta_instruction is not None and messages and messages[0]["role"] != "system":
             text += f"{self.system}{self.meta_instruction}{self.eosys}"
+        if tools_turn:  # InternLM2's: right after the system turn
+            head = 1 if messages and messages[0]["role"] == "system" else 0
+            text += "".join(self._message(message) for message in messages[:head]) + tools_turn
+            messages = messages[head:]
         return text + self._turns(messages, add_generation_prompt)
+
+    def _with_tools(self, messages: Sequence[Message], tools: Sequence[dict] | None) -> tuple[list[Message], str]:
+        """Plain messages in the template's ``tool_format``, and InternLM2's turn of tools."""
+        if self.tool_format == "internlm2":
+            plain = [_with_calls_as_text(message, _internlm2_calls) for message in messages]
+            listed = json.dumps([_function(tool) for tool in tools or ()], ensure_ascii=False)
+            return plain, f"{self.system.strip()} name=<|plugin|>\n{listed}{self.eosys}" if tools else ""
+        if self.tool_format == "llama3.1":
+            return _llama31_messages(messages, tools, self.meta_instruction), ""
+        merge = self.tool_format == "hermes" or not (self.tool or self.eotool)
+        return hermes_messages(messages, tools, self.meta_instruction, merge_results=merge), ""
 
     def render_continuation(self, messages: Sequence[Message]) -> str:
         """What follows a reply's content: its ``eoa + separator``, then
@@ -191,7 +418,9 @@ class FieldsChatTemplate:
         ``separator + user + prompt + eoh + assistant``, with the ``eoa`` the
         model usually writes as its stop token)."""
         if self.capability == "completion":
-            return "".join(message["content"] for message in messages)
+            return "".join(_text(message) for message in messages)
+        if has_tool_parts(messages):
+            messages, _ = self._with_tools(messages, None)
         return self.eoa + self.separator + self._turns(messages, add_generation_prompt=True)
 
     def with_tokenizer_bos(self, tokenizer) -> FieldsChatTemplate:
@@ -240,7 +469,7 @@ class FieldsChatTemplate:
             raise InvalidRequestError(f"The chat template {self.name!r} has no role {role!r} "
                                       f"(it knows {', '.join(ends)}).", "messages")
         begin, end = ends[role]
-        return f"{begin}{message['content']}{end}"
+        return f"{begin}{_text(message)}{end}"
 
     def _generation_prompt(self) -> str:
         return self.assistant
@@ -406,10 +635,11 @@ class DefaultSystemPrompt:
         self.name = template.name
         self.stop_words = template.stop_words
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[dict] | None = None) -> str:
         if not messages or messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.text}, *messages]
-        return self.template.render(messages, add_generation_prompt)
+        return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def render_continuation(self, messages: Sequence[Message]) -> str:
         # A later turn: the system prompt is in the conversation already.

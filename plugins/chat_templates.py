@@ -4,7 +4,9 @@ A template of this kind is LMDeploy's ``BaseChatTemplate``: a handful of
 strings (``system``, ``meta_instruction``, ``eosys``, ``user``, ``eoh``,
 ``assistant``, ``eoa``, ``separator``, ...) put around each message
 (:class:`~lmserve.core.chat_template.FieldsChatTemplate`). The built-ins carry
-LMDeploy's own strings, so a prompt matches LMDeploy's character for character.
+LMDeploy's own strings, so a prompt matches LMDeploy's character for character,
+and LMDeploy's way of writing tools where it has one (``tool_format``: ``qwen2.5``,
+``internlm2``, ``llama3.1``).
 
 This module only contributes templates: the registry, LMDeploy's JSON format
 (``--chat-template``) and the choice of a template are the kernel's
@@ -47,6 +49,9 @@ _LLAMA2_META = (
     "something not correct. If you don't know the answer to a question, please don't share false information."
 )
 _LLAMA3_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
+_LLAMA3 = dict(prefix="<|begin_of_text|>", system=_LLAMA3_HEADER.format("system"), meta_instruction=None,
+               eosys="<|eot_id|>", user=_LLAMA3_HEADER.format("user"), eoh="<|eot_id|>",
+               assistant=_LLAMA3_HEADER.format("assistant"), eoa="<|eot_id|>")
 
 #: The built-ins, in matching order, with LMDeploy 0.9's strings and match rules.
 BUILTIN_TEMPLATES: tuple[FieldsChatTemplate, ...] = (
@@ -61,6 +66,7 @@ BUILTIN_TEMPLATES: tuple[FieldsChatTemplate, ...] = (
     ),
     FieldsChatTemplate(
         "internlm2", **{**_IM, "stop_words": ("<|im_end|>", "<|action_end|>")}, meta_instruction=_INTERNLM_META,
+        tool="<|im_start|>environment name=<|plugin|>\n", eotool="<|im_end|>\n", tool_format="internlm2",
         match_all=(("internlm2",), ("chat", "math")),
     ),
     FieldsChatTemplate(
@@ -68,10 +74,14 @@ BUILTIN_TEMPLATES: tuple[FieldsChatTemplate, ...] = (
         assistant=" [/INST] ", eoa="</s>", separator="<s>[INST] ",
         match_all=(("llama-2", "llama2"),),
     ),
+    # Before llama3, whose rule ('llama-3-', 'llama3-') no 3.1 name meets anyway.
     FieldsChatTemplate(
-        "llama3", prefix="<|begin_of_text|>", system=_LLAMA3_HEADER.format("system"), meta_instruction=None,
-        eosys="<|eot_id|>", user=_LLAMA3_HEADER.format("user"), eoh="<|eot_id|>",
-        assistant=_LLAMA3_HEADER.format("assistant"), eoa="<|eot_id|>", stop_words=("<|eot_id|>", "<|end_of_text|>"),
+        "llama3.1", **_LLAMA3, tool=_LLAMA3_HEADER.format("ipython"), eotool="<|eot_id|>",
+        stop_words=("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"), tool_format="llama3.1",
+        aliases=("llama3_1",), match_all=(("llama-3.1", "llama3.1", "llama-3_1", "llama3_1"),),
+    ),
+    FieldsChatTemplate(
+        "llama3", **_LLAMA3, stop_words=("<|eot_id|>", "<|end_of_text|>"),
         match_all=(("llama-3-", "llama3-"),), match_none=("internvl2",),
     ),
     FieldsChatTemplate(
@@ -80,7 +90,7 @@ BUILTIN_TEMPLATES: tuple[FieldsChatTemplate, ...] = (
     ),
     FieldsChatTemplate(
         "qwen2.5", meta_instruction="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", **_IM,
-        aliases=("qwen2d5",), match_all=(("qwen2.5", "qwen2_5"),), match_none=("vl",),
+        tool_format="hermes", aliases=("qwen2d5",), match_all=(("qwen2.5", "qwen2_5"),), match_none=("vl",),
     ),
     FieldsChatTemplate(
         "mistral", user="[INST] ", eoh=" [/INST]", eoa="</s>",

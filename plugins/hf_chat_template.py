@@ -17,7 +17,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmserve.core import hookimpl
-from lmserve.core.chat_template import Message
+from lmserve.core.chat_template import Message, tool_call_parts
 from lmserve.core.types import InvalidRequestError
 
 
@@ -42,16 +42,31 @@ class JinjaChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"The model's chat template does not parse: {exc}") from exc
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[dict] | None = None) -> str:
+        """As ``apply_chat_template(messages, tools=tools)``: ``tools`` are the
+        OpenAI tool dicts; a call's ``function.arguments`` reaches the template
+        as an object, not JSON text (templates write ``arguments | tojson``)."""
         try:
             return self._template.render(
-                messages=list(messages),
+                messages=[_with_parsed_arguments(message) for message in messages],
+                tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
         except (jinja2.TemplateError, TypeError, KeyError) as exc:
             raise InvalidRequestError(f"The chat template refused the messages: {exc}", "messages") from exc
+
+
+def _with_parsed_arguments(message: Message) -> Message:
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        _, arguments = tool_call_parts(call)
+        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": calls}
 
 
 class _TemplateRaised(jinja2.TemplateError):

@@ -178,8 +178,8 @@ def test_templates_lists_the_registry():
     result = lmserve("templates")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0].rstrip(","): line for line in result.stdout.splitlines()[1:]}
-    assert list(rows) == ["hf", "chatml", "vicuna", "internlm2", "llama2", "llama3", "qwen", "qwen2.5",
-                          "mistral", "base"]
+    assert list(rows) == ["hf", "chatml", "vicuna", "internlm2", "llama2", "llama3.1", "llama3", "qwen",
+                          "qwen2.5", "mistral", "base"]
     assert "qwen2d5" in rows["qwen2.5"] and "<|im_end|>" in rows["qwen2.5"]
     assert "('qwen2.5' or 'qwen2_5') and not 'vl'" in rows["qwen2.5"]
 

@@ -179,3 +179,19 @@ def test_a_route_declares_its_doc_where_it_is_registered():
     assert operation["summary"] == "Tokens of a text" and operation["tags"] == ["Plugins"]
     assert operation["requestBody"]["content"]["application/json"]["example"] == {"prompt": "hi"}
     assert operation["responses"]["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
+
+
+def test_structured_outputs_and_tools_are_documented(document):
+    """The fields clients generate code from: response_format's three types, tools,
+    tool_choice, and the answers' tool calls."""
+    schemas = document["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    for field in ("response_format", "tools", "tool_choice", "parallel_tool_calls"):
+        assert field in chat, field
+    text = str(schemas)
+    for name in ("json_object", "json_schema", "regex_schema"):
+        assert name in text, name
+    assert "ToolCall" in schemas and "FunctionCall" in schemas
+    message = schemas["AssistantMessage"]["properties"]
+    assert "tool_calls" in message
+    assert "tool_calls" in schemas["ChatCompletionDelta"]["properties"] and "ToolCallDelta" in schemas

@@ -87,6 +87,7 @@ GOLDEN = {
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
     ),
+    "llama3.1": None,  # filled below: llama3's fields, its tool format aside
     "mistral": (
         "Be brief.[INST] Hi! [/INST]Hello.</s>[INST] Bye? [/INST]",
         "</s>[INST] Bye? [/INST]",
@@ -99,10 +100,11 @@ GOLDEN = {
         "detailed, and polite answers to the user's questions. USER: Hi! ASSISTANT:",
     ),
 }
+GOLDEN["llama3.1"] = GOLDEN["llama3"]
 STOP_WORDS = {
     "chatml": ("<|im_end|>",), "qwen": ("<|im_end|>",), "qwen2.5": ("<|im_end|>",),
     "internlm2": ("<|im_end|>", "<|action_end|>"), "llama2": (), "llama3": ("<|eot_id|>", "<|end_of_text|>"),
-    "mistral": (), "vicuna": ("</s>",),
+    "llama3.1": ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"), "mistral": (), "vicuna": ("</s>",),
 }
 #: What the model writes of a reply, where the generation prompt leaves part of the header to it.
 WRITTEN_REPLY = {"vicuna": " " + REPLY}  # LMDeploy's vicuna prompt ends "ASSISTANT:", without the space
@@ -201,6 +203,10 @@ MATCHES = {
     "internlm/internlm2-7b": None,
     "meta-llama/Llama-2-7b-chat-hf": "llama2",
     "meta-llama/Meta-Llama-3-8B-Instruct": "llama3",
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama3.1",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama3.1",
+    "my-llama3.1-finetune": "llama3.1",
+    "unsloth/llama-3_1-8b-instruct": "llama3.1",
     "OpenGVLab/InternVL2-Llama3-76B": None,
     "mistralai/Mistral-7B-Instruct-v0.2": "mistral",
     "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
@@ -219,8 +225,8 @@ def test_the_first_matching_template_follows_lmdeploys_rules(model):
 
 def test_the_registry_has_every_builtin_by_name_and_alias():
     registry = ChatTemplateRegistry.from_plugins(create_plugin_manager(load_entry_points=False))
-    assert registry.names == ["hf", "chatml", "vicuna", "internlm2", "llama2", "llama3", "qwen", "qwen2.5",
-                              "qwen2d5", "mistral", "mixtral", "base"]
+    assert registry.names == ["hf", "chatml", "vicuna", "internlm2", "llama2", "llama3.1", "llama3_1", "llama3",
+                              "qwen", "qwen2.5", "qwen2d5", "mistral", "mixtral", "base"]
     assert registry.get("qwen2d5") is registry.get("qwen2.5")
 
 
