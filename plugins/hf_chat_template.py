@@ -17,7 +17,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmserve.core import hookimpl
-from lmserve.core.chat_template import Message, tool_call_parts
+from lmserve.core.chat_template import Message
+from lmserve.core.tool_prompts import tool_call_parts
 from lmserve.core.types import InvalidRequestError
 
 
