@@ -226,18 +226,7 @@ def test_bad_request(tiny_server, method, path, body, status, param, message):
     for piece in message:
         assert piece in error["message"], error["message"]
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
-    assert error["error"] == {key: error[key] for key in ("message", "type", "param", "code")}
-
-
-def test_max_tokens_past_the_context_runs_until_the_context_is_full(tiny_server):
-    """LMDeploy's rule: no error; the completion ends with "length" when the context is full."""
-    prompt = "hello world " * 5
-    count = httpx.post(tiny_server.base_url + "/tokenize", json={"prompt": prompt}, timeout=30).json()["count"]
-    response = send(tiny_server, "POST", "/v1/completions",
-                    {**COMPLETION, "prompt": prompt, "max_tokens": 250, "ignore_eos": True})
-    assert response.status_code == 200, response.text
-    assert response.json()["usage"]["completion_tokens"] == 256 - count
-    assert response.json()["choices"][0]["finish_reason"] == "length"
+    assert error["error"] == {"object": "error", **{key: error[key] for key in ("message", "type", "param", "code")}}
 
 
 def test_a_prompt_past_the_context_names_the_context_length(tiny_server):
@@ -273,12 +262,11 @@ def test_a_huge_top_k_is_all_tokens_or_a_400(tiny_server, top_k):
         assert_error(response, 400, "top_k")
 
 
-@pytest.mark.parametrize("penalty", [1e-300, 1e-7, 2.5, 40])
-def test_any_positive_repetition_penalty_is_served(tiny_server, penalty):
-    """LMDeploy accepts any value > 0 (below 1 favours repeats)."""
+def test_a_vanishing_repetition_penalty_is_served(tiny_server):
+    """LMDeploy accepts any value > 0; one that underflows float32 is clamped, not a NaN."""
     response = send(tiny_server, "POST", "/v1/completions",
                     {**COMPLETION, "prompt": "The quick brown fox jumps over the lazy dog. " * 3,
-                     "max_tokens": 4, "repetition_penalty": penalty, "ignore_eos": True})
+                     "max_tokens": 4, "repetition_penalty": 1e-300, "ignore_eos": True})
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 4
 
