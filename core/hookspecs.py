@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # imported for annotations only: the kernel stays light
     from lmserve.core.config import ServeConfig
     from lmserve.core.model_source import ModelSource
     from lmserve.core.tokenizer import Tokenizer
+    from lmserve.core.tool_calls import ToolParser
     from lmserve.core.types import GenerationOutput, GenerationRequest
 
 
@@ -140,6 +141,24 @@ def lmserve_chat_template(
     :param tokenizer: the model's tokenizer (special tokens, BOS/EOS).
     :param config: the serve configuration.
     :return: a :class:`~lmserve.core.chat_template.ChatTemplate`, or None.
+    """
+
+
+@hookspec
+def lmserve_tool_parsers() -> list[type[ToolParser]]:
+    """Contribute tool-call parsers: classes that read the calls a model writes.
+
+    Called once at startup by ``lmserve serve api_server``; the lists of all
+    implementations are joined, in hook order. ``--tool-call-parser NAME``
+    picks the parser whose ``name`` or one of whose ``aliases`` is NAME (any
+    case); without it, the first whose ``fits(template_source)`` is true for
+    the chat template, else ``hermes``. The server makes one instance per
+    choice of a request with tools (``parser_class()``). Built-ins: ``hermes``,
+    ``llama3``, ``internlm`` and ``json`` (which reads ``tool_choice:
+    required`` outputs).
+
+    :return: a list of :class:`~lmserve.core.tool_calls.ToolParser`
+        subclasses (an empty list contributes nothing).
     """
 
 

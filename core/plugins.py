@@ -18,6 +18,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lmserve.plugins.hf_chat_template",
     "lmserve.plugins.base_chat_template",
     "lmserve.plugins.chat_templates",
+    "lmserve.plugins.tool_parsers",
     "lmserve.backends.torch.plugin",
     "lmserve.frontends.openai.routes",
     "lmserve.frontends.interactive.routes",

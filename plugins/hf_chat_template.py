@@ -13,12 +13,13 @@ from datetime import datetime
 from typing import Sequence
 
 import jinja2
+import jinja2.meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmserve.core import hookimpl
-from lmserve.core.chat_template import Message
-from lmserve.core.tool_prompts import tool_call_parts
+from lmserve.core.chat_template import Message, has_tool_parts
+from lmserve.core.tool_prompts import hermes_messages, tool_call_parts
 from lmserve.core.types import InvalidRequestError
 
 
@@ -40,6 +41,8 @@ class JinjaChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(source)
+            #: Whether the template writes ``tools`` itself (else they go in as Hermes text).
+            self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"The model's chat template does not parse: {exc}") from exc
 
@@ -47,7 +50,12 @@ class JinjaChatTemplate:
                tools: Sequence[dict] | None = None) -> str:
         """As ``apply_chat_template(messages, tools=tools)``: ``tools`` are the
         OpenAI tool dicts; a call's ``function.arguments`` reaches the template
-        as an object, not JSON text (templates write ``arguments | tojson``)."""
+        as an object, not JSON text (templates write ``arguments | tojson``).
+        A template that never reads ``tools`` (SmolLM2's, most older ones) gets
+        the tools, calls and results as Hermes text in plain messages, as
+        :func:`~lmserve.core.chat_template.render_chat` gives any such template."""
+        if not self.renders_tools and (tools or has_tool_parts(messages)):
+            messages, tools = hermes_messages(messages, tools), None
         try:
             return self._template.render(
                 messages=[_with_parsed_arguments(message) for message in messages],

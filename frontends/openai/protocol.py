@@ -25,7 +25,7 @@ class TextPart(RequestBody):
     text: str
 
 
-class FunctionCall(RequestBody):
+class CalledFunction(RequestBody):
     name: str
     #: The arguments object as JSON text (OpenAI's shape).
     arguments: str
@@ -36,7 +36,7 @@ class ToolCallMessage(RequestBody):
 
     id: str
     type: Literal["function"] = "function"
-    function: FunctionCall
+    function: CalledFunction
 
 
 class ChatMessage(RequestBody):

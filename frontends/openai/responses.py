@@ -106,6 +106,8 @@ class ToolCall(Response):
 
 
 class AssistantMessage(Response):
+    model_config = ConfigDict(json_schema_extra=lambda schema: _no_defaults(schema))
+
     role: Literal["assistant"]
     content: str | None = Field(description="The text; null when the reply is only tool calls.")
     tool_calls: list[ToolCall] = Field(None, description="Present when the request had tools and the model "
