@@ -154,8 +154,11 @@ def test_sync_completion_stream_chunks_validate_and_usage_is_exact(client, tiny_
         stream=True, stream_options={"include_usage": True}, **kwargs
     ) as response:
         chunks = check_completion_chunks(sse_payloads(response.iter_lines()), include_usage=True)
-    streamed_tokens = sum(len(chunk.choices[0].logprobs.tokens) for chunk in chunks if chunk.choices)
-    assert streamed_tokens == 6
+    with_choices = [chunk for chunk in chunks if chunk.choices]
+    # LMDeploy's shape: the finish comes alone, with text "" and no logprobs
+    assert with_choices[-1].choices[0].text == "" and with_choices[-1].choices[0].logprobs is None
+    assert with_choices[-1].choices[0].finish_reason == "length"
+    assert sum(len(chunk.choices[0].logprobs.tokens) for chunk in with_choices[:-1]) == 6
     check_usage(chunks[-1].usage, tokenize(tiny_server, prompt=PROMPT), 6)
     whole = client.completions.create(**kwargs)
     assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
