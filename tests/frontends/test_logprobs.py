@@ -99,7 +99,9 @@ def test_completion_logprobs_streamed_equal_non_streamed(tiny_server):
     body = {"model": "tiny", "prompt": PROMPT, "temperature": 0, "max_tokens": 12, "ignore_eos": True, "logprobs": 1}
     whole = post(tiny_server, "/v1/completions", body)["choices"][0]["logprobs"]
     merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for payload in stream(tiny_server, "/v1/completions", body):
+    payloads = stream(tiny_server, "/v1/completions", body)
+    assert payloads[-1]["choices"][0]["logprobs"] is None  # the finish chunk carries none (LMDeploy)
+    for payload in payloads[:-1]:
         for key in merged:
             merged[key] += payload["choices"][0]["logprobs"][key]
     assert merged == whole
@@ -113,5 +115,6 @@ def test_logprobs_of_a_stopped_generation_cover_every_counted_token(tiny_server,
     counted = whole["usage"]["completion_tokens"]
     assert whole["choices"][0]["logprobs"]["tokens"] == tokens[:counted]
     streamed = [token for payload in stream(tiny_server, "/v1/completions", body)
+                if payload["choices"][0]["finish_reason"] is None
                 for token in payload["choices"][0]["logprobs"]["tokens"]]
     assert streamed == tokens[:counted]
