@@ -49,7 +49,8 @@ class OutputGrammar:
 
     @classmethod
     def json_schema(cls, schema: dict | bool | str) -> OutputGrammar:
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        # Key order kept: required properties come out in the schema's order (as OpenAI's).
+        text = schema if isinstance(schema, str) else json.dumps(schema)
         return cls("json_schema", text)
 
     @classmethod

@@ -8,8 +8,9 @@ its rows under a JSON schema, against the same batch free.
 seconds (a closed loop: the batch stays that size while requests end and start);
 a ``--shares`` fraction of the workers ask for ``response_format`` json_schema
 (an array of records: objects with strings, an enum, bounded numbers), the rest
-for free text. Every request asks for ``--max-tokens``; sampling at temperature
-0.8. The figure is completion tokens per second over the run, one run per share,
+for free text, on the same prompt. Every request asks for ``--max-tokens``;
+sampling at temperature 0.8 (constrained requests end when their JSON is complete,
+free ones at EOS or ``--max-tokens``). The figure is completion tokens per second over the run, one run per share,
 and its ratio to the first share's. Prints a table; ``--json`` writes it too.
 """
 
@@ -23,8 +24,6 @@ import time
 from pathlib import Path
 
 import httpx
-
-from workload import request_text  # loadtests/, the script's own folder
 
 SCHEMA = {
     "type": "array",
@@ -41,15 +40,15 @@ SCHEMA = {
     },
 }
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "users", "schema": SCHEMA}}
-CONSTRAINED_PROMPT = "List the users of a small wiki as JSON: name, role, age and score of each."
+#: Every row gets the same prompt: the rows differ only by the constraint.
+PROMPT = "List the users of a small wiki as JSON: name, role, age and score of each."
 
 
 async def worker(client: httpx.AsyncClient, model: str, number: int, constrained: bool, max_tokens: int,
                  deadline: float, totals: dict) -> None:
     request = 0
     while time.perf_counter() < deadline:
-        text = CONSTRAINED_PROMPT if constrained else request_text(number * 1000 + request)
-        body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
                 "temperature": 0.8, "seed": number * 1000 + request}
         if constrained:
             body["response_format"] = RESPONSE_FORMAT

@@ -112,3 +112,10 @@ def test_invalid_formats_raise_naming_response_format(compiler, grammar, words):
         compiler.constraint(grammar)
     assert info.value.param == "response_format" and words in info.value.message
     assert "\n" not in info.value.message
+
+
+def test_properties_come_out_in_the_schemas_order(compiler, tokenizer):
+    schema = {"type": "object", "properties": {"zeta": {"const": 1}, "alpha": {"const": 2}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    text = generate(compiler.constraint(OutputGrammar.json_schema(schema)), tokenizer, np.random.default_rng(3))
+    assert text == '{"zeta": 1, "alpha": 2}'
