@@ -110,12 +110,10 @@ class SamplingParams:
                 token_id = int(token)
             except (TypeError, ValueError):
                 raise InvalidRequestError(f"logit_bias keys must be token ids, got {token!r}.", "logit_bias") from None
-            if not (_is_number(value) and -100.0 <= value <= 100.0):
+            if not (_is_number(value) and math.isfinite(value)):
                 raise InvalidRequestError(
-                    f"logit_bias values must be in [-100, 100], got {value!r} for token {token_id}.",
-                    "logit_bias",
-                )
-            bias[token_id] = float(value)
+                    f"logit_bias values must be numbers, got {value!r} for token {token_id}.", "logit_bias")
+            bias[token_id] = min(max(float(value), -100.0), 100.0)  # clamped, as LMDeploy does
         object.__setattr__(self, "logit_bias", MappingProxyType(bias))
         if self.seed is not None and not isinstance(self.seed, int):
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.", "seed")

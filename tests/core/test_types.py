@@ -19,7 +19,7 @@ from lmserve.core.types import GenerationRequest, InvalidRequestError, SamplingP
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -2.5}, "frequency_penalty"),
         ({"logit_bias": {"x": 1.0}}, "logit_bias"),
-        ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"logit_bias": {5: float("inf")}}, "logit_bias"),
     ],
 )
 def test_sampling_params_errors_name_the_parameter(kwargs, param):
@@ -38,3 +38,8 @@ def test_greedy_when_temperature_zero_or_top_k_one():
 def test_empty_prompt_is_rejected():
     with pytest.raises(InvalidRequestError):
         GenerationRequest((), SamplingParams())
+
+
+def test_logit_bias_is_clamped_to_plus_minus_100_as_lmdeploy_does():
+    params = SamplingParams(logit_bias={"5": 500, 6: -1e9, 7: 3})
+    assert dict(params.logit_bias) == {5: 100.0, 6: -100.0, 7: 3.0}

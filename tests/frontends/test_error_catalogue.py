@@ -64,8 +64,7 @@ CASES = [
     chat("logit_bias-key-negative", {"logit_bias": {"-1": 1}}, "logit_bias"),
     chat("logit_bias-key-outside-vocab", {"logit_bias": {"99999": 1}}, "logit_bias"),
     chat("logit_bias-key-superscript-digit", {"logit_bias": {"\u00b2": 1}}, "logit_bias"),
-    chat("logit_bias-value-over-100", {"logit_bias": {"1": 101}}, "logit_bias"),
-    chat("logit_bias-value-under-100", {"logit_bias": {"1": -101}}, "logit_bias"),
+    chat("logit_bias-value-not-a-number", {"logit_bias": {"1": "much"}}, "logit_bias.1"),
     chat("logit_bias-value-string", {"logit_bias": {"1": "x"}}, "logit_bias.1"),
     chat("seed-string", {"seed": "x"}, "seed"),
     chat("stream-not-bool", {"stream": "maybe"}, "stream"),
@@ -88,11 +87,8 @@ CASES = [
     chat("min_tokens-over-max_tokens", {"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
     completion("min_new_tokens-over-max_tokens", {"min_new_tokens": 10, "max_tokens": 5}, "min_tokens"),
     # --- lax types, as LMDeploy parses them ("16" is 16): what lax mode still rejects
-    chat("max_tokens-not-a-number", {"max_tokens": "16x"}, "max_tokens"),
+    # (more in test_lmdeploy_wire.py)
     chat("max_tokens-fraction-string", {"max_tokens": "1.5"}, "max_tokens"),
-    chat("temperature-list", {"temperature": [0.5]}, "temperature"),
-    completion("n-fraction", {"n": 1.5}, "n"),
-    chat("stream-not-a-boolean", {"stream": "maybe"}, "stream"),
     # --- stop
     chat("stop-empty-string", {"stop": ""}, "stop"),
     chat("stop-list-with-empty-string", {"stop": ["a", ""]}, "stop"),

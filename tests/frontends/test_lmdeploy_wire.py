@@ -87,6 +87,13 @@ def test_what_lax_parsing_refuses_is_a_400_naming_the_field(tiny_server, field, 
     assert response.json()["param"] == field
 
 
+def test_logit_bias_past_100_is_clamped_not_refused(tiny_server):
+    body = {**COMPLETION, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    clamped = post(tiny_server, "/v1/completions", {**body, "logit_bias": {"97": 1000}})
+    at_limit = post(tiny_server, "/v1/completions", {**body, "logit_bias": {"97": 100}})
+    assert clamped["choices"][0]["text"] == at_limit["choices"][0]["text"] == "aaaa"
+
+
 # ------------------------------------------------------- repetition_penalty, length
 
 
