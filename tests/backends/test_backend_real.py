@@ -28,7 +28,8 @@ NEW_TOKENS = 32
 def lmserve_bus(smollm2_gguf):
     from lmserve.backends.torch.plugin import lmserve_make_backend
 
-    config = ServeConfig(model=str(smollm2_gguf), session_len=1024)
+    # float32 like the reference: --dtype auto picks bfloat16 on CPUs with native bf16 matmul
+    config = ServeConfig(model=str(smollm2_gguf), session_len=1024, dtype="float32")
     backend = lmserve_make_backend(config, ModelSource("smollm2", smollm2_gguf, "gguf", "test"))
     return backend, tokenizer_from_gguf(smollm2_gguf)
 
