@@ -4,12 +4,13 @@ format makes the model write a Hermes call, which the server's parser reads),
 none; streamed deltas; tool conversations in the history; bad tool requests."""
 
 import json
+import subprocess
 
 import httpx
 import jsonschema
 import pytest
 
-from conftest import LiveServer, post, stream
+from conftest import LMSERVE, LiveServer, free_port, post, stream
 from tiny_api import MESSAGES
 
 from lmserve.plugins.tiny_model import write_tiny_model
@@ -156,3 +157,13 @@ def test_bad_tool_requests_are_400s_naming_the_field(tools_server, change, param
     response = httpx.post(tools_server.base_url + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["param"].split(".")[0] == param, response.json()
+
+
+def test_an_unknown_tool_call_parser_stops_the_server_with_one_line(tiny_model_dir):
+    result = subprocess.run(
+        [*LMSERVE, "serve", "api_server", str(tiny_model_dir), "--server-port", str(free_port()),
+         "--tool-call-parser", "nope"], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Unknown tool-call parser 'nope'" in result.stderr and "hermes (qwen" in result.stderr
+    assert "Loading weights" not in result.stderr  # refused before any weight loads
