@@ -33,7 +33,7 @@ from sanic.response import json as json_response
 from lmserve.core import hookimpl
 from lmserve.core.chat_template import render_continuation
 from lmserve.core.sessions import Session, SessionBusyError
-from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, InvalidRequestError, SamplingParams
+from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from lmserve.core.validation import context_room
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
 from lmserve.frontends.openai.errors import APIError, error_response
@@ -47,7 +47,7 @@ from lmserve.frontends.openai.sampling import (
     with_template_stop_token_ids,
 )
 from lmserve.frontends.openai.state import ServerState
-from lmserve.frontends.openai.structured_output import output_grammar
+from lmserve.frontends.openai.structured_output import compile_off_the_loop, output_constraint, output_grammar
 
 NDJSON = "application/x-ndjson"
 
@@ -122,10 +122,8 @@ async def _turn(request: Request, state: ServerState, body: InteractiveRequest):
         params = _sampling_params(state, body, min(body.request_output_len or room, room))
         stop = with_template_stop_strings(state, checked_stop_strings(body.stop), ignore_eos=body.ignore_eos)
         grammar = output_grammar(body.response_format)
-        try:
-            constraint = None if grammar is None else state.grammars.constraint(grammar)
-        except InvalidRequestError as exc:
-            raise APIError(400, exc.message, exc.param) from exc
+        await compile_off_the_loop(state, grammar, "response_format")
+        constraint = None if grammar is None else output_constraint(state, grammar, "response_format")
     except BaseException:
         if session is not None:
             sessions.abandon_turn(session)

@@ -26,7 +26,6 @@ from lmserve.core.types import (
     SamplingParams,
     TokenLogprob,
 )
-from lmserve.core.structured_output import OutputGrammar, TokenConstraint
 from lmserve.core.tool_calls import ToolCall, ToolCallDelta, ToolParser
 from lmserve.core.validation import check_context_room, check_token_ids
 from lmserve.frontends.openai.errors import APIError, error_response
@@ -38,7 +37,7 @@ from lmserve.frontends.openai.sampling import (
     with_template_stop_token_ids,
 )
 from lmserve.frontends.openai.sse import SSE_DONE, sse_error, sse_event
-from lmserve.frontends.openai.structured_output import output_grammar
+from lmserve.frontends.openai.structured_output import output_constraint, request_grammar
 from lmserve.frontends.openai.tool_use import ToolUse
 from lmserve.frontends.openai.state import ServerState
 
@@ -96,8 +95,7 @@ class Generation:
             raise APIError(400, f"{requested_param} must be at least 1, got {requested}.", requested_param)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options")
-        grammar = self.tools.grammar or output_grammar(body.response_format)
-        grammar_param = "tools" if self.tools.grammar else "response_format"
+        grammar, grammar_param = request_grammar(body.response_format, self.tools)
         vocab_size = state.tokenizer.vocab_size
         bad = [token for token in (body.logit_bias or {})
                if not (token.isascii() and token.isdigit() and int(token) < vocab_size)]
@@ -124,7 +122,7 @@ class Generation:
                 raise APIError(400, exc.message.replace("max_tokens", requested_param), param) from exc
             for number in range(body.n):
                 params = self._sampling_params(max_tokens, logprobs, logprobs_param, stop_token_ids, number)
-                constraint = None if grammar is None else self._constraint(grammar, grammar_param)
+                constraint = None if grammar is None else output_constraint(state, grammar, grammar_param)
                 request = GenerationRequest(tuple(prompt), params, stop=stop,
                                             include_stop_str_in_output=body.include_stop_str_in_output,
                                             constraint=constraint)
@@ -132,12 +130,6 @@ class Generation:
                 parser = self.tools.new_parser() if self.tools.new_parser else None
                 choices.append(Choice(prompt_index * body.n + number, request, echo, parser))
         return choices
-
-    def _constraint(self, grammar: OutputGrammar, param: str) -> TokenConstraint:
-        try:
-            return self.state.grammars.constraint(grammar)
-        except InvalidRequestError as exc:
-            raise APIError(400, exc.message.replace("response_format", param), param) from exc
 
     def _logprobs_request(self) -> tuple[int | None, str]:
         """(top alternatives wanted or None, the parameter that asked)."""

@@ -23,6 +23,7 @@ from lmserve.frontends.openai.protocol import ChatCompletionRequest, CompletionR
 from lmserve.frontends.openai.served_model import check_model
 from lmserve.frontends.openai.state import ServerState
 from lmserve.frontends.openai.tokenization import register_tokenization_routes
+from lmserve.frontends.openai.structured_output import compile_off_the_loop, request_grammar
 from lmserve.frontends.openai.tool_use import tool_use
 
 
@@ -64,6 +65,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
             prompt = render_chat(state.chat_template, [m.for_template() for m in body.messages],
                                  add_generation_prompt=True, tools=tools.template_tools)
             prompt_ids = state.tokenizer.encode(prompt, add_bos=False)
+        await compile_off_the_loop(state, *request_grammar(body.response_format, tools))
         return await Generation(state, body, [prompt_ids], chat=True, tools=tools).respond(request)
 
     @admitted
@@ -76,6 +78,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
         if body.echo:
             echo_texts = [text if isinstance(text, str) else state.tokenizer.decode(text)
                           for text in _prompt_list(body.prompt)]
+        await compile_off_the_loop(state, *request_grammar(body.response_format))
         return await Generation(state, body, prompts, chat=False, echo_texts=echo_texts).respond(request)
 
     app.add_route(models, "/v1/models", methods=["GET"], name="models")
