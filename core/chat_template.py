@@ -97,10 +97,10 @@ class ChatTemplate(Protocol):
 
     Tools: a template renders OpenAI ``tools``, assistant ``tool_calls`` and
     ``tool`` messages itself when its ``render`` has a parameter named ``tools``
-    (``render(messages, add_generation_prompt=True, tools=None)``; the
-    signature is the whole declaration, read by :func:`render_chat`). Any
-    other template gets them as Hermes text in plain messages (see
-    :func:`render_chat`).
+    (``render(messages, add_generation_prompt=True, tools=None)``), unless its
+    optional ``renders_tools`` attribute says False (a Jinja template that never
+    reads ``tools``). Any other template gets them as Hermes text in plain
+    messages (see :func:`render_chat`).
     """
 
     #: A short name shown in logs and ``lmserve templates``.
@@ -137,7 +137,10 @@ def render_chat(template: ChatTemplate, messages: Sequence[Message], *, add_gene
 
 
 def takes_tools(template: ChatTemplate) -> bool:
-    """Whether ``template`` renders tools itself: its ``render`` has a ``tools`` parameter."""
+    """Whether ``template`` renders tools itself: its ``render`` has a ``tools``
+    parameter and its ``renders_tools`` (when it has one) is not False."""
+    if getattr(template, "renders_tools", True) is False:
+        return False
     try:
         return "tools" in inspect.signature(template.render).parameters
     except (TypeError, ValueError):  # a callable without a signature

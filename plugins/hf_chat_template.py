@@ -18,8 +18,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmserve.core import hookimpl
-from lmserve.core.chat_template import Message, has_tool_parts
-from lmserve.core.tool_prompts import hermes_messages, tool_call_parts
+from lmserve.core.chat_template import Message
+from lmserve.core.tool_prompts import tool_call_parts
 from lmserve.core.types import InvalidRequestError
 
 
@@ -41,7 +41,7 @@ class JinjaChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(source)
-            #: Whether the template writes ``tools`` itself (else they go in as Hermes text).
+            #: Whether the template reads ``tools`` (see ``ChatTemplate``: else they go in as Hermes text).
             self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"The model's chat template does not parse: {exc}") from exc
@@ -51,11 +51,10 @@ class JinjaChatTemplate:
         """As ``apply_chat_template(messages, tools=tools)``: ``tools`` are the
         OpenAI tool dicts; a call's ``function.arguments`` reaches the template
         as an object, not JSON text (templates write ``arguments | tojson``).
-        A template that never reads ``tools`` (SmolLM2's, most older ones) gets
-        the tools, calls and results as Hermes text in plain messages, as
-        :func:`~lmserve.core.chat_template.render_chat` gives any such template."""
-        if not self.renders_tools and (tools or has_tool_parts(messages)):
-            messages, tools = hermes_messages(messages, tools), None
+        A template that never reads ``tools`` (SmolLM2's, most older ones) says so
+        with :attr:`renders_tools`:
+        :func:`~lmserve.core.chat_template.render_chat` then gives it the tools,
+        calls and results as Hermes text in plain messages."""
         try:
             return self._template.render(
                 messages=[_with_parsed_arguments(message) for message in messages],

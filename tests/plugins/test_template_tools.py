@@ -417,3 +417,19 @@ def test_a_malformed_call_is_a_bad_request():
 def test_an_unknown_tool_format_fails_when_the_template_is_made():
     with pytest.raises(ValueError, match="tool_format must be None or one of hermes, internlm2, llama3.1"):
         FieldsChatTemplate("x", tool_format="xml")
+
+
+def test_a_jinja_template_that_never_reads_tools_gets_them_as_hermes_text():
+    """SmolLM2's template, like most older ones, has no ``tools``: render_chat writes them in."""
+    chatml = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = JinjaChatTemplate(chatml, eos_token="<|im_end|>")
+    assert template.renders_tools is False and QWEN25_HF.renders_tools is True
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+    messages = [{"role": "user", "content": "time?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]
+    text = render_chat(template, messages, tools=[tool])
+    assert text.startswith("<|im_start|>system\n# Tools") and json.dumps(tool) in text
+    assert '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\n12:00\n</tool_response><|im_end|>" in text
