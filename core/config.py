@@ -11,6 +11,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 #: The torch engine's weight-only ``--quantization`` methods.
 QUANTIZATIONS = ("int8", "int4")
+#: What ``--quantization`` takes: a method, ``none`` (the dtype's weights), or ``auto``
+#: (the method that keeps a quantized GGUF file's precision, on the CPU).
+QUANTIZATION_CHOICES = ("auto", "none", *QUANTIZATIONS)
 
 #: The ``command`` that :hook:`lmserve_add_cli_options` gets for the API server's parser.
 SERVE_API_SERVER = "serve api_server"

@@ -2,7 +2,7 @@
 
     python loadtests/benchmark_engine.py [--concurrency 1 8 32 64] [--max-tokens 128]
         [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--model PATH | --random-weights]
-        [--quantization int8|int4] [--skip-hf | --skip-lmserve]
+        [--quantization auto|none|int8|int4] [--enforce-eager] [--skip-hf | --skip-lmserve]
 
 The model is the shipped SmolLM2-135M-Instruct GGUF unless ``--model`` names
 another (a GGUF file or an HF directory), or ``--random-weights`` writes a
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from workload import output_tokens, request_text  # loadtests/, the script's own folder
 
-from lmserve.core.config import QUANTIZATIONS
+from lmserve.core.config import QUANTIZATION_CHOICES
 
 
 def model_path() -> Path:
@@ -101,7 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, help="A GGUF file or an HF model directory.")
     parser.add_argument("--random-weights", action="store_true",
                         help="A random model of SmolLM2-135M's shape instead of the real weights.")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="lmserve's weight-only quantization.")
+    parser.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
+                        help="lmserve's weight-only quantization (auto: a quantized GGUF keeps its precision).")
+    parser.add_argument("--enforce-eager", action="store_true", help="lmserve runs every step op by op.")
     parser.add_argument("--skip-hf", action="store_true", help="Measure lmserve only.")
     parser.add_argument("--skip-lmserve", action="store_true", help="Measure HF only.")
     args = parser.parse_args(argv)
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
     if not args.skip_lmserve:
         backend = create_backend(path, EngineConfig(device=args.device, dtype=args.dtype, session_len=2048,
                                                     cache_max_entry_count=0.2, max_batch_size=max(args.concurrency),
-                                                    quantization=args.quantization))
+                                                    quantization=args.quantization,
+                                                    enforce_eager=args.enforce_eager))
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         backend.start(lambda outs: [outputs.put(o) for o in outs])
         for row in rows:
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     hf_best = max((r[2] for r in rows if r[2]), default=None)
     name = "random SmolLM2-135M-shaped model" if args.random_weights else path.name
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    quantized = f", lmserve {args.quantization}" if args.quantization else ""
+    quantized = f", lmserve --quantization {args.quantization}{' --enforce-eager' * args.enforce_eager}"
     print(f"\n{name}, {args.dtype}{quantized}, {where}, max_tokens {args.max_tokens}\n")
     print("| concurrency | lmserve tok/s | HF tok/s | lmserve / HF same c | lmserve / HF best |")
     print("|---:|---:|---:|---:|---:|")

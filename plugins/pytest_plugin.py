@@ -55,6 +55,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _exact_defaults(args: tuple[str, ...]) -> list[str]:
+    """The flags a test server gets unless ``args`` set them: float32, no quantization, eager."""
+    given = {arg.split("=", 1)[0] for arg in args}
+    defaults = []
+    if "--dtype" not in given:
+        defaults += ["--dtype", "float32"]
+    if "--quantization" not in given:
+        defaults += ["--quantization", "none"]
+    if not given & {"--enforce-eager", "--no-enforce-eager"}:
+        defaults.append("--enforce-eager")
+    return defaults
+
+
 class LiveServer:
     """``lmserve serve api_server`` in a subprocess, on a free port.
 
@@ -62,8 +75,10 @@ class LiveServer:
     send requests at once; raises with the server's output when it exits or
     stays unhealthy. Its output goes to a log file in ``log_dir`` (the temp
     folder by default; the fixtures pass one of pytest's), read with :meth:`log`.
-    It runs in float32 unless ``args`` name a ``--dtype`` (``auto`` picks bfloat16 on
-    CPUs with AMX or AVX512-BF16, and tests compare outputs with float32 references).
+    It runs in float32, with float weights and every step eager unless ``args`` name a
+    ``--dtype``, a ``--quantization`` or ``--[no-]enforce-eager``: tests compare outputs
+    with float32 references (``auto`` picks bfloat16 on CPUs with AMX or AVX512-BF16, and
+    int4 weights for a Q4 GGUF), and an eager server starts without compiling its decode step.
     """
 
     def __init__(self, model: str | Path, *args: str, env: dict | None = None, startup_timeout: float = 180,
@@ -74,7 +89,7 @@ class LiveServer:
         self._log = open(self.log_path, "w+")
         self.process = subprocess.Popen(
             [*LMSERVE, "serve", "api_server", str(model), "--server-name", "127.0.0.1",
-             "--server-port", str(self.port), *(() if "--dtype" in args else ("--dtype", "float32")), *args],
+             "--server-port", str(self.port), *_exact_defaults(args), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + startup_timeout
@@ -187,7 +202,7 @@ def lmserve_engine(lmserve_tiny_model_dir) -> Iterator[TinyEngine]:
     from lmserve.plugins.tokenizer_files import tokenizer_from_path
 
     backend = create_backend(lmserve_tiny_model_dir, EngineConfig(
-        device="cpu", dtype="float32", cache_max_entry_count=64, cache_block_seq_len=16))
+        device="cpu", dtype="float32", cache_max_entry_count=64, cache_block_seq_len=16, enforce_eager=True))
     engine = TinyEngine(backend, tokenizer_from_path(lmserve_tiny_model_dir))
     yield engine
     backend.shutdown()

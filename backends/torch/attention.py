@@ -10,12 +10,14 @@ runs on the CPU and on CUDA alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmserve.backends.torch.kernels.attention import decode_attention
+from lmserve.backends.torch.ops import define_op
 
 
 def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -100,12 +102,36 @@ class PagedAttentionMetadata:
     decode_bias: torch.Tensor | None
     prefills: tuple[PrefillSegment, ...]
     #: Set instead of the gather fields when the decodes read the cache in place
-    #: (:mod:`~lmserve.backends.torch.kernels.attention`, the CPU path): numpy
-    #: int64 ``[num_decodes, max_blocks]`` block tables and ``[num_decodes]`` context lengths.
-    decode_block_tables: np.ndarray | None = None
-    decode_context_lens: np.ndarray | None = None
+    #: (:mod:`~lmserve.backends.torch.kernels.attention`, the CPU path): int64
+    #: ``[num_decodes, max_blocks]`` block tables and ``[num_decodes]`` context lengths.
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
     #: Attend only to this many latest positions (0: all); used by the in-place decodes.
     sliding_window: int = 0
+
+
+class InPlaceDecodes(NamedTuple):
+    """A step of decodes only, read from the cache in place (the CPU's path): what
+    :func:`paged_decode_attention` needs, all tensors, so the compiled step can take it."""
+
+    #: ``[kv_heads * num_decodes]`` rows of the flat cache where the new keys/values go.
+    write_rows: torch.Tensor
+    #: int64 ``[num_decodes, max_blocks]``, padded with the null block.
+    block_tables: torch.Tensor
+    #: int64 ``[num_decodes]``: each context's length, the new token included.
+    context_lens: torch.Tensor
+    #: Attend only to this many latest positions (0: all).
+    sliding_window: int = 0
+
+
+def paged_decode_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: InPlaceDecodes,
+                           query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           block_size: int) -> torch.Tensor:
+    """:func:`paged_attention` for a step of decodes read in place: one operator
+    (``lmserve::paged_decode_attention``) stores the keys/values and attends."""
+    return torch.ops.lmserve.paged_decode_attention(query, keys, values, flat_keys, flat_values, meta.write_rows,
+                                                    meta.block_tables, meta.context_lens, block_size,
+                                                    meta.sliding_window)
 
 
 def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: PagedAttentionMetadata,
@@ -129,7 +155,8 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
 
     n = meta.num_decodes
     if n and meta.decode_block_tables is not None:
-        out[:n] = _decode_in_place(query[:n], flat_keys, flat_values, meta, num_kv_heads, block_size)
+        out[:n] = _attend_in_place(query[:n], flat_keys, flat_values, meta.decode_block_tables,
+                                   meta.decode_context_lens, num_kv_heads, block_size, meta.sliding_window)
     elif n:
         group = num_heads // num_kv_heads
         shape = (n, num_kv_heads, meta.decode_max_context, head_dim)
@@ -165,12 +192,13 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
     return out
 
 
-#: Cache dtypes :func:`_decode_in_place` reads, and how numpy sees them.
+#: Cache dtypes :func:`_attend_in_place` reads, and how numpy sees them.
 IN_PLACE_DECODE_DTYPES = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
 
 
-def _decode_in_place(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor,
-                     meta: PagedAttentionMetadata, num_kv_heads: int, block_size: int) -> torch.Tensor:
+def _attend_in_place(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, num_kv_heads: int,
+                     block_size: int, window: int) -> torch.Tensor:
     """The decodes' attention read straight from the (CPU) cache; ``[n, heads * head_dim]`` float32."""
     num_decodes, num_heads, head_dim = query.shape
     grouped = query.float().reshape(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim).contiguous()
@@ -180,6 +208,27 @@ def _decode_in_place(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: 
         cache.view(as_numpy).view(-1, block_size, head_dim).numpy() for cache in (flat_keys, flat_values))
     if as_numpy is torch.int16:
         key_blocks, value_blocks = key_blocks.view(np.uint16), value_blocks.view(np.uint16)
-    decode_attention(grouped.numpy(), key_blocks, value_blocks, meta.decode_block_tables,
-                     meta.decode_context_lens, out, window=meta.sliding_window)
+    decode_attention(grouped.numpy(), key_blocks, value_blocks, block_tables.numpy(), context_lens.numpy(), out,
+                     window=window)
     return torch.from_numpy(out).view(num_decodes, -1)
+
+
+def _store_and_attend_in_place(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                               flat_keys: torch.Tensor, flat_values: torch.Tensor, write_rows: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                               window: int) -> torch.Tensor:
+    head_dim = query.shape[-1]
+    flat_keys.index_copy_(0, write_rows, keys.transpose(0, 1).reshape(-1, head_dim))
+    flat_values.index_copy_(0, write_rows, values.transpose(0, 1).reshape(-1, head_dim))
+    out = _attend_in_place(query, flat_keys, flat_values, block_tables, context_lens, keys.shape[1], block_size,
+                           window)
+    return out.to(query.dtype)
+
+
+def _store_and_attend_shape(query: torch.Tensor, *args) -> torch.Tensor:
+    return query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
+
+
+define_op("paged_decode_attention(Tensor query, Tensor keys, Tensor values, Tensor(a!) flat_keys, "
+          "Tensor(b!) flat_values, Tensor write_rows, Tensor block_tables, Tensor context_lens, "
+          "SymInt block_size, SymInt window) -> Tensor", _store_and_attend_in_place, _store_and_attend_shape)

@@ -19,10 +19,11 @@ from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
-from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers
+from lmserve.backends.torch.quantized_linear import check_quantization, choose_quantization, quantize_linear_layers
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.weights import load_model
+from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS
 from lmserve.core.types import EngineRequest, SamplingParams
 
 
@@ -36,8 +37,11 @@ class EngineConfig:
     max_batch_size: int = 128
     max_prefill_token_num: int = 4096
     enable_prefix_caching: bool = False
-    #: Weight-only quantization of the linear layers (``int8``, ``int4``); None: the dtype's.
-    quantization: str | None = None
+    #: Weight-only quantization of the linear layers: ``int8``, ``int4``, ``none`` (the
+    #: dtype's weights) or ``auto`` (a quantized GGUF file's own precision, on the CPU).
+    quantization: str = "auto"
+    #: Run every step eagerly, op by op, instead of the compiled decode step (CPU).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         count = self.cache_max_entry_count
@@ -48,8 +52,7 @@ class EngineConfig:
         for name in ("cache_block_seq_len", "max_batch_size", "max_prefill_token_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if self.quantization is not None:
-            check_quantization(self.quantization)
+        check_quantization(self.quantization, QUANTIZATION_CHOICES)
 
 
 def available_memory(device: torch.device) -> int:
@@ -86,18 +89,25 @@ class LoadedModel:
 def load_engine_model(path: str | Path, config: EngineConfig,
                       progress: Callable[[int, int], None] | None = None) -> LoadedModel:
     """The model as the engine runs it: loaded in the chosen dtype, projections fused,
-    quantized if asked, and on the CPU packed for oneDNN."""
+    quantized if asked (or if ``auto`` finds a quantized GGUF), and on the CPU packed for oneDNN."""
     device = resolve_device(config.device)
-    if config.quantization is not None and device.type != "cpu":
+    if config.quantization in QUANTIZATIONS and device.type != "cpu":
         raise ValueError(f"--quantization {config.quantization} runs on the CPU only for now.")
     dtype, dtype_reason = choose_dtype(config.dtype, device)
-    model_config, model = load_model(path, device=device, dtype=dtype, progress=progress)
+    quantization, quantization_reason = choose_quantization(config.quantization, path, device)
+    # Quantized layers start from float32 weights: a dequantized Q4_1 tensor is exact
+    # there, so its 4-bit codes come back as they were in the file.
+    load_dtype = dtype if quantization is None else torch.float32
+    model_config, model = load_model(path, device=device, dtype=load_dtype, progress=progress)
     model.fuse_projections()
     dtype_name = str(dtype).removeprefix("torch.")
     weights = f"{dtype_name} ({dtype_reason})"
-    if config.quantization is not None:
-        quantize_linear_layers(model, config.quantization)
-        weights = f"{config.quantization} weights, {dtype_name} activations and KV cache ({dtype_reason})"
+    if quantization is not None:
+        quantize_linear_layers(model, quantization, dtype)
+        for parameter in model.parameters():  # what stays unquantized: embeddings, norms
+            parameter.data = parameter.data.to(dtype)
+        weights = (f"{quantization} weights ({quantization_reason}), {dtype_name} activations and KV cache "
+                   f"({dtype_reason})")
     if device.type == "cpu":
         pack_linear_layers(model)
     return LoadedModel(model_config, model, device, dtype, weights)
@@ -120,7 +130,7 @@ def build_engine(path: str | Path, config: EngineConfig,
 
     kv_cache = PagedKVCache.allocate(model_config, num_blocks, block_size, dtype, device)
     runner = ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window,
-                         weights=loaded.weights)
+                         weights=loaded.weights, compile_decodes=not config.enforce_eager)
     scheduler = Scheduler(
         BlockManager(num_blocks, block_size, config.enable_prefix_caching),
         max_batch_size=config.max_batch_size,
@@ -133,13 +143,16 @@ def build_engine(path: str | Path, config: EngineConfig,
 
 
 def warm_up(engine: LLMEngine) -> None:
-    """Compile the kernels, then run a prefill, a batched decode and sampling once,
-    so the first request pays no first-call costs."""
+    """Compile the kernels, then run a prefill, a batched decode, a one-sequence decode
+    and sampling once, so the first request pays no first-call costs (the compiled
+    decode step has a graph for each kind of decode)."""
     warm_up_kernels(use_cuda=engine.runner.device.type == "cuda")
     greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     sampled = SamplingParams(max_tokens=2, temperature=1.0, top_p=0.9, top_k=5, seed=0, ignore_eos=True)
+    longer = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     with torch.inference_mode():
         engine.add_request(EngineRequest("warm-up-0", (0, 1, 2), greedy))
         engine.add_request(EngineRequest("warm-up-1", (3, 4), sampled))
+        engine.add_request(EngineRequest("warm-up-2", (5, 6), longer))
         while engine.has_work:
             engine.step()

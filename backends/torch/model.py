@@ -252,6 +252,12 @@ class LlamaForCausalLM(nn.Module):
         ``positions``."""
         if metadata is None:
             metadata = kv_cache.attention_metadata(positions)
+        return self.hidden_states(input_ids, positions, kv_cache, metadata)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      kv_cache: AttentionCache[MetadataT], metadata: MetadataT) -> torch.Tensor:
+        """:meth:`forward` without its inference-mode wrapper, for ``torch.compile``
+        (which traces it from inside the caller's inference mode)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:

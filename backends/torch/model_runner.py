@@ -14,10 +14,12 @@ import torch
 
 from lmserve.backends.torch.attention import (
     IN_PLACE_DECODE_DTYPES,
+    InPlaceDecodes,
     MAX_GROUPED_SCORES,
     PagedAttentionMetadata,
     PrefillSegment,
 )
+from lmserve.backends.torch.compiled_step import CompiledDecodeStep
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sampler import logprob_records
 from lmserve.backends.torch.sequence import Sequence
@@ -34,18 +36,20 @@ class DecodeFields(NamedTuple):
     gather_blocks: torch.Tensor | None = None
     max_context: int = 0
     bias: torch.Tensor | None = None
-    block_tables: np.ndarray | None = None
-    context_lens: np.ndarray | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, device: torch.device,
                  sliding_window: int | None = None, decode_in_place: bool | None = None,
-                 weights: str = ""):
+                 weights: str = "", compile_decodes: bool = False):
         """``decode_in_place``: decodes attend by reading the cache in place (a
         Numba kernel) rather than gathering their contexts; default: on the CPU,
         for float32 and bfloat16 caches. ``weights`` says what the weights are
-        (dtype, quantization and why), for the start-up line."""
+        (dtype, quantization and why), for the start-up line. ``compile_decodes``:
+        steps of decodes only run as one compiled graph
+        (:class:`~lmserve.backends.torch.compiled_step.CompiledDecodeStep`; needs ``decode_in_place``)."""
         self.model = model
         self.weights = weights
         self.kv_cache = kv_cache
@@ -54,6 +58,7 @@ class ModelRunner:
         if decode_in_place is None:
             decode_in_place = device.type == "cpu" and kv_cache.keys[0].dtype in IN_PLACE_DECODE_DTYPES
         self.decode_in_place = decode_in_place
+        self.decode_step = CompiledDecodeStep(model) if compile_decodes and decode_in_place else None
         self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
         self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * (kv_cache.num_blocks + 1)
 
@@ -70,6 +75,10 @@ class ModelRunner:
         """
         self.kv_cache.clear_blocks(fresh_blocks)
         input_ids, positions, metadata, last_rows = self.prepare(scheduled)
+        if self.decode_step is not None and isinstance(metadata, InPlaceDecodes):
+            # Every decode samples: the logits' rows are the scheduled sequences'.
+            logits = self.decode_step(input_ids, positions, self.kv_cache, metadata)
+            return logits[torch.as_tensor(sample_rows)] if len(sample_rows) < len(scheduled) else logits, {}
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         rows = torch.as_tensor([last_rows[i] for i in sample_rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
@@ -101,9 +110,15 @@ class ModelRunner:
         num_decodes = _num_leading_decodes(scheduled)
         ids, positions, last_rows = _token_layout(scheduled)
         context_lens = positions[:num_decodes] + 1
+        write_rows = self._tensor(self._write_rows(scheduled, positions))
+        if num_decodes == len(scheduled) and self.decode_in_place:
+            tables = self._decode_block_tables(scheduled, context_lens)
+            metadata = InPlaceDecodes(write_rows, torch.from_numpy(tables), torch.from_numpy(context_lens),
+                                      self.sliding_window or 0)
+            return self._tensor(ids), self._tensor(positions), metadata, last_rows
         decodes = self._decode_fields(scheduled[:num_decodes], context_lens)
         metadata = PagedAttentionMetadata(
-            write_rows=self._tensor(self._write_rows(scheduled, positions)),
+            write_rows=write_rows,
             num_decodes=num_decodes,
             decode_gather_blocks=decodes.gather_blocks,
             decode_max_context=decodes.max_context,
@@ -135,7 +150,7 @@ class ModelRunner:
             return DecodeFields()
         tables = self._decode_block_tables(decodes, context_lens)
         if self.decode_in_place:
-            return DecodeFields(block_tables=tables, context_lens=context_lens)
+            return DecodeFields(block_tables=torch.from_numpy(tables), context_lens=torch.from_numpy(context_lens))
         max_context = tables.shape[1] * self.kv_cache.block_size
         token_index = np.arange(max_context)
         mask = token_index[None, :] < context_lens[:, None]
@@ -148,8 +163,11 @@ class ModelRunner:
 
     def _decode_block_tables(self, decodes: list[tuple[Sequence, int]],
                              context_lens: np.ndarray) -> np.ndarray:
-        """``[num_decodes, max_blocks]`` block tables, padded with the null block."""
+        """``[num_decodes, max_blocks]`` block tables, padded with the null block; read in
+        place, at least two columns (the compiled step would compile a graph of its own for one)."""
         max_blocks = -(-int(context_lens.max()) // self.kv_cache.block_size)
+        if self.decode_in_place:
+            max_blocks = max(2, max_blocks)
         tables = np.full((len(decodes), max_blocks), self.kv_cache.null_block, dtype=np.int64)
         for i, (seq, _) in enumerate(decodes):
             table = seq.block_table[:max_blocks]

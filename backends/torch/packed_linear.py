@@ -20,6 +20,8 @@ import functools
 import torch
 from torch import nn
 
+from lmserve.backends.torch.ops import define_op
+
 #: Rows per call the packed layout is tuned for (a decode batch); any row count works.
 BATCH_SIZE_HINT = 64
 
@@ -45,6 +47,21 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
+def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,
+                   out_features: int) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+def _packed_linear_shape(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,
+                         out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+# An operator of its own: the compiler may only pass oneDNN packed weights that are constants.
+define_op("packed_linear(Tensor x, Tensor packed_weight, Tensor? bias, int out_features) -> Tensor",
+          _packed_linear, _packed_linear_shape)
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight packed for oneDNN (CPU only, inference only)."""
 
@@ -57,7 +74,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return torch.ops.lmserve.packed_linear(x, self.packed_weight, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from lmserve.backends.torch.attention import PagedAttentionMetadata, paged_attention
+from lmserve.backends.torch.attention import (
+    InPlaceDecodes,
+    PagedAttentionMetadata,
+    paged_attention,
+    paged_decode_attention,
+)
 from lmserve.backends.torch.model_config import ModelConfig
 
 
@@ -58,8 +63,11 @@ class PagedKVCache:
         element = torch.tensor([], dtype=dtype).element_size()
         return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * block_size * element
 
-    def attend(self, layer_idx: int, metadata: PagedAttentionMetadata, query: torch.Tensor,
+    def attend(self, layer_idx: int, metadata: PagedAttentionMetadata | InPlaceDecodes, query: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Called by each attention layer: store the step's keys/values and attend."""
+        if isinstance(metadata, InPlaceDecodes):
+            return paged_decode_attention(self.keys[layer_idx], self.values[layer_idx], metadata, query, keys,
+                                          values, self.block_size)
         return paged_attention(self.keys[layer_idx], self.values[layer_idx], metadata, query, keys, values,
                                self.block_size)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
 from lmserve.core import hookimpl
-from lmserve.core.config import QUANTIZATIONS, SERVE_API_SERVER, ServeConfig
+from lmserve.core.config import QUANTIZATION_CHOICES, SERVE_API_SERVER, ServeConfig
 from lmserve.core.model_source import ModelSource
 from lmserve.core.progress import ProgressBar
 
@@ -27,9 +28,13 @@ def lmserve_add_cli_options(command, parser):
     group.add_argument("--enable-prefix-caching", action="store_true",
                        help="Reuse the KV cache of full blocks shared by prompts (hits are reported as "
                        "usage.prompt_tokens_details.cached_tokens).")
-    group.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                       help="Weight-only quantization of the linear layers (CPU): int8 (one scale per row) or "
-                       "int4 (groups of 32, GGUF Q4_1's layout; lm_head stays int8). Fewer bytes read per token.")
+    group.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                       help="Weight-only quantization of the linear layers (CPU): int8 (one scale per row), "
+                       "int4 (groups of 32, GGUF Q4_1's layout; lm_head stays int8), none, or auto: a quantized "
+                       "GGUF file keeps its precision (Q4_x: int4, Q5_x-Q8_0: int8), anything else none.")
+    group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
+                       help="Run every step op by op instead of compiling the decode step (CPU; "
+                       "compiling takes about a minute at start-up, cached on disk for the next start).")
 
 
 @hookimpl(trylast=True)
@@ -47,7 +52,8 @@ def lmserve_make_backend(config: ServeConfig, source: ModelSource):
         max_batch_size=options.get("max_batch_size", 128),
         max_prefill_token_num=options.get("max_prefill_token_num", 4096),
         enable_prefix_caching=options.get("enable_prefix_caching", False),
-        quantization=options.get("quantization"),
+        quantization=options.get("quantization", "auto"),
+        enforce_eager=options.get("enforce_eager", False),
     )
     backend = create_backend(source.path, engine_config, progress=ProgressBar("Loading weights"))
     print(f"lmserve: {backend.describe()}", file=sys.stderr)

@@ -198,6 +198,17 @@ def read_gguf_fields(reader: Any) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
+def gguf_tensor_types(path: str | Path) -> dict[str, str]:
+    """Each tensor's GGUF type (``"Q4_1"``, ``"F32"``...) by its GGUF name; empty for
+    anything but a ``.gguf`` file."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".gguf"):
+        return {}
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
 def _load_gguf(path: Path, device, dtype, progress) -> tuple[ModelConfig, LlamaForCausalLM]:
     from gguf import GGUFReader
 

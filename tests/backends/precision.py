@@ -10,18 +10,25 @@ import torch
 
 from lmserve.backends.torch.factory import EngineConfig, load_engine_model
 from lmserve.backends.torch.kv_cache import KVCache
+from lmserve.backends.torch.quantized_linear import DENSE_ABOVE_ROWS
 
 TEXT = (Path(__file__).parent.parent / "data" / "precision_text.txt").read_text()
 
 
 def engine_logits(path, ids: list[int], **config) -> torch.Tensor:
     """float32 ``[len(ids), vocab]`` logits of the model as the engine loads it
-    (``config``: :class:`EngineConfig` fields such as dtype and quantization), one forward."""
-    loaded = load_engine_model(path, EngineConfig(device="cpu", **config))
+    (``config``: :class:`EngineConfig` fields such as dtype and quantization; float
+    weights unless given), run over ``ids`` a few rows at a time, as decodes run:
+    quantized layers take their weight-only kernels only up to DENSE_ABOVE_ROWS rows."""
+    loaded = load_engine_model(path, EngineConfig(device="cpu", **{"quantization": "none", **config}))
     cache = KVCache.allocate(loaded.config, len(ids), loaded.dtype, "cpu")
+    logits = []
     with torch.inference_mode():
-        hidden = loaded.model(torch.tensor(ids), torch.arange(len(ids)), cache)
-        return loaded.model.compute_logits(hidden).float()
+        for start in range(0, len(ids), DENSE_ABOVE_ROWS):
+            chunk = torch.tensor(ids[start : start + DENSE_ABOVE_ROWS])
+            hidden = loaded.model(chunk, torch.arange(start, start + len(chunk)), cache)
+            logits.append(loaded.model.compute_logits(hidden).float())
+    return torch.cat(logits)
 
 
 def top1_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:

@@ -28,8 +28,10 @@ NEW_TOKENS = 32
 def lmserve_bus(smollm2_gguf):
     from lmserve.backends.torch.plugin import lmserve_make_backend
 
-    # float32 like the reference: --dtype auto picks bfloat16 on CPUs with native bf16 matmul
-    config = ServeConfig(model=str(smollm2_gguf), session_len=1024, dtype="float32")
+    # float32 float weights like the reference: --dtype auto picks bfloat16 on CPUs with
+    # native bf16 matmul, --quantization auto int4 for this Q4_1 file
+    config = ServeConfig(model=str(smollm2_gguf), session_len=1024, dtype="float32",
+                         options={"quantization": "none", "enforce_eager": True})
     backend = lmserve_make_backend(config, ModelSource("smollm2", smollm2_gguf, "gguf", "test"))
     return backend, tokenizer_from_gguf(smollm2_gguf)
 

@@ -27,7 +27,8 @@ def prompts(tokenizer):
 
 class Runner:
     def __init__(self, path, **config):
-        self.backend = create_backend(path, EngineConfig(**{"dtype": "float32", "session_len": 1024, **config}))
+        self.backend = create_backend(path, EngineConfig(**{"dtype": "float32", "session_len": 1024,
+                                                            "quantization": "none", "enforce_eager": True, **config}))
         self.outputs = queue.SimpleQueue()
         self.backend.start(lambda outs: [self.outputs.put(o) for o in outs])
         self.engine = self.backend.engine
@@ -79,8 +80,9 @@ def batch(tokenizer):
         dict(cache_max_entry_count=128),
         dict(cache_max_entry_count=128, enable_prefix_caching=True),
         dict(cache_max_entry_count=12, cache_block_seq_len=16, max_prefill_token_num=64),
+        dict(cache_max_entry_count=128, enforce_eager=False),
     ],
-    ids=["batched", "prefix-caching", "preempting"],
+    ids=["batched", "prefix-caching", "preempting", "compiled-decodes"],
 )
 def test_sixteen_concurrent_requests_equal_each_alone(smollm2_gguf, tokenizer, alone, config):
     runner = Runner(smollm2_gguf, **config)

@@ -123,7 +123,8 @@ def test_the_engine_serves_with_quantized_weights(tiny_model_dir, quantization):
                                                        cache_max_entry_count=16, cache_block_seq_len=16))
     layers = [type(m).__name__ for m in engine.runner.model.modules()]
     assert "Linear" not in layers and "PackedLinear" not in layers
-    assert engine.runner.weights.startswith(f"{quantization} weights, float32 activations")
+    assert engine.runner.weights.startswith(f"{quantization} weights (--quantization {quantization}), "
+                                            "float32 activations")
     engine.add_request(EngineRequest("q", (5, 6, 7, 8), SamplingParams(max_tokens=6, temperature=0.0,
                                                                         ignore_eos=True)))
     outputs = []
