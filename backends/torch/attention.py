@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmserve.backends.torch.kernels.attention import decode_attention
+from lmserve.backends.torch.kernels.attention import store_and_decode_attention
 from lmserve.backends.torch.ops import define_op
 
 
@@ -192,24 +192,33 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
     return out
 
 
-#: Cache dtypes :func:`_attend_in_place` reads, and how numpy sees them.
-IN_PLACE_DECODE_DTYPES = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
+#: Cache dtypes the in-place decodes read.
+IN_PLACE_DECODE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU float32 tensor as numpy's float32, a bfloat16 one as its uint16 bits (no copy)."""
+    return tensor.view(torch.int16).numpy().view(np.uint16) if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
 def _attend_in_place(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, num_kv_heads: int,
-                     block_size: int, window: int) -> torch.Tensor:
-    """The decodes' attention read straight from the (CPU) cache; ``[n, heads * head_dim]`` float32."""
+                     block_size: int, window: int, new_keys: torch.Tensor | None = None,
+                     new_values: torch.Tensor | None = None, write_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The decodes' attention read straight from the (CPU) cache, after storing their
+    ``new_keys``/``new_values`` at ``write_rows`` if given; ``[n, heads * head_dim]`` float32."""
     num_decodes, num_heads, head_dim = query.shape
-    grouped = query.float().reshape(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim).contiguous()
+    grouped = query.reshape(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = np.empty(grouped.shape, np.float32)
-    as_numpy = IN_PLACE_DECODE_DTYPES[flat_keys.dtype]
-    key_blocks, value_blocks = (
-        cache.view(as_numpy).view(-1, block_size, head_dim).numpy() for cache in (flat_keys, flat_values))
-    if as_numpy is torch.int16:
-        key_blocks, value_blocks = key_blocks.view(np.uint16), value_blocks.view(np.uint16)
-    decode_attention(grouped.numpy(), key_blocks, value_blocks, block_tables.numpy(), context_lens.numpy(), out,
-                     window=window)
+    key_blocks = _as_numpy(flat_keys).reshape(-1, block_size, head_dim)
+    value_blocks = _as_numpy(flat_values).reshape(-1, block_size, head_dim)
+    if write_rows is None:
+        new_keys = new_values = np.empty((0, 0, 0), key_blocks.dtype)
+        rows = np.empty(0, np.int64)
+    else:
+        new_keys, new_values, rows = _as_numpy(new_keys), _as_numpy(new_values), write_rows.numpy()
+    store_and_decode_attention(_as_numpy(grouped), new_keys, new_values, rows, key_blocks, value_blocks,
+                               block_tables.numpy(), context_lens.numpy(), out, window=window)
     return torch.from_numpy(out).view(num_decodes, -1)
 
 
@@ -217,11 +226,8 @@ def _store_and_attend_in_place(query: torch.Tensor, keys: torch.Tensor, values: 
                                flat_keys: torch.Tensor, flat_values: torch.Tensor, write_rows: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                                window: int) -> torch.Tensor:
-    head_dim = query.shape[-1]
-    flat_keys.index_copy_(0, write_rows, keys.transpose(0, 1).reshape(-1, head_dim))
-    flat_values.index_copy_(0, write_rows, values.transpose(0, 1).reshape(-1, head_dim))
     out = _attend_in_place(query, flat_keys, flat_values, block_tables, context_lens, keys.shape[1], block_size,
-                           window)
+                           window, keys, values, write_rows)
     return out.to(query.dtype)
 
 

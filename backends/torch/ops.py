@@ -23,8 +23,10 @@ _LIBRARY = torch.library.Library("lmserve", "FRAGMENT")
 
 def define_op(schema: str, implementation: Callable, fake: Callable) -> None:
     """Define ``torch.ops.lmserve.<name>`` from ``schema`` (``name(args) -> result``),
-    run by ``implementation`` on every device, ``fake`` giving its output's shape."""
+    run by ``implementation`` on CPU tensors, ``fake`` giving its output's shape."""
     name = schema.split("(", 1)[0]
     _LIBRARY.define(schema)
-    _LIBRARY.impl(name, implementation, "CompositeExplicitAutograd")
+    # Every operator here runs on the CPU only; oneDNN's packed weights are MkldnnCPU tensors.
+    for dispatch_key in ("CPU", "MkldnnCPU"):
+        _LIBRARY.impl(name, implementation, dispatch_key)
     torch.library.register_fake(f"lmserve::{name}", fake, lib=_LIBRARY)

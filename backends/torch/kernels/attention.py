@@ -56,16 +56,23 @@ def _kernel(group: int, head_dim: int):
     """
 
     @njit(parallel=True, fastmath=FASTMATH, cache=True)
-    def decode_attention_kernel(query, key_blocks, value_blocks, block_tables, context_lens, window, scale, out):
+    def decode_attention_kernel(query, new_keys, new_values, write_rows, key_blocks, value_blocks, block_tables,
+                                context_lens, window, scale, out):
         num_seqs, num_kv_heads = query.shape[0], query.shape[1]
         block_size = key_blocks.shape[1]
         blocks_per_head = key_blocks.shape[0] // num_kv_heads
+        store = write_rows.shape[0] > 0
         for job in prange(num_seqs * num_kv_heads):
             seq, head = job // num_kv_heads, job % num_kv_heads
+            if store:  # this job's own new key/value first: its context ends with it
+                row = write_rows[head * num_seqs + seq]
+                for d in range(head_dim):
+                    key_blocks[row // block_size, row % block_size, d] = new_keys[seq, head, d]
+                    value_blocks[row // block_size, row % block_size, d] = new_values[seq, head, d]
             q = np.empty((group, head_dim), np.float32)
             for g in range(group):
                 for d in range(head_dim):
-                    q[g, d] = query[seq, head, g, d] * scale
+                    q[g, d] = _widen(query[seq, head, g, d]) * scale
             scores = np.empty((group, block_size), np.float32)
             running_max = np.full(group, _LOWEST, np.float32)
             running_sum = np.zeros(group, np.float32)
@@ -135,7 +142,24 @@ def decode_attention(query: np.ndarray, key_blocks: np.ndarray, value_blocks: np
         raise ValueError("need one context length >= 1 per sequence")
     if num_seqs and -(-int(context_lens.max()) // key_blocks.shape[1]) > block_tables.shape[1]:
         raise ValueError("a block table is shorter than its context")
-    kernel = _kernel(query.shape[2], head_dim)
-    kernel(query, key_blocks, value_blocks, block_tables, context_lens, window,
-           np.float32(head_dim**-0.5 if scale is None else scale), out)
+    nothing = np.empty((0, 0, 0), key_blocks.dtype)
+    store_and_decode_attention(query, nothing, nothing, np.empty(0, np.int64), key_blocks, value_blocks,
+                               block_tables, context_lens, out, window=window, scale=scale)
 
+
+def store_and_decode_attention(query: np.ndarray, new_keys: np.ndarray, new_values: np.ndarray,
+                               write_rows: np.ndarray, key_blocks: np.ndarray, value_blocks: np.ndarray,
+                               block_tables: np.ndarray, context_lens: np.ndarray, out: np.ndarray, *,
+                               window: int = 0, scale: float | None = None) -> None:
+    """:func:`decode_attention` that first stores each sequence's new key and value,
+    in one pass (the decode step's path), without its argument checks.
+
+    ``query`` may also be uint16 (bfloat16 bits). ``new_keys``, ``new_values``: ``[num_seqs,
+    kv_heads, head_dim]`` of the caches' element type; ``write_rows``: int64 ``[kv_heads *
+    num_seqs]``, kv head ``h``'s row (``block * block_size + offset`` in the caches' flat
+    view) for sequence ``i`` at ``h * num_seqs + i``; empty to store nothing.
+    """
+    head_dim = query.shape[3]
+    kernel = _kernel(query.shape[2], head_dim)
+    kernel(query, new_keys, new_values, write_rows, key_blocks, value_blocks, block_tables, context_lens, window,
+           np.float32(head_dim**-0.5 if scale is None else scale), out)

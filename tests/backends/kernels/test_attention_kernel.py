@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmserve.backends.torch.kernels.attention import decode_attention
+from lmserve.backends.torch.kernels.attention import decode_attention, store_and_decode_attention
 
 BLOCK_SIZE, HEAD_DIM, BLOCKS_PER_HEAD = 8, 16, 20
 
@@ -132,3 +132,32 @@ def test_bad_arguments_are_refused_before_the_kernel_runs(change, message):
     with pytest.raises((TypeError, ValueError), match=message):
         decode_attention(args["query"], args["keys"], args["values"], args["tables"], args["context_lens"],
                          np.empty(args["query"].shape, np.float32))
+
+
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_storing_first_writes_each_new_token_where_its_context_reads_it(bfloat16):
+    """store_and_decode_attention writes every sequence's new key/value at its row, then
+    attends over contexts that end with them; the query may be bfloat16 bits too."""
+    rng = np.random.default_rng(11)
+    kv_heads, group = 3, 3
+    keys, values, tables, context_lens, query = random_case(rng, CONTEXT_LENS, kv_heads, group)
+    num_seqs = len(CONTEXT_LENS)
+    new_keys, new_values = (rng.standard_normal((num_seqs, kv_heads, HEAD_DIM)).astype(np.float32) for _ in range(2))
+    last = context_lens - 1  # each new token is its context's last position
+    slots = tables[np.arange(num_seqs), last // BLOCK_SIZE] * BLOCK_SIZE + last % BLOCK_SIZE
+    write_rows = (np.arange(kv_heads)[:, None] * BLOCKS_PER_HEAD * BLOCK_SIZE + slots[None, :]).reshape(-1)
+    if bfloat16:
+        keys, values, new_keys, new_values = (bf16_bits(a) for a in (keys, values, new_keys, new_values))
+        query = bf16_bits(query)
+    expected_keys, expected_values = keys.copy(), values.copy()
+    for cache, new in ((expected_keys, new_keys), (expected_values, new_values)):
+        flat = cache.reshape(-1, HEAD_DIM)
+        for h in range(kv_heads):
+            flat[write_rows[h * num_seqs : (h + 1) * num_seqs]] = new[:, h]
+    out = np.full(query.shape, np.nan, np.float32)
+    store_and_decode_attention(query, new_keys, new_values, write_rows, keys, values, tables, context_lens, out)
+    np.testing.assert_array_equal(keys, expected_keys)
+    np.testing.assert_array_equal(values, expected_values)
+    as_float = widened if bfloat16 else (lambda a: a)
+    expected = reference(as_float(query), as_float(expected_keys), as_float(expected_values), tables, context_lens)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
