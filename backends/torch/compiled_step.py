@@ -21,6 +21,7 @@ two cores; inductor keeps what it built on disk, so the next start is faster).
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -45,6 +46,17 @@ def _own_copy(function: types.FunctionType) -> types.FunctionType:
                               function.__defaults__, function.__closure__)
 
 
+def _distinct_sizes() -> contextlib.AbstractContextManager:
+    """While tracing, sizes that happen to be equal stay distinct symbols: by default torch
+    gives them one ("duck sizing"), and a warm-up batch of two sequences with two-column
+    block tables would build a graph only for batches as wide as their tables."""
+    from torch.fx.experimental import _config
+
+    if not hasattr(_config, "use_duck_shape"):
+        return contextlib.nullcontext()
+    return _config.patch(use_duck_shape=False)
+
+
 class CompiledDecodeStep:
     """``(input_ids, positions, kv_cache, metadata) -> float32 logits`` of every row, compiled."""
 
@@ -54,4 +66,5 @@ class CompiledDecodeStep:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
                  metadata: InPlaceDecodes) -> torch.Tensor:
-        return self._compiled(self.model, input_ids, positions, kv_cache, metadata)
+        with _distinct_sizes():
+            return self._compiled(self.model, input_ids, positions, kv_cache, metadata)

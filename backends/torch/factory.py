@@ -19,7 +19,8 @@ from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
-from lmserve.backends.torch.quantized_linear import check_quantization, choose_quantization, quantize_linear_layers
+from lmserve.backends.torch.quantization_choice import choose_quantization
+from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.weights import load_model
@@ -38,8 +39,9 @@ class EngineConfig:
     max_prefill_token_num: int = 4096
     enable_prefix_caching: bool = False
     #: Weight-only quantization of the linear layers: ``int8``, ``int4``, ``none`` (the
-    #: dtype's weights) or ``auto`` (a quantized GGUF file's own precision, on the CPU).
-    quantization: str = "auto"
+    #: dtype's weights; None says the same) or ``auto`` (a quantized GGUF file's own
+    #: precision, on the CPU).
+    quantization: str | None = "auto"
     #: Run every step eagerly, op by op, instead of the compiled decode step (CPU).
     enforce_eager: bool = False
 
@@ -52,6 +54,8 @@ class EngineConfig:
         for name in ("cache_block_seq_len", "max_batch_size", "max_prefill_token_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.quantization is None:
+            object.__setattr__(self, "quantization", "none")
         check_quantization(self.quantization, QUANTIZATION_CHOICES)
 
 

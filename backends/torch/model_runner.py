@@ -7,6 +7,7 @@ numpy, so the layers only index.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import numpy as np
@@ -24,6 +25,8 @@ from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sampler import logprob_records
 from lmserve.backends.torch.sequence import Sequence
 from lmserve.core.types import TokenLogprob
+
+logger = logging.getLogger(__name__)
 
 #: Prompt rows turned into full-vocabulary logprobs at a time (256 x 49,152 floats: 50 MB).
 PROMPT_LOGPROBS_ROWS = 256
@@ -75,10 +78,10 @@ class ModelRunner:
         """
         self.kv_cache.clear_blocks(fresh_blocks)
         input_ids, positions, metadata, last_rows = self.prepare(scheduled)
-        if self.decode_step is not None and isinstance(metadata, InPlaceDecodes):
-            # Every decode samples: the logits' rows are the scheduled sequences'.
-            logits = self.decode_step(input_ids, positions, self.kv_cache, metadata)
-            return logits[torch.as_tensor(sample_rows)] if len(sample_rows) < len(scheduled) else logits, {}
+        if self._compiled_step_fits(scheduled, sample_rows, metadata):
+            logits = self._run_compiled(input_ids, positions, metadata)
+            if logits is not None:
+                return logits, {}
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         rows = torch.as_tensor([last_rows[i] for i in sample_rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
@@ -88,6 +91,27 @@ class ModelRunner:
             if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
         }
         return logits, prompt_logprobs
+
+    def _compiled_step_fits(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
+                            metadata: PagedAttentionMetadata | InPlaceDecodes) -> bool:
+        """Whether the compiled step computes this one: one token per sequence, every row
+        sampled (its logits' rows are the scheduled sequences'), no prompt logprobs wanted
+        (one-token chunks of a prompt can come in steps like this)."""
+        return (self.decode_step is not None and isinstance(metadata, InPlaceDecodes)
+                and len(sample_rows) == len(scheduled)
+                and not any(seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
+                            for seq, _ in scheduled))
+
+    def _run_compiled(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      metadata: InPlaceDecodes) -> torch.Tensor | None:
+        """The compiled step's logits; None, and eager steps from now on, if it failed
+        (no C++ compiler, a compile error, a graph it may not build at serve time)."""
+        try:
+            return self.decode_step(input_ids, positions, self.kv_cache, metadata)
+        except Exception:  # the step is redone eagerly, so nothing is lost
+            logger.exception("The compiled decode step failed; running every step eagerly from now on.")
+            self.decode_step = None
+            return None
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprob]:
         """Logprobs of the prompt tokens that this chunk's rows predict (the row at

@@ -39,7 +39,7 @@ def packing_supported(dtype: torch.dtype) -> bool:
         weight = torch.randn(24, 16, generator=generator).to(dtype)
         bias = torch.randn(24, generator=generator).to(dtype)
         x = torch.randn(3, 16, generator=generator).to(dtype)
-        packed = ops._linear_pointwise(x, ops._reorder_linear_weight(weight, 3), bias, "none", [], "")
+        packed = packed_linear(x, pack_weight(weight, 3), bias)
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
         return bool(torch.allclose(packed.float(), nn.functional.linear(x, weight, bias).float(),
                                    rtol=tolerance, atol=tolerance))
@@ -47,9 +47,19 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
+def pack_weight(weight: torch.Tensor, batch_size_hint: int = BATCH_SIZE_HINT) -> torch.Tensor:
+    """``[out, in]`` -> the same weight in oneDNN's blocked layout (check :func:`packing_supported`)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint)
+
+
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with a weight from :func:`pack_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
 def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,
                    out_features: int) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+    return packed_linear(x, packed_weight, bias)
 
 
 def _packed_linear_shape(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,
@@ -69,8 +79,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint),
-                             persistent=False)
+        self.register_buffer("packed_weight", pack_weight(weight, batch_size_hint), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,21 +20,23 @@ bfloat16 and its output back; the model's other work stays in its dtype.
 In ``int4`` mode the output projection (``lm_head``, which decides the token) is
 kept in int8, as llama.cpp keeps it at 6 or 8 bits.
 
-CPU only: on CUDA ``--quantization`` is refused at start-up.
+The kernels serve up to :data:`DENSE_ABOVE_ROWS` rows a call (decode steps of a
+few streams); beyond that a layer multiplies with a dense copy of the weight its
+codes stand for, in the model's dtype: faster there, at the cost of the memory
+quantization would save.
+
+CPU only: on CUDA ``--quantization int8|int4`` is refused at start-up (``auto``
+chooses none there; :mod:`~lmserve.backends.torch.quantization_choice`).
 """
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmserve.backends.torch.ops import define_op
-from lmserve.backends.torch.packed_linear import BATCH_SIZE_HINT, packing_supported
-from lmserve.backends.torch.weights import gguf_tensor_types
-from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS
+from lmserve.backends.torch.packed_linear import pack_weight, packed_linear, packing_supported
+from lmserve.core.config import QUANTIZATIONS
 
 #: Inputs sharing one int4 scale and zero (GGUF's Q4_x block size).
 INT4_GROUP_SIZE = 32
@@ -98,7 +100,7 @@ def _weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     ``group_size`` 0 means int8 (``scales`` per row), else int4 groups."""
     if x.shape[0] > DENSE_ABOVE_ROWS:
         if dense_packed:
-            return torch.ops.mkldnn._linear_pointwise(x, dense_weight, None, "none", [], "")
+            return packed_linear(x, dense_weight, None)
         return nn.functional.linear(x, dense_weight)
     rows = x.to(COMPUTE_DTYPE)
     out = _int8_matmul(rows, weight, scales) if group_size == 0 else _int4_matmul(rows, weight, scales, group_size)
@@ -123,26 +125,28 @@ class WeightOnlyLinear(nn.Module):
     A subclass stores its codes and ``scales``, then calls :meth:`keep_dense_copy`
     with the weight its codes stand for."""
 
+    #: Inputs per int4 scale and zero; 0 for int8 (one scale per row).
     group_size = 0
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None):
+        """``dtype``: the model's (the bias and the dense copy are kept in it; default: the layer's)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.dtype = dtype or linear.weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach().to(self.dtype)
+        self.register_buffer("bias", bias, persistent=False)
 
-    def keep_dense_copy(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
-        """Keep ``weight`` (what the codes stand for) in ``dtype`` for inputs of more than
-        :data:`DENSE_ABOVE_ROWS` rows, packed for oneDNN where that works."""
-        weight = weight.to(dtype)
-        self.dense_packed = weight.device.type == "cpu" and packing_supported(dtype)
-        if self.dense_packed:
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_SIZE_HINT)
-        self.register_buffer("dense_weight", weight, persistent=False)
+    def keep_dense_copy(self, weight: torch.Tensor) -> None:
+        """Keep ``weight`` (what the codes stand for) in the model's dtype for inputs of
+        more than :data:`DENSE_ABOVE_ROWS` rows, packed for oneDNN where that works."""
+        weight = weight.to(self.dtype)
+        self.dense_packed = weight.device.type == "cpu" and packing_supported(self.dtype)
+        self.register_buffer("dense_weight", pack_weight(weight) if self.dense_packed else weight, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A [T, in] input (the model's case) needs no reshape.
         rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        out = torch.ops.lmserve.weight_only_linear(rows, self.weight, self.scales, self.group_size,
+        out = torch.ops.lmserve.weight_only_linear(rows, self.codes, self.scales, self.group_size,
                                                    self.dense_weight, self.dense_packed, self.out_features)
         if self.bias is not None:
             out = out + self.bias
@@ -153,35 +157,32 @@ class WeightOnlyLinear(nn.Module):
 
 
 class Int8Linear(WeightOnlyLinear):
-    """``nn.Linear`` with int8 weights (one scale per output row); CPU, inference only.
-
-    ``dtype``: the model's, for the dense copy (default: the layer's)."""
+    """``nn.Linear`` with int8 weights (one scale per output row); CPU, inference only."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None):
-        super().__init__(linear)
+        super().__init__(linear, dtype)
         codes, scales = quantize_int8(linear.weight.detach())
-        self.register_buffer("weight", codes, persistent=False)
+        self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE), persistent=False)
-        self.keep_dense_copy(codes.float() * self.scales.float()[:, None], dtype or linear.weight.dtype)
+        self.keep_dense_copy(codes.float() * self.scales.float()[:, None])
 
 
 class Int4Linear(WeightOnlyLinear):
     """``nn.Linear`` with 4-bit weights in groups of :data:`INT4_GROUP_SIZE`; CPU, inference only.
 
-    ``dtype``: the model's, for the dense copy (default: the layer's)."""
+    ``codes`` are packed for the kernel; ``scales`` hold (scale, zero) pairs."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None, group_size: int = INT4_GROUP_SIZE):
-        super().__init__(linear)
+        super().__init__(linear, dtype)
         self.group_size = group_size
         codes, scales, zeros = quantize_int4(linear.weight.detach(), group_size)
         scales, zeros = scales.to(COMPUTE_DTYPE), zeros.to(COMPUTE_DTYPE)
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+        self.register_buffer("codes", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
                              persistent=False)
         # The kernel's layout: [K / group, N, (scale, zero)].
         scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales", scales_and_zeros, persistent=False)
-        self.keep_dense_copy(dequantize_int4(codes, scales.float(), zeros.float(), group_size),
-                             dtype or linear.weight.dtype)
+        self.keep_dense_copy(dequantize_int4(codes, scales.float(), zeros.float(), group_size))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
@@ -193,37 +194,9 @@ def int4_fits(linear: nn.Linear) -> bool:
 
 
 def check_quantization(method: str, choices: tuple[str, ...] = QUANTIZATIONS) -> None:
+    """Refuse a method not in ``choices`` with the flag's message."""
     if method not in choices:
         raise ValueError(f"--quantization must be one of {', '.join(choices)}, got {method!r}.")
-
-
-#: GGUF weight types, and the method that serves them without losing precision
-#: (``--quantization auto``): 4-bit blocks as int4, 5- to 8-bit ones as int8.
-GGUF_TYPE_METHODS = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q5_0": "int8", "Q5_1": "int8",
-                     "Q5_K": "int8", "Q6_K": "int8", "Q8_0": "int8"}
-
-
-def choose_quantization(name: str | None, path: str | Path, device: torch.device) -> tuple[str | None, str]:
-    """``(method or None, why)`` for ``--quantization name`` (``auto`` when None).
-
-    ``auto`` keeps a quantized GGUF file quantized on the CPU, as llama.cpp serves
-    it: the method of its attention and MLP projections' type (the most common
-    one among them); float files and CUDA get the dtype's weights."""
-    name = name or "auto"
-    check_quantization(name, QUANTIZATION_CHOICES)
-    if name != "auto":
-        return (None if name == "none" else name), f"--quantization {name}"
-    if device.type != "cpu":
-        return None, "auto: the weight-only kernels run on the CPU only"
-    types = [kind for tensor, kind in gguf_tensor_types(path).items()
-             if re.search(r"\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down))\.weight$", tensor)]
-    if not types:
-        return None, "auto: the weights are not quantized"
-    kind = max(set(types), key=types.count)
-    method = GGUF_TYPE_METHODS.get(kind)
-    if method is None:
-        return None, f"auto: the file's projections are {kind}, served dequantized"
-    return method, f"auto: the file's projections are {kind}"
 
 
 def quantize_linear_layers(model: nn.Module, method: str, dtype: torch.dtype | None = None) -> int:

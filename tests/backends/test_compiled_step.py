@@ -69,6 +69,42 @@ def test_compiled_decodes_equal_eager_decodes(fused_model, prompts, sliding_wind
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_compiled_decodes_track_eager_ones(tiny_model_dir):
+    """bfloat16 (the default on CPUs with native bf16 matmul): the query reaches the
+    kernel as bfloat16 bits; fused elementwise work rounds less often than eager ops."""
+    config, model = load_model(tiny_model_dir, dtype=torch.bfloat16)
+    model.fuse_projections()
+    with torch.inference_mode():
+        compiled = greedy_decodes(make_runner(model, config, torch.bfloat16, True), PROMPTS, steps=1)
+        eager = greedy_decodes(make_runner(model, config, torch.bfloat16, False), PROMPTS, steps=1)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=5e-2, atol=5e-2)
+
+
+def test_steps_the_compiled_graph_does_not_cover_run_eagerly(fused_model):
+    """A one-token prompt chunk that does not sample, or that wants prompt logprobs,
+    runs eagerly; so does every step after the compiled one fails."""
+    config, model = fused_model
+    runner = make_runner(model, config, torch.float32, True)
+    first = Sequence(EngineRequest("a", (5, 6, 7), SamplingParams(max_tokens=2)), 0)
+    second = Sequence(EngineRequest("b", (8, 9), SamplingParams(max_tokens=2, prompt_logprobs=1)), 1)
+    first.block_table, second.block_table = [0], [1]
+    _, _, metadata, _ = runner.prepare([(first, 1), (second, 1)])
+    assert not runner._compiled_step_fits([(first, 1), (second, 1)], [0], metadata)  # a row not sampled
+    assert not runner._compiled_step_fits([(first, 1), (second, 1)], [0, 1], metadata)  # prompt logprobs
+    assert runner._compiled_step_fits([(first, 1)], [0], runner.prepare([(first, 1)])[2])
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    runner.decode_step = broken
+    with torch.inference_mode():
+        logits = greedy_decodes(runner, PROMPTS[:2], steps=2)
+        expected = greedy_decodes(make_runner(model, config, torch.float32, False), PROMPTS[:2], steps=2)
+    assert runner.decode_step is None
+    for got, want in zip(logits, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_new_batch_sizes_and_contexts_do_not_compile_again(fused_model):
     config, model = fused_model
     runner = make_runner(model, config, torch.float32, True)

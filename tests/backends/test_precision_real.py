@@ -80,3 +80,14 @@ def test_quantized_weights_track_hf_float32(smollm2_gguf, text_ids, hf_logits, q
                                       quantization=quantization)
     assert agreement >= min_agreement, text
     assert abs(change) <= max_perplexity_change, text
+
+
+def test_the_shipped_q4_1_file_is_served_with_its_own_int4_weights_by_default(smollm2_gguf, text_ids, hf_logits):
+    """--quantization auto on the CPU (the default): int4, with the file's own 4-bit codes;
+    in the default server dtype on this CPU, as the server runs it."""
+    from lmserve.backends.torch.quantization_choice import choose_quantization
+
+    assert choose_quantization("auto", smollm2_gguf, torch.device("cpu")) == (
+        "int4", "auto: the file's projections are Q4_1")
+    agreement, change, text = figures(smollm2_gguf, text_ids, hf_logits, dtype="auto", quantization="auto")
+    assert agreement >= 0.93 and abs(change) <= 0.05, text

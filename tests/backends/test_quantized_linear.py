@@ -9,6 +9,7 @@ from torch import nn
 
 from lmserve.backends.torch.factory import EngineConfig, build_engine
 from lmserve.backends.torch.quantized_linear import (
+    DENSE_ABOVE_ROWS,
     INT4_GROUP_SIZE,
     Int4Linear,
     Int8Linear,
@@ -141,3 +142,61 @@ def test_quantization_is_refused_on_cuda_before_any_weight_loads(tiny_model_dir,
     monkeypatch.setattr(factory, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(ValueError, match="--quantization int4 runs on the CPU only"):
         factory.load_engine_model(tiny_model_dir, EngineConfig(quantization="int4"))
+
+
+@pytest.mark.parametrize("types, expected", [
+    ({"Q4_1"}, ("int4", "auto: the file's projections are Q4_1")),
+    ({"Q4_0", "Q4_K"}, ("int4", "auto: the file's projections are Q4_0, Q4_K")),
+    ({"Q4_K", "Q6_K"}, ("int8", "auto: the file's projections are Q4_K, Q6_K")),  # Q4_K_M: nothing loses bits
+    ({"Q8_0"}, ("int8", "auto: the file's projections are Q8_0")),
+    ({"F16"}, (None, "auto: the weights are not quantized")),
+    ({"Q4_1", "F32"}, (None, "auto: the file's projections are F32, Q4_1, served dequantized")),
+    ({"IQ2_XS"}, (None, "auto: the file's projections are IQ2_XS, served dequantized")),
+])
+def test_auto_keeps_a_quantized_files_precision(monkeypatch, types, expected):
+    from lmserve.backends.torch import quantization_choice
+
+    tensors = {"token_embd.weight": "Q8_0", "blk.0.attn_norm.weight": "F32"}
+    for i, kind in enumerate(sorted(types)):
+        tensors[f"blk.{i}.attn_q.weight"] = tensors[f"blk.{i}.ffn_down.weight"] = kind
+    monkeypatch.setattr(quantization_choice, "gguf_tensor_types", lambda path: tensors)
+    assert quantization_choice.choose_quantization("auto", "m.gguf", torch.device("cpu")) == expected
+
+
+def test_auto_is_none_on_cuda_and_for_float_directories(tiny_model_dir):
+    from lmserve.backends.torch.quantization_choice import choose_quantization
+
+    assert choose_quantization("auto", tiny_model_dir, torch.device("cpu")) == (
+        None, "auto: the weights are not quantized")
+    assert choose_quantization("auto", tiny_model_dir, torch.device("cuda"))[0] is None
+    assert choose_quantization("none", tiny_model_dir, torch.device("cpu")) == (None, "--quantization none")
+    assert choose_quantization("int8", tiny_model_dir, torch.device("cpu")) == ("int8", "--quantization int8")
+    assert EngineConfig(quantization=None).quantization == "none"  # the old spelling of none
+
+
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear])
+def test_a_bias_is_kept_in_the_models_dtype(layer_type):
+    """A bfloat16 model quantized from float32 weights (how the engine loads): outputs,
+    bias included, come back in bfloat16 on both the kernel and the dense path."""
+    linear = nn.Linear(64, 32, bias=True)
+    layer = layer_type(linear, torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16
+    if layer_type is Int8Linear:
+        codes, scales = quantize_int8(linear.weight.detach())
+        weight = codes.float() * scales[:, None]
+    else:
+        weight = dequantize_int4(*quantize_int4(linear.weight.detach()))
+    for rows in (1, DENSE_ABOVE_ROWS + 1):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        expected = nn.functional.linear(x.float(), weight, linear.bias)
+        got = layer(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+
+
+def test_the_dense_copy_takes_over_above_the_row_limit_with_the_same_weights():
+    linear = nn.Linear(128, 64)
+    layer = Int4Linear(linear)
+    x = torch.randn(DENSE_ABOVE_ROWS + 1, 128)
+    row_by_row = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])  # the int4 kernel
+    torch.testing.assert_close(layer(x), row_by_row, rtol=2e-2, atol=2e-2 * row_by_row.abs().max().item())
