@@ -40,6 +40,9 @@ class Backend(abc.ABC):
     max_model_len: int
     #: Token ids that end a generation unless ``ignore_eos`` is set.
     eos_token_ids: tuple[int, ...]
+    #: Why the backend can no longer serve (a fatal error), None while it can and after
+    #: a normal shutdown; the server exits non-zero when it is set.
+    failure: str | None = None
 
     @abc.abstractmethod
     def start(self, sink: OutputSink) -> None:

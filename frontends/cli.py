@@ -245,7 +245,11 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         access_log=config.log_level == "DEBUG",
     )
     # Sanic returns after SIGTERM/SIGINT once in-flight requests finished or
-    # --shutdown-timeout passed (frontends/openai/shutdown.py).
+    # --shutdown-timeout passed (frontends/openai/shutdown.py); a backend that failed
+    # (a tensor-parallel rank died) stopped it with SIGTERM too.
+    if state.bus.backend.failure is not None:
+        print(f"lmserve: error: the engine failed: {state.bus.backend.failure}", file=sys.stderr)
+        return 1
     return 0
 
 

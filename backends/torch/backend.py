@@ -31,10 +31,11 @@ _SUBMIT, _ABORT, _RELEASE, _SHUTDOWN = "submit", "abort", "release", "shutdown"
 
 
 class TorchBackend(Backend):
-    def __init__(self, build_engine: Callable[[], LLMEngine]):
+    def __init__(self, build_engine: Callable[[], LLMEngine], on_fatal: Callable[[str], None] | None = None):
         """Start the engine thread, build the engine there with ``build_engine``
         and return once it is built (re-raising what the build raised). The
-        thread steps only after :meth:`start`."""
+        thread steps only after :meth:`start`. ``on_fatal(message)`` is called (from
+        another thread) if the engine can no longer step: its tensor-parallel group failed."""
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._sink: OutputSink | None = None
         self._started = threading.Event()
@@ -49,6 +50,13 @@ class TorchBackend(Backend):
         self.engine = result
         self.max_model_len = result.max_model_len
         self.eos_token_ids = tuple(sorted(result.eos_token_ids))
+        self._on_fatal = on_fatal
+        result.runner.parallel.on_failure(self._fail)
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        if self._on_fatal is not None:
+            self._on_fatal(message)
 
     # ------------------------------------------------------------ Backend interface
 
@@ -73,7 +81,7 @@ class TorchBackend(Backend):
         self._thread.join(timeout=30)
 
     def is_healthy(self) -> bool:
-        return self._started.is_set() and self._thread.is_alive()
+        return self._started.is_set() and self._thread.is_alive() and self.failure is None
 
     def stats(self) -> BackendStats:
         # Read from another thread without a lock: each value is one read of a
@@ -107,6 +115,12 @@ class TorchBackend(Backend):
             return
         built.put(engine)
         self._started.wait()
+        try:
+            self._step_until_shutdown()
+        finally:
+            engine.runner.close()
+
+    def _step_until_shutdown(self) -> None:
         try:
             with torch.inference_mode():
                 while True:

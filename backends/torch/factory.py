@@ -21,9 +21,11 @@ from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.quantization_choice import choose_quantization
 from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers
+from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device, use_threads
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
-from lmserve.backends.torch.weights import load_model
+from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, check_size
+from lmserve.backends.torch.weights import load_model, read_model_config
 from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS
 from lmserve.core.types import EngineRequest, SamplingParams
 
@@ -44,6 +46,13 @@ class EngineConfig:
     quantization: str | None = "auto"
     #: Run every step eagerly, op by op, instead of the compiled decode step (CPU).
     enforce_eager: bool = False
+    #: Ranks the model is split over (``--tp``), on ``nnodes`` machines; this one is
+    #: ``node_rank``; the group meets at ``master_addr:master_port`` (None: a free port, one node).
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
 
     def __post_init__(self) -> None:
         count = self.cache_max_entry_count
@@ -54,6 +63,15 @@ class EngineConfig:
         for name in ("cache_block_seq_len", "max_batch_size", "max_prefill_token_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tp must be at least 1, got {self.tensor_parallel_size}.")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"--nnodes must divide --tp (the ranks are shared equally by the nodes), got "
+                             f"--tp {self.tensor_parallel_size} and --nnodes {self.nnodes}.")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes - 1}], got {self.node_rank}.")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("--master-port is needed with --nnodes above 1 (every node names the same one).")
         if self.quantization is None:
             object.__setattr__(self, "quantization", "none")
         check_quantization(self.quantization, QUANTIZATION_CHOICES)
@@ -74,10 +92,12 @@ def available_memory(device: torch.device) -> int:
 
 
 def create_backend(path: str | Path, config: EngineConfig,
-                   progress: Callable[[int, int], None] | None = None) -> TorchBackend:
+                   progress: Callable[[int, int], None] | None = None,
+                   on_fatal: Callable[[str], None] | None = None) -> TorchBackend:
     """Load the model and build the engine (in the backend's own thread, see
-    :mod:`~lmserve.backends.torch.backend`), warmed up and ready to start."""
-    return TorchBackend(lambda: build_engine(path, config, progress))
+    :mod:`~lmserve.backends.torch.backend`), warmed up and ready to start.
+    ``on_fatal(message)``: called if the engine can no longer step (a rank died)."""
+    return TorchBackend(lambda: build_engine(path, config, progress), on_fatal)
 
 
 @dataclass(frozen=True)
@@ -91,10 +111,12 @@ class LoadedModel:
 
 
 def load_engine_model(path: str | Path, config: EngineConfig,
-                      progress: Callable[[int, int], None] | None = None) -> LoadedModel:
-    """The model as the engine runs it: loaded in the chosen dtype, projections fused,
-    quantized if asked (or if ``auto`` finds a quantized GGUF), and on the CPU packed for oneDNN."""
-    device = resolve_device(config.device)
+                      progress: Callable[[int, int], None] | None = None,
+                      parallel: TensorParallel = SINGLE, device: torch.device | None = None) -> LoadedModel:
+    """The model as the engine runs it (this rank's part of it under tensor parallelism):
+    loaded in the chosen dtype, projections fused, quantized if asked (or if ``auto``
+    finds a quantized GGUF), and on the CPU packed for oneDNN."""
+    device = device or resolve_device(config.device)
     if config.quantization in QUANTIZATIONS and device.type != "cpu":
         raise ValueError(f"--quantization {config.quantization} runs on the CPU only for now.")
     dtype, dtype_reason = choose_dtype(config.dtype, device)
@@ -102,7 +124,7 @@ def load_engine_model(path: str | Path, config: EngineConfig,
     # Quantized layers start from float32 weights: a dequantized Q4_1 tensor is exact
     # there, so its 4-bit codes come back as they were in the file.
     load_dtype = dtype if quantization is None else torch.float32
-    model_config, model = load_model(path, device=device, dtype=load_dtype, progress=progress)
+    model_config, model = load_model(path, device=device, dtype=load_dtype, progress=progress, parallel=parallel)
     model.fuse_projections()
     dtype_name = str(dtype).removeprefix("torch.")
     weights = f"{dtype_name} ({dtype_reason})"
@@ -117,24 +139,69 @@ def load_engine_model(path: str | Path, config: EngineConfig,
     return LoadedModel(model_config, model, device, dtype, weights)
 
 
-def build_engine(path: str | Path, config: EngineConfig,
-                 progress: Callable[[int, int], None] | None = None) -> LLMEngine:
-    loaded = load_engine_model(path, config, progress)
+def build_runner(path: str | Path, config: EngineConfig, parallel: TensorParallel = SINGLE,
+                 device: torch.device | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> ModelRunner:
+    """This rank's model and KV cache, ready to run steps. The cache has as many blocks
+    as fit on every rank (block ids are the same on all of them)."""
+    loaded = load_engine_model(path, config, progress, parallel, device)
     model_config, model, device, dtype = loaded.config, loaded.model, loaded.device, loaded.dtype
-    max_model_len = config.session_len or model_config.max_position_embeddings
-
+    num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
     block_size = config.cache_block_seq_len
     if config.cache_max_entry_count >= 1:
         num_blocks = int(config.cache_max_entry_count)
     else:
-        per_block = PagedKVCache.bytes_per_block(model_config, block_size, dtype)
-        num_blocks = int(available_memory(device) * config.cache_max_entry_count) // per_block
+        per_block = PagedKVCache.bytes_per_block(model_config, block_size, dtype) * num_kv_heads \
+            // model_config.num_key_value_heads
+        # The ranks of one machine share its memory; a GPU is its rank's own.
+        sharing = 1 if device.type == "cuda" else config.tensor_parallel_size // config.nnodes
+        num_blocks = int(available_memory(device) * config.cache_max_entry_count / sharing) // per_block
+    num_blocks = parallel.agree_min(num_blocks)
     if num_blocks < 1:
         raise ValueError("No memory is left for the KV cache; raise --cache-max-entry-count or free memory.")
+    kv_cache = PagedKVCache(model_config.num_hidden_layers, num_blocks, block_size, num_kv_heads,
+                            model_config.head_dim, dtype, device)
+    weights = loaded.weights + (f", tensor parallel over {parallel.world_size} ranks" if parallel.is_parallel else "")
+    return ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window,
+                       weights=weights, compile_decodes=not config.enforce_eager, parallel=parallel)
 
-    kv_cache = PagedKVCache.allocate(model_config, num_blocks, block_size, dtype, device)
-    runner = ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window,
-                         weights=loaded.weights, compile_decodes=not config.enforce_eager)
+
+def start_tensor_parallel(path: str | Path, config: EngineConfig) -> tuple[TensorParallel, RankProcesses, torch.device]:
+    """Node 0's side: check the split, spawn this node's other ranks, join the group as rank 0."""
+    model_config = read_model_config(path)
+    check_size(config.tensor_parallel_size, model_config.num_attention_heads, model_config.num_key_value_heads)
+    first, *others = node_ranks(config)
+    use_threads(first)
+    device = rank_device(config.device, first.local_rank)
+    processes = RankProcesses(others, path, config)
+    parallel = processes.join_group_watching(first, device)
+    processes.watch(parallel)
+    return parallel, processes, device
+
+
+def run_headless_node(path: str | Path, config: EngineConfig) -> int:
+    """A node other than node 0: run its ranks (no engine, no HTTP) until they end;
+    the worst exit code."""
+    model_config = read_model_config(path)
+    check_size(config.tensor_parallel_size, model_config.num_attention_heads, model_config.num_key_value_heads)
+    return RankProcesses(node_ranks(config), path, config).wait()
+
+
+def build_engine(path: str | Path, config: EngineConfig,
+                 progress: Callable[[int, int], None] | None = None) -> LLMEngine:
+    if config.tensor_parallel_size > 1:
+        parallel, processes, device = start_tensor_parallel(path, config)
+        try:
+            runner = build_runner(path, config, parallel, device, progress)
+        except BaseException:
+            processes.stop()
+            raise
+        runner.ranks = processes
+    else:
+        runner = build_runner(path, config, progress=progress)
+    model_config, num_blocks = runner.model.config, runner.kv_cache.num_blocks
+    max_model_len = config.session_len or model_config.max_position_embeddings
+    block_size = config.cache_block_seq_len
     scheduler = Scheduler(
         BlockManager(num_blocks, block_size, config.enable_prefix_caching),
         max_batch_size=config.max_batch_size,

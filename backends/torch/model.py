@@ -21,16 +21,51 @@ from torch import nn
 
 from lmserve.backends.torch.attention_cache import AttentionCache, MetadataT
 from lmserve.backends.torch.model_config import ModelConfig
+from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, WeightSlice
 
 
 def make_linear(in_features: int, out_features: int, *, bias: bool = False) -> nn.Linear:
-    """Every projection of the model is built here, a plain ``nn.Linear`` for now.
-
-    Tensor parallelism would swap in sharded layers here: column-parallel for
-    q/k/v, gate, up and ``lm_head`` (split the outputs), row-parallel for o and
-    down (split the inputs, then all-reduce).
-    """
+    """Every projection of the model is built here or by the two functions below: a plain
+    ``nn.Linear``, whole on one device."""
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+def column_parallel_linear(in_features: int, rows: tuple[int, int], *, bias: bool = False) -> nn.Linear:
+    """The ``(start, length)`` output rows of a projection (this rank's heads or MLP part).
+
+    Under tensor parallelism a layer holds only its part of the weight; ``shard`` tells
+    the weight loader which part of each full tensor that is."""
+    start, length = rows
+    linear = make_linear(in_features, length, bias=bias)
+    linear.shard = {"weight": WeightSlice(0, start, length), "bias": WeightSlice(0, start, length)}
+    return linear
+
+
+def row_parallel_linear(columns: tuple[int, int], out_features: int, *, bias: bool, rank: int) -> nn.Linear:
+    """The ``(start, length)`` input columns of a projection whose output the ranks add up
+    (one all-reduce, by the caller); the bias is added once, by rank 0."""
+    start, length = columns
+    linear = make_linear(length, out_features, bias=bias)
+    linear.shard = {"weight": WeightSlice(1, start, length), "bias": WeightSlice(0, 0, 0 if rank else out_features)}
+    return linear
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding rows of this rank's slice of the vocabulary (padded so that every
+    rank's slice has the same length); other tokens look up zeros, and the ranks' rows
+    are added up."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: TensorParallel):
+        self.start, length = parallel.padded_split(vocab_size)
+        super().__init__(length, hidden_size)
+        self.parallel = parallel
+        self.shard = {"weight": WeightSlice(0, self.start, length)}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        inside = (local >= 0) & (local < self.num_embeddings)
+        rows = F.embedding(torch.where(inside, local, 0), self.weight) * inside[:, None].to(self.weight.dtype)
+        return self.parallel.all_reduce(rows)
 
 
 class RMSNorm(nn.Module):
@@ -118,19 +153,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    """Grouped-query attention over this rank's heads (all of them on one device)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, parallel: TensorParallel = SINGLE):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        hidden, q_size = config.hidden_size, self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        qkv_bias = config.attention_bias
-        self.q_proj = make_linear(hidden, q_size, bias=qkv_bias)
-        self.k_proj = make_linear(hidden, kv_size, bias=qkv_bias)
-        self.v_proj = make_linear(hidden, kv_size, bias=qkv_bias)
-        self.o_proj = make_linear(q_size, hidden, bias=config.attention_output_bias)
+        self.parallel = parallel
+        self.head_dim = head_dim = config.head_dim
+        hidden, qkv_bias = config.hidden_size, config.attention_bias
+        first_head, self.num_heads = parallel.heads(config.num_attention_heads)
+        first_kv_head, self.num_kv_heads = parallel.kv_heads(config.num_key_value_heads)
+        heads = (first_head * head_dim, self.num_heads * head_dim)
+        kv_heads = (first_kv_head * head_dim, self.num_kv_heads * head_dim)
+        self.q_proj = column_parallel_linear(hidden, heads, bias=qkv_bias)
+        self.k_proj = column_parallel_linear(hidden, kv_heads, bias=qkv_bias)
+        self.v_proj = column_parallel_linear(hidden, kv_heads, bias=qkv_bias)
+        self.o_proj = row_parallel_linear(heads, hidden, bias=config.attention_output_bias, rank=parallel.rank)
         self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
@@ -150,16 +188,19 @@ class Attention(nn.Module):
         k = k.reshape(num_tokens, -1, self.head_dim)
         v = v.reshape(num_tokens, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(kv_cache.attend(self.layer_idx, metadata, q, k, v))
+        return self.parallel.all_reduce(self.o_proj(kv_cache.attend(self.layer_idx, metadata, q, k, v)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """SwiGLU over this rank's part of the inner dimension (all of it on one device)."""
+
+    def __init__(self, config: ModelConfig, parallel: TensorParallel = SINGLE):
         super().__init__()
-        hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = make_linear(hidden, inner)
-        self.up_proj = make_linear(hidden, inner)
-        self.down_proj = make_linear(inner, hidden)
+        self.parallel = parallel
+        hidden, inner = config.hidden_size, parallel.split(config.intermediate_size)
+        self.gate_proj = column_parallel_linear(hidden, inner)
+        self.up_proj = column_parallel_linear(hidden, inner)
+        self.down_proj = row_parallel_linear(inner, hidden, bias=False, rank=parallel.rank)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
@@ -172,7 +213,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.parallel.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 def _fuse(*layers: nn.Linear) -> nn.Linear:
@@ -191,10 +232,10 @@ def _fuse(*layers: nn.Linear) -> nn.Linear:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, parallel: TensorParallel = SINGLE):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, parallel)
+        self.mlp = MLP(config, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -205,10 +246,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
+                             if parallel.is_parallel else nn.Embedding(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, parallel) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -217,14 +259,16 @@ class LlamaForCausalLM(nn.Module):
     """The decoder plus its output projection (``lm_head``).
 
     Built by the weight loader (on the meta device, then filled); a test may
-    build one directly with random weights.
+    build one directly with random weights. Under tensor parallelism (``parallel``)
+    it holds one rank's part of every projection (:mod:`~lmserve.backends.torch.tensor_parallel`).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = make_linear(config.hidden_size, config.vocab_size)
+        self.parallel = parallel
+        self.model = LlamaModel(config, parallel)
+        self.lm_head = column_parallel_linear(config.hidden_size, parallel.padded_split(config.vocab_size))
         self.tie_weights()
 
     def fuse_projections(self) -> None:
@@ -267,5 +311,17 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` -> ``[N, vocab]`` logits in the model's dtype; pass
-        only the rows whose next token is wanted (e.g. the last one)."""
-        return self.lm_head(hidden)
+        only the rows whose next token is wanted (e.g. the last one). Under tensor
+        parallelism every rank computes its slice of the vocabulary and gets all of them."""
+        logits = self.lm_head(hidden)
+        if self.parallel.is_parallel:
+            logits = self.parallel.gather_columns(logits)[:, : self.config.vocab_size]
+        return logits
+
+    def weight_slices(self) -> dict[str, WeightSlice]:
+        """By parameter name, the part of the full tensor each parameter holds (only
+        the parameters of a model split by tensor parallelism)."""
+        if not self.parallel.is_parallel:
+            return {}
+        return {f"{module_name}.{name}": part for module_name, module in self.named_modules()
+                for name, part in getattr(module, "shard", {}).items()}

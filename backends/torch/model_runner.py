@@ -3,6 +3,10 @@
 The step's tokens are laid out ``[decodes | prefill chunk 1 | chunk 2 | ...]``.
 Slot arithmetic (block tables -> cache rows) is done here once per step with
 numpy, so the layers only index.
+
+A step is first laid out as a :class:`StepPlan` (tensors only, no sequences), then
+executed. Under tensor parallelism rank 0 sends the plan to the other ranks, and
+every rank executes it on its own part of the model.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from lmserve.backends.torch.compiled_step import CompiledDecodeStep
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sampler import logprob_records
 from lmserve.backends.torch.sequence import Sequence
+from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, move_to
 from lmserve.core.types import TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -43,16 +48,41 @@ class DecodeFields(NamedTuple):
     context_lens: torch.Tensor | None = None
 
 
+class StepPlan(NamedTuple):
+    """What every rank computes in one step."""
+
+    #: Blocks handed out for the first time: cleared before the step writes them.
+    fresh_blocks: tuple[int, ...]
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: PagedAttentionMetadata | InPlaceDecodes
+    #: Whether the compiled decode step computes it.
+    compiled: bool
+    #: The rows whose logits are sampled (one per sampling sequence).
+    sample_rows: torch.Tensor
+    #: ``[first, last)`` row ranges whose logits give prompt logprobs, a slice at a time.
+    prompt_rows: tuple[tuple[int, int], ...] = ()
+
+
+class PromptLogprobSlice(NamedTuple):
+    """Rank 0's side of one of :attr:`StepPlan.prompt_rows`: whose prompt tokens it scores."""
+
+    index: int  # into the step's scheduled sequences
+    targets: list[int]
+    top_k: int
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, device: torch.device,
                  sliding_window: int | None = None, decode_in_place: bool | None = None,
-                 weights: str = "", compile_decodes: bool = False):
+                 weights: str = "", compile_decodes: bool = False, parallel: TensorParallel = SINGLE):
         """``decode_in_place``: decodes attend by reading the cache in place (a
         Numba kernel) rather than gathering their contexts; default: on the CPU,
         for float32 and bfloat16 caches. ``weights`` says what the weights are
         (dtype, quantization and why), for the start-up line. ``compile_decodes``:
         steps of decodes only run as one compiled graph
-        (:class:`~lmserve.backends.torch.compiled_step.CompiledDecodeStep`; needs ``decode_in_place``)."""
+        (:class:`~lmserve.backends.torch.compiled_step.CompiledDecodeStep`; needs ``decode_in_place``,
+        and one rank). ``parallel``: this rank's place under tensor parallelism."""
         self.model = model
         self.weights = weights
         self.kv_cache = kv_cache
@@ -61,7 +91,11 @@ class ModelRunner:
         if decode_in_place is None:
             decode_in_place = device.type == "cpu" and kv_cache.keys[0].dtype in IN_PLACE_DECODE_DTYPES
         self.decode_in_place = decode_in_place
-        self.decode_step = CompiledDecodeStep(model) if compile_decodes and decode_in_place else None
+        self.parallel = parallel
+        #: The ranks this node spawned (rank 0 under tensor parallelism), stopped by :meth:`close`.
+        self.ranks = None
+        compile_decodes = compile_decodes and decode_in_place and not parallel.is_parallel
+        self.decode_step = CompiledDecodeStep(model) if compile_decodes else None
         self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
         self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * (kv_cache.num_blocks + 1)
 
@@ -76,21 +110,65 @@ class ModelRunner:
         next token is sampled this step (those whose chunk ends their tokens);
         ``fresh_blocks`` were just handed out for the first time and are cleared first.
         """
-        self.kv_cache.clear_blocks(fresh_blocks)
+        if self.parallel.failure is not None:  # the other ranks are gone or stuck: send them nothing
+            raise RuntimeError(f"Tensor parallelism failed: {self.parallel.failure}")
         input_ids, positions, metadata, last_rows = self.prepare(scheduled)
-        if self._compiled_step_fits(scheduled, sample_rows, metadata):
-            logits = self._run_compiled(input_ids, positions, metadata)
+        slices = self._prompt_logprob_slices(scheduled, last_rows)
+        plan = StepPlan(tuple(fresh_blocks), input_ids, positions, metadata,
+                        compiled=self._compiled_step_fits(scheduled, sample_rows, metadata),
+                        sample_rows=self._tensor(np.asarray([last_rows[i] for i in sample_rows], dtype=np.int64)),
+                        prompt_rows=tuple(rows for rows, _ in slices))
+        prompt_logprobs: dict[int, list[TokenLogprob]] = {}
+
+        def score_prompt(j: int, logits: torch.Tensor) -> None:
+            index, targets, top_k = slices[j][1]
+            logprobs = torch.log_softmax(logits, -1)
+            prompt_logprobs.setdefault(index, []).extend(logprob_records(logprobs, targets, [top_k] * len(targets)))
+
+        if not self.parallel.is_parallel:
+            return self.execute(plan, score_prompt), prompt_logprobs
+        self._send(plan)
+        try:
+            return self.execute(plan, score_prompt), prompt_logprobs
+        except Exception as exc:  # every rank computes the same step: a failure is the group's
+            self.parallel.fail(f"a step failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def close(self) -> None:
+        """Tell the other ranks to stop, and wait for this node's to end."""
+        if self.parallel.is_parallel and self.parallel.failure is None:
+            try:
+                self.parallel.send_plan(None)
+            except Exception:
+                logger.warning("Could not tell the other ranks to stop.", exc_info=True)
+        if self.ranks is not None:
+            self.ranks.stop()
+        if self.parallel.is_parallel:
+            self.parallel.leave()
+
+    def execute(self, plan: StepPlan, score_prompt=None) -> torch.Tensor:
+        """Compute a step: float32 logits of its sampled rows; ``score_prompt(j, logits)``
+        gets the float32 logits of each of ``plan.prompt_rows`` in turn (rank 0's)."""
+        self.kv_cache.clear_blocks(list(plan.fresh_blocks))
+        if plan.compiled and self.decode_step is not None:
+            logits = self._run_compiled(plan.input_ids, plan.positions, plan.metadata)
             if logits is not None:
-                return logits, {}
-        hidden = self.model(input_ids, positions, self.kv_cache, metadata)
-        rows = torch.as_tensor([last_rows[i] for i in sample_rows], dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
-        prompt_logprobs = {
-            i: self._prompt_logprobs(seq, hidden[last_rows[i] - n + 1 : last_rows[i] + 1])
-            for i, (seq, n) in enumerate(scheduled)
-            if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
-        }
-        return logits, prompt_logprobs
+                return logits
+        hidden = self.model(plan.input_ids, plan.positions, self.kv_cache, plan.metadata)
+        logits = self.model.compute_logits(hidden.index_select(0, plan.sample_rows)).float()
+        for j, (first, last) in enumerate(plan.prompt_rows):
+            prompt_logits = self.model.compute_logits(hidden[first:last]).float()
+            if score_prompt is not None:
+                score_prompt(j, prompt_logits)
+        return logits
+
+    def _send(self, plan: StepPlan) -> None:
+        """Rank 0: hand the plan to the other ranks (as CPU tensors; each moves them to its device)."""
+        try:
+            self.parallel.send_plan(plan if self.device.type == "cpu" else move_to(plan, torch.device("cpu")))
+        except Exception as exc:
+            self.parallel.fail(f"sending a step to the other ranks failed: {exc}")
+            raise
 
     def _compiled_step_fits(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
                             metadata: PagedAttentionMetadata | InPlaceDecodes) -> bool:
@@ -113,20 +191,24 @@ class ModelRunner:
             self.decode_step = None
             return None
 
-    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprob]:
-        """Logprobs of the prompt tokens that this chunk's rows predict (the row at
-        position p predicts token p + 1), a slice of rows at a time (a full-vocabulary
-        row is large)."""
-        k = seq.sampling_params.prompt_logprobs
-        start = seq.num_computed_tokens
-        end = min(start + hidden.shape[0], seq.num_prompt_tokens - 1)  # the last prompt row samples
-        records: list[TokenLogprob] = []
-        for first in range(start, end, PROMPT_LOGPROBS_ROWS):
-            last = min(first + PROMPT_LOGPROBS_ROWS, end)
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[first - start : last - start]).float(), -1)
-            targets = seq.token_ids[first + 1 : last + 1]
-            records.extend(logprob_records(logprobs, targets, [k] * len(targets)))
-        return records
+    def _prompt_logprob_slices(self, scheduled: list[tuple[Sequence, int]], last_rows: list[int]
+                               ) -> list[tuple[tuple[int, int], PromptLogprobSlice]]:
+        """For the sequences that want their prompt's logprobs: the rows of this chunk that
+        predict prompt tokens (the row at position p predicts token p + 1), a slice of
+        rows at a time (a full-vocabulary row is large), with the tokens they predict."""
+        slices = []
+        for i, (seq, n) in enumerate(scheduled):
+            if seq.prompt_logprobs is None or seq.num_computed_tokens >= seq.num_prompt_tokens:
+                continue
+            first_row = last_rows[i] - n + 1
+            start = seq.num_computed_tokens
+            end = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt row samples
+            for first in range(start, end, PROMPT_LOGPROBS_ROWS):
+                last = min(first + PROMPT_LOGPROBS_ROWS, end)
+                rows = (first_row + first - start, first_row + last - start)
+                slices.append((rows, PromptLogprobSlice(i, seq.token_ids[first + 1 : last + 1],
+                                                        seq.sampling_params.prompt_logprobs)))
+        return slices
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
         """``(input_ids, positions, metadata, last_rows)`` for a step; ``last_rows[i]``

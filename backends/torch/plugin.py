@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 
 from lmserve.core import hookimpl
 from lmserve.core.config import QUANTIZATION_CHOICES, SERVE_API_SERVER, ServeConfig
@@ -12,6 +15,10 @@ from lmserve.core.model_source import ModelSource
 from lmserve.core.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
+
+#: After a fatal engine error, the seconds the server waits for the failed streams to
+#: reach their clients before it stops (and exits 1).
+FATAL_GRACE_S = 1.0
 
 @hookimpl
 def lmserve_add_cli_options(command, parser):
@@ -35,6 +42,19 @@ def lmserve_add_cli_options(command, parser):
     group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                        help="Run every step op by op instead of compiling the decode step (CPU; "
                        "compiling takes about a minute at start-up, cached on disk for the next start).")
+    parallel = parser.add_argument_group("tensor parallelism")
+    parallel.add_argument("--tp", type=int, default=1, metavar="N",
+                          help="Split the model over N ranks (processes; one GPU each on CUDA, cores // N threads "
+                          "each on the CPU). N must divide the attention heads and divide, or be a multiple of, "
+                          "the key/value heads.")
+    parallel.add_argument("--nnodes", type=int, default=1, metavar="N",
+                          help="Machines the --tp ranks run on (equally many each); node 0 serves HTTP.")
+    parallel.add_argument("--node-rank", type=int, default=0, metavar="K",
+                          help="This machine's index among --nnodes; nodes 1.. run their ranks headless.")
+    parallel.add_argument("--master-addr", default="127.0.0.1", metavar="HOST",
+                          help="Node 0's address, where the ranks meet (every node names the same).")
+    parallel.add_argument("--master-port", type=int, default=None, metavar="PORT",
+                          help="The port the ranks meet on at --master-addr (default on one node: a free one).")
 
 
 @hookimpl(trylast=True)
@@ -54,7 +74,32 @@ def lmserve_make_backend(config: ServeConfig, source: ModelSource):
         enable_prefix_caching=options.get("enable_prefix_caching", False),
         quantization=options.get("quantization", "auto"),
         enforce_eager=options.get("enforce_eager", False),
+        tensor_parallel_size=options.get("tp", 1),
+        nnodes=options.get("nnodes", 1),
+        node_rank=options.get("node_rank", 0),
+        master_addr=options.get("master_addr", "127.0.0.1"),
+        master_port=options.get("master_port"),
     )
-    backend = create_backend(source.path, engine_config, progress=ProgressBar("Loading weights"))
+    if engine_config.node_rank > 0:
+        raise SystemExit(_serve_headless_node(source, engine_config))
+    backend = create_backend(source.path, engine_config, progress=ProgressBar("Loading weights"),
+                             on_fatal=_stop_server)
     print(f"lmserve: {backend.describe()}", file=sys.stderr)
     return backend
+
+
+def _serve_headless_node(source: ModelSource, config) -> int:
+    """``--node-rank 1..``: run this node's ranks for node 0's server; exit with them."""
+    from lmserve.backends.torch.factory import run_headless_node
+
+    print(f"lmserve: node {config.node_rank} of {config.nnodes}: running its ranks of --tp "
+          f"{config.tensor_parallel_size} for the server on node 0 ({config.master_addr}:{config.master_port})",
+          file=sys.stderr)
+    return run_headless_node(source.path, config)
+
+
+def _stop_server(message: str) -> None:
+    """The engine can no longer step: stop the server (it then exits 1) once the failed
+    streams have had a moment to reach their clients."""
+    print(f"lmserve: error: {message}; the server stops.", file=sys.stderr)
+    threading.Timer(FATAL_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM)).start()

@@ -25,6 +25,7 @@ import torch
 
 from lmserve.backends.torch.model import LlamaForCausalLM
 from lmserve.backends.torch.model_config import ModelConfig
+from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -50,27 +51,43 @@ _LAYER_NAME = re.compile(r"^(?:model\.layers|blk)\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32,
-               progress: ProgressCallback | None = None) -> tuple[ModelConfig, LlamaForCausalLM]:
+               dtype: torch.dtype = torch.float32, progress: ProgressCallback | None = None,
+               parallel: TensorParallel = SINGLE) -> tuple[ModelConfig, LlamaForCausalLM]:
     """Read the config and weights at ``path`` (a ``.gguf`` file or a directory
     with ``config.json`` and ``*.safetensors``) into a model in eval mode.
 
     ``progress(done, total)`` is called after each source tensor is loaded.
+    Under tensor parallelism (``parallel``) the model keeps only this rank's part
+    of each tensor, cut as each one is read.
     Raises ValueError naming any tensor the model lacks or the file lacks.
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, device, dtype, progress)
+        return _load_gguf(path, device, dtype, progress, parallel)
     if path.is_dir() and (path / "config.json").is_file():
-        return _load_hf_directory(path, device, dtype, progress)
+        return _load_hf_directory(path, device, dtype, progress, parallel)
+    raise FileNotFoundError(f"{path} is neither a .gguf file nor a directory with config.json")
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The config of the model at ``path``, without its weights."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+        return ModelConfig.from_gguf_fields(read_gguf_fields(reader), shapes)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _read_hf_config(path)
     raise FileNotFoundError(f"{path} is neither a .gguf file nor a directory with config.json")
 
 
 def create_empty_model(config: ModelConfig, device: torch.device | str,
-                       dtype: torch.dtype) -> LlamaForCausalLM:
-    """The model with uninitialised weights of ``dtype`` on ``device``."""
+                       dtype: torch.dtype, parallel: TensorParallel = SINGLE) -> LlamaForCausalLM:
+    """The model (this rank's part of it) with uninitialised weights of ``dtype`` on ``device``."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, parallel)
     model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
     model.model.rotary_emb.reset_parameters()
@@ -83,6 +100,7 @@ class _ParameterFiller:
 
     def __init__(self, model: LlamaForCausalLM, progress: ProgressCallback | None, total: int):
         self.parameters = dict(model.named_parameters())
+        self.slices = model.weight_slices()
         self.loaded: set[str] = set()
         self.unexpected: list[str] = []
         self.progress, self.total, self.done = progress, total, 0
@@ -93,6 +111,8 @@ class _ParameterFiller:
         if parameter is None or name in self.loaded:
             self.unexpected.append(source_name if name == source_name else f"{source_name} (as {name})")
             return
+        if name in self.slices:
+            tensor = self.slices[name].take(tensor)
         if tuple(tensor.shape) != tuple(parameter.shape):
             raise ValueError(f"tensor {source_name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(parameter.shape)} for {name}")
@@ -123,17 +143,22 @@ def _name_list(names: list[str], limit: int = 10) -> str:
 # --- HF safetensors directories ------------------------------------------------------------
 
 
-def _load_hf_directory(directory: Path, device, dtype, progress) -> tuple[ModelConfig, LlamaForCausalLM]:
-    from safetensors import safe_open
-
+def _read_hf_config(directory: Path) -> ModelConfig:
     hf_config = json.loads((directory / "config.json").read_text())
     generation_path = directory / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else None
-    config = ModelConfig.from_hf_config(hf_config, generation)
+    return ModelConfig.from_hf_config(hf_config, generation)
+
+
+def _load_hf_directory(directory: Path, device, dtype, progress,
+                       parallel: TensorParallel) -> tuple[ModelConfig, LlamaForCausalLM]:
+    from safetensors import safe_open
+
+    config = _read_hf_config(directory)
     files = _safetensors_files(directory)
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     names = [(handle, name) for handle in handles for name in handle.keys()]
-    model = create_empty_model(config, device, dtype)
+    model = create_empty_model(config, device, dtype, parallel)
     filler = _ParameterFiller(model, progress, len(names))
     rename = _internlm2_tensors if config.architecture == "InternLM2ForCausalLM" else _hf_tensors
     for handle, name in names:
@@ -209,7 +234,7 @@ def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
 
 
-def _load_gguf(path: Path, device, dtype, progress) -> tuple[ModelConfig, LlamaForCausalLM]:
+def _load_gguf(path: Path, device, dtype, progress, parallel: TensorParallel) -> tuple[ModelConfig, LlamaForCausalLM]:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -217,7 +242,7 @@ def _load_gguf(path: Path, device, dtype, progress) -> tuple[ModelConfig, LlamaF
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     config = ModelConfig.from_gguf_fields(fields, shapes)
     permuted = fields["general.architecture"] in _PERMUTED_GGUF_ARCHITECTURES
-    model = create_empty_model(config, device, dtype)
+    model = create_empty_model(config, device, dtype, parallel)
     filler = _ParameterFiller(model, progress, len(reader.tensors))
     for gguf_tensor in reader.tensors:
         name = gguf_tensor.name
