@@ -131,7 +131,8 @@ class ModelRunner:
         try:
             return self.execute(plan, score_prompt), prompt_logprobs
         except Exception as exc:  # every rank computes the same step: a failure is the group's
-            self.parallel.fail(f"a step failed: {type(exc).__name__}: {exc}")
+            exited = self.ranks.exit_within(1.0) if self.ranks is not None else None
+            self.parallel.fail(exited or f"a step failed: {type(exc).__name__}: {exc}")
             raise
 
     def close(self) -> None:

@@ -130,6 +130,15 @@ class RankProcesses:
     def pids(self) -> list[int]:
         return [process.pid for process in self.processes]
 
+    def exit_within(self, seconds: float) -> str | None:
+        """A sentence about a rank that has exited or exits within ``seconds``, if any
+        (a failed collective is usually a rank that is going away)."""
+        ready = multiprocessing.connection.wait([process.sentinel for process in self.processes], timeout=seconds)
+        for process in self.processes:
+            if process.sentinel in ready:
+                process.join(timeout=1)  # reaped, so its exit code is known
+        return self.first_exit()
+
     def first_exit(self) -> str | None:
         """A sentence about the first rank found exited, if any."""
         for spec, process in zip(self.specs, self.processes):
@@ -166,9 +175,9 @@ class RankProcesses:
         """From now on, a rank that exits before :meth:`stop` fails the group."""
 
         def wait() -> None:
-            multiprocessing.connection.wait([process.sentinel for process in self.processes])
+            exited = self.exit_within(None)
             if not self._stopping.is_set():
-                parallel.fail(self.first_exit() or "a rank exited")
+                parallel.fail(exited or "a rank exited")
 
         threading.Thread(target=wait, name="lmserve-rank-watch", daemon=True).start()
 
