@@ -2,7 +2,7 @@
 
     python loadtests/benchmark_engine.py [--concurrency 1 8 32 64] [--max-tokens 128]
         [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--model PATH | --random-weights]
-        [--quantization auto|none|int8|int4] [--enforce-eager] [--skip-hf | --skip-lmserve]
+        [--quantization auto|none|int8|int4] [--enforce-eager] [--tp 1 3] [--skip-hf | --skip-lmserve]
 
 The model is the shipped SmolLM2-135M-Instruct GGUF unless ``--model`` names
 another (a GGUF file or an HF directory), or ``--random-weights`` writes a
@@ -20,7 +20,8 @@ so both sides produce exactly the requested tokens.
   padding); a batch runs until its longest request is done, and only the
   requested tokens count.
 
-Prints a table of output tokens/s per concurrency and the ratio to HF's best.
+Prints a table of output tokens/s per concurrency and the ratio to HF's best; with
+several ``--tp`` sizes, a lmserve column for each (ratios: the first size's).
 Run it on a quiet machine: both sides share the same cores.
 """
 
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
                         help="lmserve's weight-only quantization (auto: a quantized GGUF keeps its precision).")
     parser.add_argument("--enforce-eager", action="store_true", help="lmserve runs every step op by op.")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1],
+                        help="Tensor-parallel sizes to measure lmserve at (ranks share the machine's cores).")
     parser.add_argument("--skip-hf", action="store_true", help="Measure lmserve only.")
     parser.add_argument("--skip-lmserve", action="store_true", help="Measure HF only.")
     args = parser.parse_args(argv)
@@ -125,18 +128,22 @@ def main(argv=None) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **gguf)
     requests = workload(tokenizer, max(args.concurrency), args.max_tokens)
 
+    threads = torch.get_num_threads()  # before ranks take their share
     rows = [[c, None, None] for c in args.concurrency]
-    if not args.skip_lmserve:
+    by_tp = {tp: {} for tp in args.tp}
+    for tp in args.tp if not args.skip_lmserve else ():
         backend = create_backend(path, EngineConfig(device=args.device, dtype=args.dtype, session_len=2048,
                                                     cache_max_entry_count=0.2, max_batch_size=max(args.concurrency),
                                                     quantization=args.quantization,
-                                                    enforce_eager=args.enforce_eager))
+                                                    enforce_eager=args.enforce_eager, tensor_parallel_size=tp))
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         backend.start(lambda outs: [outputs.put(o) for o in outs])
-        for row in rows:
-            row[1] = run_lmserve(backend, outputs, requests[: row[0]])
-            print(f"lmserve  concurrency {row[0]:3d}: {row[1]:8.1f} tok/s", file=sys.stderr, flush=True)
+        for c in args.concurrency:
+            by_tp[tp][c] = run_lmserve(backend, outputs, requests[:c])
+            print(f"lmserve tp {tp} concurrency {c:3d}: {by_tp[tp][c]:8.1f} tok/s", file=sys.stderr, flush=True)
         backend.shutdown()
+    for row in rows:
+        row[1] = by_tp[args.tp[0]].get(row[0])
 
     if not args.skip_hf:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -147,15 +154,17 @@ def main(argv=None) -> int:
 
     hf_best = max((r[2] for r in rows if r[2]), default=None)
     name = "random SmolLM2-135M-shaped model" if args.random_weights else path.name
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {threads} threads"
     quantized = f", lmserve --quantization {args.quantization}{' --enforce-eager' * args.enforce_eager}"
     print(f"\n{name}, {args.dtype}{quantized}, {where}, max_tokens {args.max_tokens}\n")
-    print("| concurrency | lmserve tok/s | HF tok/s | lmserve / HF same c | lmserve / HF best |")
-    print("|---:|---:|---:|---:|---:|")
+    tp_columns = "".join(f" lmserve tp {tp} tok/s |" for tp in args.tp)
+    print(f"| concurrency |{tp_columns} HF tok/s | lmserve / HF same c | lmserve / HF best |")
+    print("|---:|" + "---:|" * (len(args.tp) + 3))
     for c, ours, hf in rows:
         same = f"{ours / hf:.2f}x" if hf and ours else "-"
         best = f"{ours / hf_best:.2f}x" if hf_best and ours else "-"
-        print(f"| {c} | {f'{ours:.1f}' if ours else '-'} | {f'{hf:.1f}' if hf else '-'} | {same} | {best} |")
+        cells = "".join(f" {by_tp[tp][c]:.1f} |" if c in by_tp[tp] else " - |" for tp in args.tp)
+        print(f"| {c} |{cells} {f'{hf:.1f}' if hf else '-'} | {same} | {best} |")
     return 0
 
 

@@ -24,7 +24,8 @@ from lmserve.backends.torch.quantized_linear import check_quantization, quantize
 from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device, use_threads
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
-from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, check_size
+from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
+from lmserve.backends.torch.tensor_parallel import COLLECTIVE_TIMEOUT, SINGLE, TensorParallel, check_size
 from lmserve.backends.torch.weights import load_model, read_model_config
 from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS
 from lmserve.core.types import EngineRequest, SamplingParams
@@ -173,8 +174,11 @@ def start_tensor_parallel(path: str | Path, config: EngineConfig) -> tuple[Tenso
     first, *others = node_ranks(config)
     use_threads(first)
     device = rank_device(config.device, first.local_rank)
-    processes = RankProcesses(others, path, config)
-    parallel = processes.join_group_watching(first, device)
+    local = None
+    if config.nnodes == 1 and device.type == "cpu":
+        local = SharedMemoryGroup.create(config.tensor_parallel_size, COLLECTIVE_TIMEOUT.total_seconds())
+    processes = RankProcesses(others, path, config, local)
+    parallel = processes.join_group_watching(first, device, local)
     processes.watch(parallel)
     return parallel, processes, device
 

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.multiprocessing  # noqa: F401  (shared-memory tensors pass to spawned ranks)
 
+from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
 from lmserve.backends.torch.tensor_parallel import COLLECTIVE_TIMEOUT, CONTROL_TIMEOUT, TensorParallel, move_to
 
 if TYPE_CHECKING:
@@ -78,9 +80,10 @@ def rank_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
-def join_group(spec: RankSpec, device: torch.device) -> TensorParallel:
+def join_group(spec: RankSpec, device: torch.device, local: SharedMemoryGroup | None = None) -> TensorParallel:
     """Join the process group (blocks until every rank has joined): the data group for
-    the forward's collectives (NCCL on CUDA, gloo on the CPU), a gloo group for control."""
+    the forward's collectives (NCCL on CUDA, gloo on the CPU), a gloo group for control;
+    ``local``: the ranks' shared memory when they are all on this machine."""
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -88,7 +91,8 @@ def join_group(spec: RankSpec, device: torch.device) -> TensorParallel:
     dist.init_process_group("gloo", init_method=spec.init_method, world_size=spec.world_size, rank=spec.rank,
                             timeout=CONTROL_TIMEOUT)
     data = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    return TensorParallel(spec.rank, spec.world_size, data_group=data, control_group=dist.group.WORLD)
+    return TensorParallel(spec.rank, spec.world_size, data_group=data, control_group=dist.group.WORLD,
+                          local=local if device.type == "cpu" else None)
 
 
 def use_threads(spec: RankSpec) -> None:
@@ -99,14 +103,14 @@ def use_threads(spec: RankSpec) -> None:
     numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def run_rank(spec: RankSpec, path: str, config: EngineConfig) -> None:
+def run_rank(spec: RankSpec, path: str, config: EngineConfig, local: tuple | None = None) -> None:
     """A headless rank: build its part of the engine, then run every plan rank 0 sends
     until it sends None. An error ends the process (non-zero), which rank 0 notices."""
     from lmserve.backends.torch.factory import build_runner
 
     use_threads(spec)
     device = rank_device(config.device, spec.local_rank)
-    parallel = join_group(spec, device)
+    parallel = join_group(spec, device, None if local is None else SharedMemoryGroup.attach(local))
     runner = build_runner(Path(path), config, parallel, device)
     with torch.inference_mode():
         while (plan := parallel.receive_plan()) is not None:
@@ -117,10 +121,13 @@ def run_rank(spec: RankSpec, path: str, config: EngineConfig) -> None:
 class RankProcesses:
     """The ranks this node spawns (every one of this node's ranks but rank 0)."""
 
-    def __init__(self, specs: list[RankSpec], path: str | Path, config: EngineConfig):
+    def __init__(self, specs: list[RankSpec], path: str | Path, config: EngineConfig,
+                 local: SharedMemoryGroup | None = None):
+        """``local``: rank 0's shared memory, opened by every spawned rank (one machine)."""
         context = multiprocessing.get_context("spawn")
         self.specs = specs
-        self.processes = [context.Process(target=run_rank, args=(spec, str(path), config),
+        self.processes = [context.Process(target=run_rank, args=(spec, str(path), config,
+                                                                 local and local.for_rank(spec.rank)),
                                           name=f"lmserve-rank-{spec.rank}", daemon=True) for spec in specs]
         self._stopping = threading.Event()
         for process in self.processes:
@@ -146,13 +153,14 @@ class RankProcesses:
                 return f"rank {spec.rank} (pid {process.pid}) exited with code {process.exitcode}"
         return None
 
-    def join_group_watching(self, spec: RankSpec, device: torch.device) -> TensorParallel:
+    def join_group_watching(self, spec: RankSpec, device: torch.device,
+                            local: SharedMemoryGroup | None = None) -> TensorParallel:
         """Rank 0 joins the group; a spawned rank that dies first ends the wait with an error."""
         joined: queue.SimpleQueue = queue.SimpleQueue()
 
         def join() -> None:
             try:
-                joined.put(join_group(spec, device))
+                joined.put(join_group(spec, device, local))
             except BaseException as exc:  # handed to the waiting thread
                 joined.put(exc)
 
@@ -195,6 +203,8 @@ class RankProcesses:
         deadline = time.monotonic() + STOP_TIMEOUT
         for process in self.processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():  # its sentinel can close a moment before its exit status is known
+                process.join(timeout=0.5)
             if process.is_alive():
                 logger.warning("Rank process %s did not stop; killing it.", process.pid)
                 process.kill()

@@ -18,6 +18,8 @@ Rank 0 runs the engine (scheduler, block manager, sampling) and sends every step
 to the other ranks over a *control* group (gloo, no timeout: an idle server sends
 nothing); the forward's collectives run on the *data* group (gloo on the CPU, NCCL on
 CUDA) with a finite timeout, so a rank that hangs fails the step instead of the server.
+When every rank is on one machine, plans and the CPU's collectives go through shared
+memory instead (:mod:`~lmserve.backends.torch.shared_memory_group`), where they fit.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +84,18 @@ class TensorParallel:
     """One rank's view of the group. The single-device instance (:data:`SINGLE`) has
     one rank, holds every weight whole, and its collectives do nothing."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, data_group: Any = None, control_group: Any = None):
+    def __init__(self, rank: int = 0, world_size: int = 1, data_group: Any = None, control_group: Any = None,
+                 local: SharedMemoryGroup | None = None):
+        """``local``: the ranks' shared memory, when all of them are on this machine (CPU)."""
         self.rank = rank
         self.world_size = world_size
         self.data_group = data_group
         self.control_group = control_group
+        self.local = local
         self._on_failure: Callable[[str], None] | None = None
         self.failure: str | None = None
+        if local is not None:
+            local.check = lambda: self.failure
 
     @property
     def is_parallel(self) -> bool:
@@ -124,14 +133,19 @@ class TensorParallel:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's ``x`` (in place)."""
-        if self.is_parallel:
-            torch.distributed.all_reduce(x, group=self.data_group)
+        if not self.is_parallel:
+            return x
+        if self.local is not None and self.local.fits(x):
+            return self.local.all_reduce(x)
+        torch.distributed.all_reduce(x, group=self.data_group)
         return x
 
     def gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, n]`` on every rank -> ``[T, n * world_size]``, the ranks' columns side by side."""
         if not self.is_parallel:
             return x
+        if self.local is not None and self.local.fits(x):
+            return torch.cat(self.local.all_gather(x), dim=-1)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=self.data_group)
         return torch.cat(parts, dim=-1)
@@ -146,10 +160,17 @@ class TensorParallel:
 
     def send_plan(self, plan: Any) -> None:
         """Rank 0: hand the step's plan (None: stop) to the other ranks."""
+        if self.local is not None and self.local.send_plan(plan):
+            return
         torch.distributed.broadcast_object_list([plan], src=0, group=self.control_group)
 
     def receive_plan(self) -> Any:
         """Ranks 1..N-1: wait for rank 0's next plan."""
+        if self.local is not None:
+            return self.local.receive_plan(elsewhere=self._receive_plan_from_group)
+        return self._receive_plan_from_group()
+
+    def _receive_plan_from_group(self) -> Any:
         box = [None]
         torch.distributed.broadcast_object_list(box, src=0, group=self.control_group)
         return box[0]
