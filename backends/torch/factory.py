@@ -25,7 +25,7 @@ from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device,
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
-from lmserve.backends.torch.tensor_parallel import COLLECTIVE_TIMEOUT, SINGLE, TensorParallel, check_size
+from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, check_size
 from lmserve.backends.torch.weights import load_model, read_model_config
 from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS
 from lmserve.core.types import EngineRequest, SamplingParams
@@ -54,6 +54,8 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    #: Seconds a collective of the forward may wait for the other ranks before the group fails.
+    tp_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         count = self.cache_max_entry_count
@@ -66,6 +68,8 @@ class EngineConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tp must be at least 1, got {self.tensor_parallel_size}.")
+        if not self.tp_timeout > 0:
+            raise ValueError(f"--tp-timeout must be above 0 seconds, got {self.tp_timeout}.")
         if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
             raise ValueError(f"--nnodes must divide --tp (the ranks are shared equally by the nodes), got "
                              f"--tp {self.tensor_parallel_size} and --nnodes {self.nnodes}.")
@@ -176,7 +180,7 @@ def start_tensor_parallel(path: str | Path, config: EngineConfig) -> tuple[Tenso
     device = rank_device(config.device, first.local_rank)
     local = None
     if config.nnodes == 1 and device.type == "cpu":
-        local = SharedMemoryGroup.create(config.tensor_parallel_size, COLLECTIVE_TIMEOUT.total_seconds())
+        local = SharedMemoryGroup.create(config.tensor_parallel_size, config.tp_timeout)
     processes = RankProcesses(others, path, config, local)
     parallel = processes.join_group_watching(first, device, local)
     processes.watch(parallel)

@@ -142,8 +142,10 @@ class ModelRunner:
                 self.parallel.send_plan(None)
             except Exception:
                 logger.warning("Could not tell the other ranks to stop.", exc_info=True)
-        if self.ranks is not None:
+        if self.ranks is not None and self.parallel.failure is None:
             self.ranks.stop()
+        elif self.ranks is not None:  # ranks of a failed group may be stuck: give them a moment only
+            self.ranks.stop(timeout_s=1.0)
         if self.parallel.is_parallel:
             self.parallel.leave()
 

@@ -47,6 +47,9 @@ def lmserve_add_cli_options(command, parser):
                           help="Split the model over N ranks (processes; one GPU each on CUDA, cores // N threads "
                           "each on the CPU). N must divide the attention heads and divide, or be a multiple of, "
                           "the key/value heads.")
+    parallel.add_argument("--tp-timeout", type=float, default=30.0, metavar="SECONDS",
+                          help="How long a rank waits for the others in a collective before the server gives up "
+                          "on them (fails the requests in flight and exits 1).")
     parallel.add_argument("--nnodes", type=int, default=1, metavar="N",
                           help="Machines the --tp ranks run on (equally many each); node 0 serves HTTP.")
     parallel.add_argument("--node-rank", type=int, default=0, metavar="K",
@@ -79,6 +82,7 @@ def lmserve_make_backend(config: ServeConfig, source: ModelSource):
         node_rank=options.get("node_rank", 0),
         master_addr=options.get("master_addr", "127.0.0.1"),
         master_port=options.get("master_port"),
+        tp_timeout=options.get("tp_timeout", 30.0),
     )
     if engine_config.node_rank > 0:
         raise SystemExit(_serve_headless_node(source, engine_config))

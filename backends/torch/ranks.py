@@ -15,6 +15,7 @@ the group is marked failed (:meth:`TensorParallel.fail`) and the server ends.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -31,7 +32,7 @@ import torch
 import torch.multiprocessing  # noqa: F401  (shared-memory tensors pass to spawned ranks)
 
 from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
-from lmserve.backends.torch.tensor_parallel import COLLECTIVE_TIMEOUT, CONTROL_TIMEOUT, TensorParallel, move_to
+from lmserve.backends.torch.tensor_parallel import CONTROL_TIMEOUT, TensorParallel, move_to
 
 if TYPE_CHECKING:
     from lmserve.backends.torch.factory import EngineConfig
@@ -54,6 +55,8 @@ class RankSpec:
     init_method: str
     #: torch (and Numba) threads for this rank: the node's cores shared by its ranks.
     threads: int
+    #: Seconds a collective of the forward may wait for the other ranks.
+    timeout_s: float = 30.0
 
 
 def node_ranks(config: EngineConfig) -> list[RankSpec]:
@@ -63,7 +66,8 @@ def node_ranks(config: EngineConfig) -> list[RankSpec]:
     init_method = f"tcp://{config.master_addr}:{port}"
     threads = max(1, (os.cpu_count() or 1) // per_node)
     first = config.node_rank * per_node
-    return [RankSpec(first + i, config.tensor_parallel_size, i, init_method, threads) for i in range(per_node)]
+    return [RankSpec(first + i, config.tensor_parallel_size, i, init_method, threads, config.tp_timeout)
+            for i in range(per_node)]
 
 
 def free_port(host: str) -> int:
@@ -90,7 +94,8 @@ def join_group(spec: RankSpec, device: torch.device, local: SharedMemoryGroup | 
         torch.cuda.set_device(device)
     dist.init_process_group("gloo", init_method=spec.init_method, world_size=spec.world_size, rank=spec.rank,
                             timeout=CONTROL_TIMEOUT)
-    data = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    data = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo",
+                          timeout=datetime.timedelta(seconds=spec.timeout_s))
     return TensorParallel(spec.rank, spec.world_size, data_group=data, control_group=dist.group.WORLD,
                           local=local if device.type == "cpu" else None)
 
@@ -197,10 +202,10 @@ class RankProcesses:
             codes.append(process.exitcode or 0)
         return max(codes, key=abs, default=0)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT) -> None:
         """Wait briefly for the ranks to end (they were told to), then end them."""
         self._stopping.set()
-        deadline = time.monotonic() + STOP_TIMEOUT
+        deadline = time.monotonic() + timeout_s
         for process in self.processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():  # its sentinel can close a moment before its exit status is known

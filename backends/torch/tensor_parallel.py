@@ -36,8 +36,6 @@ from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
 
 logger = logging.getLogger(__name__)
 
-#: How long a collective of the forward may wait for the other ranks.
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 #: The control group waits for the next step however long the server stays idle.
 CONTROL_TIMEOUT = datetime.timedelta(days=365)
 

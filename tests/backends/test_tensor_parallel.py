@@ -139,3 +139,30 @@ def test_sessions_and_prefix_caching_work_split(tiny_model_dir):
     assert {k: tokens(v) for k, v in split.items()} == {k: tokens(v) for k, v in single.items()}
     assert split["cached"][-1].num_cached_tokens == 32
     assert split["turn-2"][-1].num_cached_tokens >= 3  # the session's kept turn
+
+
+def test_a_dead_rank_makes_the_backend_unhealthy_and_reports_it_once(tiny_model_dir):
+    import os
+    import signal
+    import time
+
+    fatal: queue.SimpleQueue = queue.SimpleQueue()
+    backend = create_backend(tiny_model_dir, EngineConfig(
+        device="cpu", dtype="float32", cache_max_entry_count=64, cache_block_seq_len=16, enforce_eager=True,
+        tensor_parallel_size=2), on_fatal=fatal.put)
+    outputs: queue.SimpleQueue = queue.SimpleQueue()
+    backend.start(lambda batch: [outputs.put(o) for o in batch])
+    try:
+        assert backend.is_healthy() and backend.failure is None
+        (rank,) = backend.engine.runner.ranks.pids
+        os.kill(rank, signal.SIGKILL)
+        message = fatal.get(timeout=10)
+        assert message == f"rank 1 (pid {rank}) exited with code -9"
+        assert not backend.is_healthy() and backend.failure == message
+        backend.submit(EngineRequest("late", (1, 2, 3), SamplingParams(max_tokens=4, temperature=0.0)))
+        out = outputs.get(timeout=10)
+        assert out.error is not None and "Tensor parallelism failed: rank 1" in out.error
+        time.sleep(0.5)
+        assert fatal.empty()  # reported once
+    finally:
+        backend.shutdown()

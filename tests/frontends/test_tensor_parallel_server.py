@@ -104,3 +104,25 @@ def test_two_nodes_on_one_machine_serve_one_model(lmserve_server_factory, lmserv
         if node_1.poll() is None:
             node_1.kill()
             node_1.wait()
+
+
+def test_a_stuck_rank_fails_the_streams_after_the_timeout_and_the_server_exits(lmserve_server_factory):
+    server = lmserve_server_factory("--model-name", "tiny", "--tp", "2", "--tp-timeout", "2")
+    (rank,) = rank_pids(server.process.pid)
+    events = []
+    try:
+        with server.client() as client, client.stream(
+                "POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 200, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line:
+                    events.append(line)
+                if len(events) == 3:
+                    os.kill(rank, signal.SIGSTOP)  # alive, but never reaches the next collective
+                    stopped = time.monotonic()
+        assert '"error"' in events[-2] and "did not reach" in events[-2], events[-2]
+        assert time.monotonic() - stopped < 10
+        assert exit_code_within(server.process, 15) == 1, server.log()
+        assert not Path(f"/proc/{rank}").exists()  # the stuck rank was ended too
+    finally:
+        if Path(f"/proc/{rank}").exists():
+            os.kill(rank, signal.SIGKILL)
