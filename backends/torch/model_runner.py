@@ -12,7 +12,8 @@ every rank executes it on its own part of the model.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from lmserve.backends.torch.sampler import logprob_records
 from lmserve.backends.torch.sequence import Sequence
 from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, move_to
 from lmserve.core.types import TokenLogprob
+
+if TYPE_CHECKING:
+    from lmserve.backends.torch.ranks import RankProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ class ModelRunner:
         self.decode_in_place = decode_in_place
         self.parallel = parallel
         #: The ranks this node spawned (rank 0 under tensor parallelism), stopped by :meth:`close`.
-        self.ranks = None
+        self.ranks: RankProcesses | None = None
         compile_decodes = compile_decodes and decode_in_place and not parallel.is_parallel
         self.decode_step = CompiledDecodeStep(model) if compile_decodes else None
         self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
@@ -149,7 +153,8 @@ class ModelRunner:
         if self.parallel.is_parallel:
             self.parallel.leave()
 
-    def execute(self, plan: StepPlan, score_prompt=None) -> torch.Tensor:
+    def execute(self, plan: StepPlan,
+                score_prompt: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Compute a step: float32 logits of its sampled rows; ``score_prompt(j, logits)``
         gets the float32 logits of each of ``plan.prompt_rows`` in turn (rank 0's)."""
         self.kv_cache.clear_blocks(list(plan.fresh_blocks))
