@@ -142,10 +142,22 @@ class CompletionUser(_LmserveUser):
 
 class SessionUser(_LmserveUser):
     weight = 2
+    session_id = None
+
+    def on_stop(self):
+        if self.session_id is not None:  # stopped mid-session: end it, so the server keeps nothing
+            self._end_session()
+
+    def _end_session(self):
+        end = {"prompt": "", "session_id": self.session_id, "interactive_mode": False, "request_output_len": 0}
+        self.session_id = None
+        with self.client.post("/v1/chat/interactive", json=end, name="interactive end",
+                              catch_response=True) as response:
+            self._fail_on(response, [] if response.status_code == 200 else [f"status {response.status_code}"])
 
     @task
     def session(self):
-        session_id = next(_session_ids)
+        self.session_id = session_id = next(_session_ids)
         history = 0
         for turn in range(random.randint(2, 4)):
             body = {"prompt": random.choice(PROMPTS), "session_id": session_id, "interactive_mode": True,
@@ -159,10 +171,7 @@ class SessionUser(_LmserveUser):
                 if problems:
                     break
                 history += last["input_tokens"] + last["tokens"]
-        end = {"prompt": "", "session_id": session_id, "interactive_mode": False, "request_output_len": 0}
-        with self.client.post("/v1/chat/interactive", json=end, name="interactive end",
-                              catch_response=True) as response:
-            self._fail_on(response, [] if response.status_code == 200 else [f"status {response.status_code}"])
+        self._end_session()
 
 
 class DisconnectingUser(_LmserveUser):

@@ -65,3 +65,30 @@ def test_each_request_produces_exactly_its_max_tokens(benchmark_serving, server,
 def test_a_refused_request_stops_the_benchmark(benchmark_serving, server):
     with pytest.raises(RuntimeError, match="404"):
         benchmark_serving.main(["--url", server.base_url, "--model", "no-such-model", "--concurrency", "1"])
+
+
+def test_random_conversations_at_request_rates_against_two_servers(benchmark_serving, server, long_model_dir,
+                                                                    tmp_path, capsys):
+    import csv
+
+    out, table, chart = tmp_path / "figures.json", tmp_path / "figures.csv", tmp_path / "figures.png"
+    assert benchmark_serving.main([
+        "--url", f"first={server.base_url}", f"second={server.base_url}", "--dataset", "random",
+        "--random-input-len", "20", "--random-output-len", "4", "--turns", "2", "--request-rate", "20", "inf",
+        "--num-prompts", "3", "--seed", "1", "--json", str(out), "--csv", str(table), "--png", str(chart),
+        "--ban-token-ids", *end_token_ids(long_model_dir)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["label"] == "first" and [peer["label"] for peer in figures["peers"]] == ["second"]
+    for level in figures["levels"] + figures["peers"][0]["levels"]:
+        assert level["requests"] == 6  # 3 conversations of 2 turns
+        assert level["tokens"] == level["requested_tokens"] > 0
+        assert 0 < level["ttft_s"]["p50"] <= level["ttft_s"]["p99"] <= level["e2e_s"]["p99"]
+        assert level["tpot_s"]["p50"] > 0 and level["itl_s"]["p50"] > 0
+    # The same seeded workload for both servers.
+    assert [lv["requested_tokens"] for lv in figures["levels"]] == \
+        [lv["requested_tokens"] for lv in figures["peers"][0]["levels"]]
+    with open(table) as rows:
+        assert [(row["server"], row["request_rate"]) for row in csv.DictReader(rows)] == [
+            ("first", "20.0"), ("first", "inf"), ("second", "20.0"), ("second", "inf")]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "second / first" in capsys.readouterr().out
