@@ -114,6 +114,9 @@ def main() -> int:
              "--host", args.url, "--csv", f"{folder}/soak", "--only-summary"], capture_output=True, text=True)
         with open(f"{folder}/soak_stats.csv") as stats:
             rows = {row["Name"]: row for row in csv.DictReader(stats)}
+        with open(f"{folder}/soak_failures.csv") as failed:
+            failures = [{"request": f"{row['Method']} {row['Name']}", "error": row["Error"],
+                         "occurrences": int(row["Occurrences"])} for row in csv.DictReader(failed)]
     for _ in range(60):  # the server finishes what the stopped users left
         after = gauges(args.url)
         if not after.get("num_requests_running") and not after.get("num_requests_waiting"):
@@ -126,7 +129,7 @@ def main() -> int:
     report = {
         "minutes": args.minutes, "users": args.users,
         "requests": int(total["Request Count"]), "failures": int(total["Failure Count"]),
-        "locust_exit_code": locust.returncode,
+        "locust_exit_code": locust.returncode, "failed": failures,
         "rss_mib_start": samples[0][1], "rss_mib_warm": warm, "rss_mib_end": samples[-1][1],
         "rss_growth_after_warm_up": samples[-1][1] / warm - 1,
         "kv_cache_usage_before": before.get("kv_cache_usage_perc"),
@@ -142,8 +145,8 @@ def main() -> int:
     print(f"KV cache usage: {report['kv_cache_usage_before']:.4%} before, {report['kv_cache_usage_after']:.4%} "
           f"after; sessions with kept KV: {report['sessions_with_kept_kv_before']:g} before, "
           f"{report['sessions_with_kept_kv_after']:g} after")
-    if report["failures"]:
-        print(locust.stdout[-4000:])
+    for failure in failures:
+        print(f"  failed {failure['occurrences']}x: {failure['request']}: {failure['error'][:300]}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 1 if report["failures"] else 0

@@ -25,8 +25,6 @@ LMDeploy's clients read it; ``text`` is the new text of each line.
 
 from __future__ import annotations
 
-import json
-
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import json as json_response
 
@@ -46,6 +44,7 @@ from lmserve.frontends.openai.sampling import (
     with_template_stop_strings,
     with_template_stop_token_ids,
 )
+from lmserve.frontends.openai.sse import one_line_json
 from lmserve.frontends.openai.state import ServerState
 from lmserve.frontends.openai.structured_output import compile_off_the_loop, output_constraint, output_grammar
 
@@ -190,7 +189,7 @@ def _single_reply(body: InteractiveRequest, reply: dict) -> HTTPResponse:
 
 
 def _line(reply: dict) -> str:
-    return json.dumps(reply, ensure_ascii=False) + "\n"
+    return one_line_json(reply, separators=(", ", ": ")) + "\n"
 
 
 def _finish_name(out: GenerationOutput) -> str | None:
