@@ -290,7 +290,9 @@ def serve_hf(gguf: str, port: int, dtype: str) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")  # one connection per request: no keep-alive races
             self.end_headers()
+            self.close_connection = True
 
             def event(payload) -> None:
                 data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
@@ -319,7 +321,10 @@ def serve_hf(gguf: str, port: int, dtype: str) -> None:
             self.wfile.write(b"0\r\n\r\n")
 
     print(f"HF transformers ({dtype}) serving {name} on http://127.0.0.1:{port}", file=sys.stderr, flush=True)
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 1024  # every waiting client connects at once
+
+    Server(("127.0.0.1", port), Handler).serve_forever()
 
 
 def parse_server(spec: str, index: int) -> tuple[str, str]:

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from lmserve.backends.torch.engine import LLMEngine
+from lmserve.backends.torch.memory_trim import MemoryTrimmer
 from lmserve.core.backend import Backend, BackendStats, OutputSink
 from lmserve.core.types import EngineOutput, EngineRequest
 
@@ -52,6 +53,7 @@ class TorchBackend(Backend):
         self.eos_token_ids = tuple(sorted(result.eos_token_ids))
         self._on_fatal = on_fatal
         result.runner.parallel.on_failure(self._fail)
+        self.memory_trimmer = MemoryTrimmer()
 
     def _fail(self, message: str) -> None:
         self.failure = message
@@ -65,6 +67,7 @@ class TorchBackend(Backend):
             raise RuntimeError("TorchBackend.start() called twice.")
         self._sink = sink
         self._started.set()
+        self.memory_trimmer.start()
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put((_SUBMIT, request))
@@ -76,6 +79,7 @@ class TorchBackend(Backend):
         self._inbox.put((_RELEASE, session_key))
 
     def shutdown(self) -> None:
+        self.memory_trimmer.stop()
         self._inbox.put((_SHUTDOWN, None))
         self._started.set()  # a backend shut down before start() stops too
         self._thread.join(timeout=30)

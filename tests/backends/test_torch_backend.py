@@ -278,3 +278,20 @@ def test_a_request_that_breaks_the_sampler_fails_alone(tiny, tiny_model_dir):
     assert reasons == {"good": FinishReason.LENGTH, "bad": FinishReason.ERROR}
     assert tokens["good"] == reference_greedy(tiny, PROMPT, 6), "the innocent request is untouched"
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_freed_heap_memory_is_trimmed_in_the_background():
+    import time
+
+    from lmserve.backends.torch.memory_trim import MemoryTrimmer
+
+    trimmer = MemoryTrimmer(interval_s=0.05)
+    assert trimmer.available  # glibc, as on every machine the suite runs on
+    trimmer.start()
+    deadline = time.monotonic() + 5
+    while trimmer.trims < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    trimmer.stop()
+    assert trimmer.trims >= 2
+    trimmer._thread.join(timeout=1)
+    assert not trimmer._thread.is_alive()

@@ -1,0 +1,58 @@
+"""Hand freed heap memory back to the operating system now and then (glibc's ``malloc_trim``).
+
+Every step allocates and frees tensors of changing sizes (prefill chunks, batches),
+from two threads (the engine and the event loop). glibc keeps what was freed in its
+arenas for reuse, and a long-running server's resident memory creeps up: a 10-minute
+soak at 64 users grew from 1.9 to 2.6 GiB, of which ``malloc_trim(0)`` gave back
+0.6 GiB at once (the memory was free, not leaked). So a background thread trims every
+:data:`TRIM_INTERVAL_S` seconds. Where the C library has no ``malloc_trim`` (musl,
+macOS), nothing runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between trims (each runs on its own thread, not the engine's).
+TRIM_INTERVAL_S = 30.0
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class MemoryTrimmer:
+    """A daemon thread that calls ``malloc_trim(0)`` every ``interval_s`` until :meth:`stop`."""
+
+    def __init__(self, interval_s: float = TRIM_INTERVAL_S):
+        self.interval_s = interval_s
+        self.trims = 0
+        self._stop = threading.Event()
+        self._trim = _malloc_trim()
+        self._thread = threading.Thread(target=self._run, name="lmserve-memory-trim", daemon=True)
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def start(self) -> None:
+        if self.available:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._trim(0)
+            self.trims += 1
