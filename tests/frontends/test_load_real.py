@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,12 @@ NAMES = {"chat", "chat (stream)", "completions", "interactive turn", "interactiv
 
 
 def test_sixteen_users_for_thirty_seconds_without_a_failure(smollm2_server, tmp_path):
+    # The steady shape: 16 users for 30 s (the shape ends the run).
+    shape = {"LOAD_SHAPE": "steady", "USERS": "16", "DURATION": "30"}
     result = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--users", "16", "--spawn-rate", "8",
-         "--run-time", "30s", "--host", smollm2_server.base_url, "--csv", str(tmp_path / "load"), "--only-summary"],
-        capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", smollm2_server.base_url,
+         "--csv", str(tmp_path / "load"), "--only-summary"],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path, env={**os.environ, **shape})
     with open(tmp_path / "load_stats.csv") as stats:
         rows = {row["Name"]: row for row in csv.DictReader(stats)}
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
