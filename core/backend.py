@@ -73,8 +73,8 @@ class Backend(abc.ABC):
         """
 
     def is_healthy(self) -> bool:
-        """True while the backend can step (the engine thread is alive)."""
-        return True
+        """True while the backend can step (the engine thread is alive, no :attr:`failure`)."""
+        return self.failure is None
 
     def stats(self) -> BackendStats:
         """A snapshot for ``/metrics``; callable from any thread, cheap."""
