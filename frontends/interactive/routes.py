@@ -48,7 +48,7 @@ from lmserve.frontends.openai.sse import one_line_json
 from lmserve.frontends.openai.state import ServerState
 from lmserve.frontends.openai.structured_output import compile_off_the_loop, output_constraint, output_grammar
 
-NDJSON = "application/x-ndjson"
+NDJSON = "application/x-ndjson; charset=utf-8"
 
 #: The route's entry in /openapi.json.
 CHAT_INTERACTIVE_DOC = RouteDoc(

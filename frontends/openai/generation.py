@@ -36,7 +36,7 @@ from lmserve.frontends.openai.sampling import (
     with_template_stop_strings,
     with_template_stop_token_ids,
 )
-from lmserve.frontends.openai.sse import SSE_DONE, sse_error, sse_event
+from lmserve.frontends.openai.sse import SSE_CONTENT_TYPE, SSE_DONE, sse_error, sse_event
 from lmserve.frontends.openai.structured_output import output_constraint, request_grammar
 from lmserve.frontends.openai.tool_use import ToolUse
 from lmserve.frontends.openai.state import ServerState
@@ -241,7 +241,7 @@ class Generation:
             except Exception as exc:  # reported as an error event
                 await events.put((choice, exc))
 
-        response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        response = await request.respond(content_type=SSE_CONTENT_TYPE, headers={"Cache-Control": "no-cache"})
         tasks = [asyncio.create_task(pump(choice)) for choice in self.choices]
         try:
             for choice in self.choices:

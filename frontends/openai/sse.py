@@ -6,8 +6,12 @@ body (errors.py), since the status line has already gone out.
 
 SSE separates lines with CR and LF only, but many clients split with Python's
 ``str.splitlines`` (``requests``' ``iter_lines(decode_unicode=True)``), which also breaks
-at U+0085, U+2028 and U+2029: a model can emit them, so the JSON escapes them
-(as a 64-user soak found: 5 streams in 25,000 came apart).
+at U+0085, U+2028 and U+2029. Two things keep every event one line for them:
+
+- the content type names its charset (``SSE_CONTENT_TYPE``): without it ``requests``
+  decodes ``text/*`` as Latin-1, and the UTF-8 continuation byte 0x85 of characters
+  such as "ą" or Cyrillic "х" turns into U+0085 (a 64-user soak found 5 streams in 25,000 come apart);
+- the JSON escapes those three characters when a model emits them itself.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 import json
 
 from lmserve.frontends.openai.errors import error_body
+
+#: What a streaming route declares; the charset keeps clients from guessing Latin-1.
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 
 #: The last event of every stream.
 SSE_DONE = "data: [DONE]\n\n"

@@ -94,7 +94,7 @@ def stream_turn(server, session_id: int, prompt: str, **fields) -> list[dict]:
             "stream": True, **fields}
     with httpx.stream("POST", server.base_url + ROUTE, json=body, timeout=60) as response:
         assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].split(";")[0] == "application/x-ndjson"
+        assert response.headers["content-type"] == "application/x-ndjson; charset=utf-8"
         raw = [line for line in response.iter_lines() if line.strip()]
     assert raw, "an empty stream"
     for line in raw:

@@ -62,7 +62,7 @@ def test_sse_ends_with_done(tiny_server):
         json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True},
         timeout=60,
     ) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
         events = [line for line in response.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
