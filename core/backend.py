@@ -20,6 +20,7 @@ class BackendStats:
     kv_cache_usage: float = 0.0  # fraction of the KV cache in use, 0..1
     num_preemptions: int = 0  # since start
     num_kept_sessions: int = 0  # interactive sessions whose KV cache is kept between turns
+    kv_cache_written_bytes: int = 0  # KV cache memory written at least once since start, all ranks
 
 
 class Backend(abc.ABC):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from lmserve.backends.torch.kernels.attention import store_and_decode_attention
 from lmserve.backends.torch.ops import define_op
+from lmserve.backends.torch.primitive_caches import bucket
 
 
 def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -45,7 +46,7 @@ def batched_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      bias: torch.Tensor) -> torch.Tensor:
+                      bias: torch.Tensor, bucketed: bool = False) -> torch.Tensor:
     """Attention as two matmuls, for grouped-query shapes that broadcast:
     ``query [..., kv_heads, group, Q, head_dim]`` over ``keys``/``values``
     ``[..., kv_heads, 1, S, head_dim]`` (or, for decodes, the group as the query
@@ -57,10 +58,20 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     (decodes: 2.4x in bf16, 1.1x in fp32; 20 prefill chunks of 30-300 tokens:
     2x in bf16, 1.3x in fp32), but it holds every score in memory, so long
     chunks go to SDPA (:data:`MAX_GROUPED_SCORES`), as does everything on CUDA.
+
+    ``bucketed``: pad the query and key lengths to a :func:`bucket` (prefill chunks,
+    whose lengths vary, so the matmul shapes stay a bounded set: primitive_caches.py).
     """
+    query_len, key_len = query.shape[-2], keys.shape[-2]
+    query_padding, key_padding = (bucket(query_len) - query_len, bucket(key_len) - key_len) if bucketed else (0, 0)
+    if query_padding or key_padding:
+        query = F.pad(query, (0, 0, 0, query_padding))
+        keys, values = F.pad(keys, (0, 0, 0, key_padding)), F.pad(values, (0, 0, 0, key_padding))
+        bias = F.pad(bias, (0, 0, 0, query_padding if bias.shape[-2] != 1 else 0))
+        bias = F.pad(bias, (0, key_padding), value=float("-inf"))  # padded keys get no weight
     scores = torch.matmul(query, keys.transpose(-1, -2)).float()
     scores = scores.mul_(query.shape[-1] ** -0.5).add_(bias)
-    return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)
+    return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)[..., :query_len, :]
 
 
 #: A prefill chunk attends with :func:`grouped_attention` when its query length x
@@ -183,7 +194,8 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
             v = value_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
         if segment.bias is not None:
             q = query[rows].view(length, num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)
-            o = grouped_attention(q, k.unsqueeze(1), v.unsqueeze(1), segment.bias)  # [kv, group, L, hd]
+            # [kv, group, L, hd]
+            o = grouped_attention(q, k.unsqueeze(1), v.unsqueeze(1), segment.bias, bucketed=True)
             out[rows] = o.permute(2, 0, 1, 3).reshape(length, -1)
         else:
             o = batched_sdpa(query[rows].transpose(0, 1), k, v, mask=segment.mask,

@@ -90,13 +90,15 @@ class TorchBackend(Backend):
     def stats(self) -> BackendStats:
         # Read from another thread without a lock: each value is one read of a
         # field the engine thread updates between steps.
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        scheduler, blocks, runner = self.engine.scheduler, self.engine.block_manager, self.engine.runner
         return BackendStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
             kv_cache_usage=1.0 - blocks.num_free_blocks / blocks.num_blocks,
             num_preemptions=scheduler.num_preemptions,
             num_kept_sessions=blocks.num_kept_sessions,
+            kv_cache_written_bytes=blocks.num_blocks_ever_used * runner.kv_cache.block_bytes
+            * runner.parallel.world_size,
         )
 
     def describe(self) -> str:

@@ -19,6 +19,7 @@ from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
+from lmserve.backends.torch.primitive_caches import drop_duplicate_cache
 from lmserve.backends.torch.quantization_choice import choose_quantization
 from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers
 from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device, use_threads
@@ -121,6 +122,7 @@ def load_engine_model(path: str | Path, config: EngineConfig,
     """The model as the engine runs it (this rank's part of it under tensor parallelism):
     loaded in the chosen dtype, projections fused, quantized if asked (or if ``auto``
     finds a quantized GGUF), and on the CPU packed for oneDNN."""
+    drop_duplicate_cache()  # before the first matmul
     device = device or resolve_device(config.device)
     if config.quantization in QUANTIZATIONS and device.type != "cpu":
         raise ValueError(f"--quantization {config.quantization} runs on the CPU only for now.")

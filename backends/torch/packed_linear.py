@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmserve.backends.torch.ops import define_op
+from lmserve.backends.torch.primitive_caches import bucket
 
 #: Rows per call the packed layout is tuned for (a decode batch); any row count works.
 BATCH_SIZE_HINT = 64
@@ -53,8 +54,15 @@ def pack_weight(weight: torch.Tensor, batch_size_hint: int = BATCH_SIZE_HINT) ->
 
 
 def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` with a weight from :func:`pack_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+    """``F.linear`` with a weight from :func:`pack_weight`, its rows padded to a
+    :func:`~lmserve.backends.torch.primitive_caches.bucket`."""
+    rows = x.reshape(-1, x.shape[-1])
+    padding = bucket(rows.shape[0]) - rows.shape[0]
+    if not padding:
+        return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+    padded = torch.cat([rows, rows.new_zeros(padding, rows.shape[1])])
+    out = torch.ops.mkldnn._linear_pointwise(padded, packed_weight, bias, "none", [], "")[: rows.shape[0]]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,

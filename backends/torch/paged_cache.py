@@ -36,6 +36,8 @@ class PagedKVCache:
         # zero, that padding points at.
         self.null_block = num_blocks
         self.num_slots = (num_blocks + 1) * block_size
+        #: The bytes one block holds on this rank (keys and values of every layer).
+        self.block_bytes = _block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
         # torch.empty: on the CPU, pages are only committed once a block is used.
         # Blocks are cleared when first handed out (clear_blocks): a masked position
         # still multiplies its value by 0, and leftover memory may hold NaN.
@@ -60,8 +62,7 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        element = torch.tensor([], dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * block_size * element
+        return _block_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, block_size, dtype)
 
     def attend(self, layer_idx: int, metadata: PagedAttentionMetadata | InPlaceDecodes, query: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -71,3 +72,8 @@ class PagedKVCache:
                                           values, self.block_size)
         return paged_attention(self.keys[layer_idx], self.values[layer_idx], metadata, query, keys, values,
                                self.block_size)
+
+
+def _block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for one block."""
+    return 2 * num_layers * num_kv_heads * head_dim * block_size * torch.tensor([], dtype=dtype).element_size()

@@ -101,6 +101,9 @@ class _LoadCollector:
                           "KV cache.", stats.num_waiting)
         yield self._gauge("lmserve:kv_cache_usage_perc", "Fraction of the KV cache in use (1 = full).",
                           stats.kv_cache_usage)
+        yield self._gauge("lmserve:kv_cache_written_bytes", "KV cache memory written at least once since start, "
+                          "over all ranks (on the CPU its pages are committed on first write: the cache's "
+                          "share of the resident memory).", stats.kv_cache_written_bytes)
         yield self._gauge("lmserve:num_interactive_sessions", "Live interactive sessions (with history or "
                           "a running turn).", len(self.state.bus.sessions))
         yield self._gauge("lmserve:num_sessions_with_kept_kv", "Interactive sessions whose KV cache the engine "

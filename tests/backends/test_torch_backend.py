@@ -158,6 +158,24 @@ def test_a_request_that_breaks_the_model_fails_alone(tiny, tiny_model_dir):
     assert len(tokens["good"]) == 2
 
 
+def test_stats_count_the_kv_cache_memory_written_so_far(tiny, tiny_model_dir):
+    backend, collector = make_backend(tiny_model_dir, cache_max_entry_count=64)
+    cache, blocks = backend.engine.runner.kv_cache, backend.engine.block_manager
+    try:
+        before = backend.stats().kv_cache_written_bytes
+        assert before == blocks.num_blocks_ever_used * cache.block_bytes > 0  # the warm-up wrote some
+        backend.submit(EngineRequest("long", PROMPT * 8, greedy(4)))
+        collector.run_until_finished(["long"])
+        after = backend.stats().kv_cache_written_bytes
+        backend.submit(EngineRequest("again", PROMPT * 8, greedy(4)))  # reuses the freed blocks
+        collector.run_until_finished(["again"])
+        assert backend.stats().kv_cache_written_bytes == after
+    finally:
+        backend.shutdown()
+    assert after > before
+    assert cache.block_bytes == sum(t[:cache.block_size * cache.num_kv_heads].nbytes for t in (*cache.keys, *cache.values))
+
+
 def test_leftover_memory_in_the_cache_never_leaks_into_attention(tiny, tiny_model_dir):
     """Never-used blocks may hold anything (even NaN), reused ones an earlier
     sequence's keys/values: the result must not change."""

@@ -41,6 +41,7 @@ def test_metrics_are_prometheus_text_with_vllm_names(tiny_server):
         "lmserve:num_requests_running": "gauge",
         "lmserve:num_requests_waiting": "gauge",
         "lmserve:kv_cache_usage_perc": "gauge",
+        "lmserve:kv_cache_written_bytes": "gauge",
         "lmserve:num_interactive_sessions": "gauge",
         "lmserve:num_sessions_with_kept_kv": "gauge",
         "lmserve:num_preemptions": "counter",
@@ -124,7 +125,8 @@ def test_every_app_has_its_own_registry():
 
 def test_load_is_read_from_the_backend_and_the_admission_queue_when_scraped():
     app, state = fake_app_and_state(BackendStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_preemptions=7,
-                                                 num_kept_sessions=4), sessions=[1, 2, 3, 4, 5])
+                                                 num_kept_sessions=4, kv_cache_written_bytes=3 << 20),
+                                    sessions=[1, 2, 3, 4, 5])
     metrics = ServerMetrics(app, state)
     scraped = samples(metrics.render("")[0].decode())
     assert value(scraped, "lmserve:num_interactive_sessions") == 5
@@ -132,6 +134,7 @@ def test_load_is_read_from_the_backend_and_the_admission_queue_when_scraped():
     assert value(scraped, "lmserve:num_requests_running") == 3
     assert value(scraped, "lmserve:num_requests_waiting") == 2
     assert value(scraped, "lmserve:kv_cache_usage_perc") == 0.25
+    assert value(scraped, "lmserve:kv_cache_written_bytes") == 3 << 20
     assert value(scraped, "lmserve:num_preemptions_total") == 7
     assert ("lmserve:num_http_requests_running", frozenset(LABELS.items())) not in scraped  # no queue set up
     app.ctx.admission = AdmissionQueue(max_running=4)
