@@ -53,12 +53,15 @@ class BlockManager:
         #: finite keys/values, which attention masks out (weight 0) untouched.
         self._fresh_blocks: list[int] = []
         self._ever_used = bytearray(num_blocks)
-        #: Blocks handed out at least once since start: on the CPU, the KV cache's
-        #: memory is committed block by block as this count grows.
-        self.num_blocks_ever_used = 0
         self._kept: OrderedDict[str, KeptKV] = OrderedDict()  # least recently kept first
 
     # ------------------------------------------------------------------ queries
+
+    @property
+    def num_blocks_ever_used(self) -> int:
+        """Blocks handed out at least once since start: on the CPU, the KV cache's
+        memory is committed block by block as this count grows."""
+        return self._ever_used.count(1)
 
     @property
     def num_free_blocks(self) -> int:
@@ -246,7 +249,6 @@ class BlockManager:
         self.ref_counts[block] = 1
         if not self._ever_used[block]:
             self._ever_used[block] = 1
-            self.num_blocks_ever_used += 1
             self._fresh_blocks.append(block)
         return block
 
