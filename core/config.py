@@ -17,6 +17,10 @@ QUANTIZATION_CHOICES = ("auto", "none", *QUANTIZATIONS)
 
 #: The ``command`` that :hook:`lmserve_add_cli_options` gets for the API server's parser.
 SERVE_API_SERVER = "serve api_server"
+#: The ``command`` for ``lmserve chat``'s parser (a model loaded in the process, no server).
+CHAT = "chat"
+#: The commands that load a model: a backend plugin adds its engine's options to these.
+MODEL_COMMANDS = (SERVE_API_SERVER, CHAT)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,10 @@ class APIClient:
         self.headers = {"content-type": "application/json"}
         if api_key is not None:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self._client = httpx.Client(headers=self.headers, timeout=kwargs.get("timeout", _TIMEOUT))
+        # ``uds``: reach the server through a Unix socket (``lmserve chat`` serves on one).
+        transport = httpx.HTTPTransport(uds=kwargs["uds"]) if kwargs.get("uds") else None
+        self._client = httpx.Client(headers=self.headers, timeout=kwargs.get("timeout", _TIMEOUT),
+                                    transport=transport)
 
     @cached_property
     def available_models(self) -> list[str] | None:

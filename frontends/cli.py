@@ -2,6 +2,8 @@
 
     lmserve serve api_server MODEL [--server-port 23333] ...
     lmserve serve api_client URL [--api-key KEY] [--session-id N]
+    lmserve serve gradio URL [--server-name HOST] [--server-port 6006]
+    lmserve chat MODEL [--session-id N] ...
     lmserve plugins [--json]
     lmserve templates [MODEL] [--chat-template X]
 
@@ -19,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from lmserve.core.chat_template import HF, ChatTemplateRegistry
-from lmserve.core.config import DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, ServeConfig
+from lmserve.core.config import CHAT, DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
 from lmserve.core.startup import resolve_model
@@ -55,11 +57,7 @@ def build_parser(pm) -> argparse.ArgumentParser:
         "api_server", parents=[common], help="Serve MODEL over the OpenAI-compatible REST API.",
         formatter_class=_HelpFormatter,
     )
-    api_server.add_argument(
-        "model", metavar="MODEL",
-        help="A local HF directory, a .gguf file, or a hub id found in the local hub cache "
-        "or shipped by an installed package.",
-    )
+    _add_model_argument(api_server)
     _add_api_server_options(api_server)
     call_safely(pm, "lmserve_add_cli_options", command=SERVE_API_SERVER, parser=api_server)
 
@@ -71,8 +69,29 @@ def build_parser(pm) -> argparse.ArgumentParser:
     api_client.add_argument("--api-key", default=os.environ.get("LMSERVE_API_KEY") or None, metavar="KEY",
                             help="Send 'Authorization: Bearer KEY'. Default: $LMSERVE_API_KEY, which keeps "
                             "it out of the process list.")
-    api_client.add_argument("--session-id", type=int, default=1, metavar="N",
-                            help="The interactive session to chat in (its history is kept on the server).")
+    _add_session_id_option(api_client)
+    _add_generation_options(api_client)
+
+    gradio = servers.add_parser(
+        "gradio", help="Serve a chat page over a running api_server (needs `pip install lmserve[webui]`).",
+        formatter_class=_HelpFormatter,
+    )
+    gradio.add_argument("url", metavar="URL", help="The api_server, e.g. http://localhost:23333.")
+    gradio.add_argument("--server-name", default="0.0.0.0", metavar="HOST", help="Host the page binds.")
+    gradio.add_argument("--server-port", type=int, default=6006, metavar="PORT", help="Port the page binds.")
+    gradio.add_argument("--api-key", default=os.environ.get("LMSERVE_API_KEY") or None, metavar="KEY",
+                        help="Send 'Authorization: Bearer KEY' to the api_server. Default: $LMSERVE_API_KEY.")
+
+    chat = commands.add_parser(
+        "chat", parents=[common], help="Chat in the terminal with MODEL, loaded in this process (no server).",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_argument(chat)
+    _add_model_options(chat)
+    chat.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="Logging level.")
+    _add_session_id_option(chat)
+    _add_generation_options(chat)
+    call_safely(pm, "lmserve_add_cli_options", command=CHAT, parser=chat)
 
     plugins = commands.add_parser("plugins", parents=[common], help="List the loaded plugins.")
     plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
@@ -98,7 +117,35 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", metavar="MODEL",
+        help="A local HF directory, a .gguf file, or a hub id found in the local hub cache "
+        "or shipped by an installed package.",
+    )
+
+
+def _add_session_id_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--session-id", type=int, default=1, metavar="N",
+                        help="The interactive session to chat in (its history is kept on the server).")
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (each turn)")
+    group.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="Most tokens of a reply.")
+    group.add_argument("--temperature", type=float, default=0.8, help="Sampling temperature (0: greedy).")
+    group.add_argument("--top-p", type=float, default=0.8, help="Nucleus sampling's probability mass.")
+    group.add_argument("--top-k", type=int, default=40, help="Sample among the K most likely tokens (0: all).")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="Penalty of tokens already seen.")
+
+
+def _generation(args: argparse.Namespace) -> dict:
+    """The arguments of each turn's request (checked by the server, which answers a bad one with 400)."""
+    return {"request_output_len": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model-name", default=None, metavar="NAME", help="The model name served in /v1/models (default: MODEL).")
     model.add_argument("--session-len", type=int, default=None, metavar="TOKENS", help="Context length in tokens (default: the model's).")
@@ -112,6 +159,9 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
                        "<tool_call>), llama3 (Llama 3.1 JSON), internlm (InternLM2 <|action_start|>), or a "
                        "plugin's. Default: the one that fits the chat template, else hermes.")
 
+
+def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser)
     server = parser.add_argument_group("server")
     server.add_argument("--server-name", default="0.0.0.0", metavar="HOST", help="Host to bind.")
     server.add_argument("--server-port", type=int, default=23333, metavar="PORT", help="Port to bind.")
@@ -160,8 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _plugins(pm, as_json=args.json)
         if args.command == "templates":
             return _templates(pm, args.model, args.chat_template)
+        if args.command == "chat":
+            return _chat(pm, args)
         if args.server == "api_client":
             return _serve_api_client(args)
+        if args.server == "gradio":
+            return _serve_gradio(args)
         return _serve_api_server(pm, args)
     except (PluginError, ModelNotFoundError, ValueError) as exc:
         print(f"lmserve: error: {exc}", file=sys.stderr)
@@ -204,23 +258,27 @@ def _templates(pm, model: str | None, chat_template: str | None) -> int:
     return 0
 
 
-def _serve_api_server(pm, args: argparse.Namespace) -> int:
-    config = ServeConfig(
+def _serve_config(args: argparse.Namespace, **server) -> ServeConfig:
+    """The config of a command that loads MODEL (``server``: the api_server's own settings)."""
+    return ServeConfig(
         model=args.model,
         model_name=args.model_name,
-        server_name=args.server_name,
-        server_port=args.server_port,
+        **server,
         session_len=args.session_len,
         log_level=args.log_level,
         device=args.device,
         dtype=args.dtype,
-        session_ttl=args.session_ttl,
         chat_template=args.chat_template,
         meta_instruction=args.meta_instruction,
         tool_call_parser=args.tool_call_parser,
         plugins=tuple(args.plugin),
         options=vars(args),
     )
+
+
+def _serve_api_server(pm, args: argparse.Namespace) -> int:
+    config = _serve_config(args, server_name=args.server_name, server_port=args.server_port,
+                           session_ttl=args.session_ttl)
     HTTPConfig.from_options(config.options)  # bad flags fail here, before the weights load
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Sanic is imported only by the command that serves.
@@ -253,15 +311,41 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(pm, args: argparse.Namespace) -> int:
+    _check_session_id(args.session_id)
+    config = _serve_config(args, session_ttl=0)  # the person at the terminal may pause for long
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lmserve.frontends.local_chat import chat_locally  # sanic and the engine load only now
+
+    status, state = chat_locally(config, pm, args.session_id, sys.stdin, sys.stdout, _generation(args))
+    if state.bus.backend.failure is not None:
+        print(f"lmserve: error: the engine failed: {state.bus.backend.failure}", file=sys.stderr)
+        return 1
+    return status
+
+
+def _serve_gradio(args: argparse.Namespace) -> int:
+    try:
+        from lmserve.frontends.webui import serve_webui
+    except ImportError as exc:
+        print(f"lmserve: error: the web UI needs gradio ({exc}): pip install 'lmserve[webui]'", file=sys.stderr)
+        return 2
+    return serve_webui(args.url, server_name=args.server_name, server_port=args.server_port, api_key=args.api_key)
+
+
+def _check_session_id(session_id: int) -> None:
+    if session_id < 0:
+        raise ValueError(f"--session-id must be >= 0 (-1 is a one-shot request, kept nowhere), got {session_id}.")
+
+
 def _serve_api_client(args: argparse.Namespace) -> int:
-    if args.session_id < 0:
-        raise ValueError(f"--session-id must be >= 0 (-1 is a one-shot request, kept nowhere), got {args.session_id}.")
+    _check_session_id(args.session_id)
     with APIClient(args.url, api_key=args.api_key) as api_client:
         if api_client.available_models is None:
             print(f"lmserve: error: {api_client.api_server_url}/v1/models did not list the served models: "
                   "is the server running there, and the API key right?", file=sys.stderr)
             return 1
-        return chat_in_terminal(api_client, args.session_id, sys.stdin, sys.stdout)
+        return chat_in_terminal(api_client, args.session_id, sys.stdin, sys.stdout, generation=_generation(args))
 
 
 if __name__ == "__main__":

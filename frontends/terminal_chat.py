@@ -10,7 +10,8 @@ that cannot be reached is one line, not a traceback.
 
 from __future__ import annotations
 
-from typing import TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 import httpx
 
@@ -21,9 +22,16 @@ PROMPT = "\ndouble enter to end input >>> "
 REPLY_TOKENS = 512
 
 
-def chat_in_terminal(api_client: APIClient, session_id: int, stdin: TextIO, stdout: TextIO) -> int:
-    """Chat until ``exit`` or the end of ``stdin``; the exit status (1 when the session could not be ended)."""
-    stdout.write(f"Session {session_id} at {api_client.api_server_url}. An empty line sends what you typed; "
+def chat_in_terminal(api_client: APIClient, session_id: int, stdin: TextIO, stdout: TextIO,
+                     where: str | None = None, generation: Mapping[str, Any] | None = None) -> int:
+    """Chat until ``exit`` or the end of ``stdin``; the exit status (1 when the session could not be ended).
+
+    ``where``: what the greeting names as the other side (default: the server's URL).
+    ``generation``: arguments of every turn's request (``temperature``, ``top_p``, ``top_k``,
+    ``repetition_penalty``, ``request_output_len``); the rest are the client's defaults.
+    """
+    generation = {"request_output_len": REPLY_TOKENS, **(generation or {})}
+    stdout.write(f"Session {session_id} with {where or api_client.api_server_url}. An empty line sends what you typed; "
                  "`end` starts a new session, `exit` (or Ctrl-D) quits.\n")
     while True:
         try:
@@ -39,7 +47,7 @@ def chat_in_terminal(api_client: APIClient, session_id: int, stdin: TextIO, stdo
             if _end_session(api_client, session_id, stdout):
                 stdout.write(f"Session {session_id} ended; the next prompt starts a new one.\n")
         elif prompt:
-            _reply(api_client, session_id, prompt, stdout)
+            _reply(api_client, session_id, prompt, stdout, generation)
 
 
 def read_prompt(stdin: TextIO, stdout: TextIO) -> str | None:
@@ -57,10 +65,11 @@ def read_prompt(stdin: TextIO, stdout: TextIO) -> str | None:
         lines.append(line)
 
 
-def _reply(api_client: APIClient, session_id: int, prompt: str, stdout: TextIO) -> None:
+def _reply(api_client: APIClient, session_id: int, prompt: str, stdout: TextIO,
+           generation: Mapping[str, Any]) -> None:
     """Print the reply to ``prompt`` as it streams in; Ctrl-C cancels the turn on the server."""
     outputs = api_client.chat_interactive_v1(prompt, session_id=session_id, interactive_mode=True, stream=True,
-                                             request_output_len=REPLY_TOKENS)
+                                             **generation)
     try:
         for output in outputs:
             message = error_message(output)

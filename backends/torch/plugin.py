@@ -10,7 +10,7 @@ import sys
 import threading
 
 from lmserve.core import hookimpl
-from lmserve.core.config import QUANTIZATION_CHOICES, SERVE_API_SERVER, ServeConfig
+from lmserve.core.config import MODEL_COMMANDS, QUANTIZATION_CHOICES, ServeConfig
 from lmserve.core.model_source import ModelSource
 from lmserve.core.progress import ProgressBar
 
@@ -22,7 +22,7 @@ FATAL_GRACE_S = 1.0
 
 @hookimpl
 def lmserve_add_cli_options(command, parser):
-    if command != SERVE_API_SERVER:
+    if command not in MODEL_COMMANDS:
         return
     group = parser.add_argument_group("torch engine")
     group.add_argument("--cache-max-entry-count", type=float, default=0.8,

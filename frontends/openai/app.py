@@ -81,8 +81,11 @@ def tool_format_sample(template) -> str:
     return f"{getattr(template, 'source', '') or ''}\n{rendered}"
 
 
-def create_app(state: ServerState, pm: pluggy.PluginManager) -> Sanic:
+def create_app(state: ServerState, pm: pluggy.PluginManager, announce: bool = True) -> Sanic:
     """The Sanic app over ``state``; routes come from :hook:`lmserve_register_routes`.
+
+    ``announce``: print the URLs it serves on once it listens (``lmserve chat``
+    serves on a private socket, and says nothing).
 
     Request middleware runs in this order: CORS preflight, API key, then the
     route; a generation route (declared with :func:`~lmserve.frontends.openai.limits.admitted`)
@@ -97,7 +100,7 @@ def create_app(state: ServerState, pm: pluggy.PluginManager) -> Sanic:
     app.config.RESPONSE_TIMEOUT = NO_RESPONSE_TIMEOUT_S
     app.ctx.state = state
     _setup_errors(app)
-    _setup_lifecycle(app, state, pm)
+    _setup_lifecycle(app, state, pm, announce)
     setup_graceful_shutdown(app, config.shutdown_timeout)
     setup_cors(app, config)
     setup_auth(app, config.api_keys)
@@ -139,13 +142,15 @@ def _setup_errors(app: Sanic) -> None:
         return error_response(500, f"Internal error: {type(exc).__name__}.")
 
 
-def _setup_lifecycle(app: Sanic, state: ServerState, pm: pluggy.PluginManager) -> None:
+def _setup_lifecycle(app: Sanic, state: ServerState, pm: pluggy.PluginManager, announce: bool) -> None:
     @app.before_server_start
     async def start_engine(app: Sanic):
         state.bus.start()
 
     @app.after_server_start
-    async def announce(app: Sanic):
+    async def announce_urls(app: Sanic):
+        if not announce:
+            return
         host = state.config.server_name
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         url = f"http://{shown}:{state.config.server_port}"

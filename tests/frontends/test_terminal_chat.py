@@ -31,8 +31,9 @@ class FakeClient:
         self.end_reply = end_reply
         self.calls = []
 
-    def chat_interactive_v1(self, prompt, session_id, interactive_mode, stream, request_output_len):
+    def chat_interactive_v1(self, prompt, session_id, interactive_mode, stream, **generation):
         self.calls.append(("turn", prompt, session_id, interactive_mode, stream))
+        self.generation = generation
         for line in self.replies.pop(0):
             if isinstance(line, BaseException):
                 raise line
