@@ -38,7 +38,8 @@ def lmserve_add_cli_options(command: str, parser: argparse.ArgumentParser) -> No
     argument is parsed. The parsed values reach plugins through
     :hook:`lmserve_configure` as ``config.options``.
 
-    :param command: the command being built, e.g. ``"serve api_server"``.
+    :param command: the command being built, e.g. ``"serve api_server"``; the
+        commands that load a model are :data:`~lmserve.core.config.MODEL_COMMANDS`.
     :param parser: the :class:`argparse.ArgumentParser` of that command; add
         options with ``parser.add_argument``.
     """
@@ -48,7 +49,7 @@ def lmserve_add_cli_options(command: str, parser: argparse.ArgumentParser) -> No
 def lmserve_configure(config: ServeConfig) -> None:
     """Read the final configuration before anything is loaded.
 
-    Called once by ``lmserve serve api_server`` after the command line is
+    Called once by ``lmserve serve api_server`` (and ``lmserve chat``) after the command line is
     parsed, before the model is resolved. Raise to refuse to start; the error
     is reported with the plugin's name.
 

@@ -1,6 +1,10 @@
 """``lmserve chat MODEL``: a terminal chat with a model loaded in the process, typed into through stdin."""
 
+import os
+import select
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -50,6 +54,42 @@ def test_two_turns_keep_the_history_end_drops_it_and_exit_quits(tiny_model_dir, 
     assert fresh.strip() == alone.strip()
     assert with_history[1] != alone, "the history changed the second turn's reply"
     assert last == ""  # exit prints nothing after the prompt
+
+
+def test_ctrl_c_cancels_a_reply_and_the_chat_goes_on(long_model_dir):
+    """SIGINT while a reply streams: the turn is cancelled on the in-process server, the prompt comes back."""
+    process = subprocess.Popen([*LMSERVE, "chat", str(long_model_dir), *EXACT, "--temperature", "0",
+                                "--max-new-tokens", "30000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited ignored
+    output = b""
+
+    def read_until(marker: bytes, since: int = 0, timeout: float = 120) -> int:
+        """Read until ``marker`` shows after ``since``; where it ends."""
+        nonlocal output
+        deadline = time.monotonic() + timeout
+        while marker not in output[since:]:
+            assert time.monotonic() < deadline, f"{marker!r} not printed: {output[-500:]!r}"
+            if select.select([process.stdout], [], [], 0.2)[0]:
+                chunk = os.read(process.stdout.fileno(), 65536)
+                assert chunk, f"the chat exited: {output[-500:]!r} {process.stderr.read()!r}"
+                output += chunk
+        return output.index(marker, since) + len(marker)
+
+    try:
+        typed_at = read_until(PROMPT.encode())
+        process.stdin.write(b"Go on and on\n\n")
+        process.stdin.flush()
+        while len(output) - typed_at < 20:  # the reply streams in
+            output += os.read(process.stdout.fileno(), 65536)
+        process.send_signal(signal.SIGINT)
+        cancelled_at = read_until(b"\n[cancelled]\n", since=typed_at, timeout=30)
+        read_until(PROMPT.encode(), since=cancelled_at, timeout=30)
+        process.stdin.write(b"exit\n")
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
 
 
 def test_the_end_of_the_input_quits_and_the_session_id_is_named(tiny_model_dir):
