@@ -169,6 +169,9 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--shutdown-timeout", type=float, default=HTTPConfig.shutdown_timeout, metavar="SECONDS",
                         help="On SIGTERM or Ctrl+C, seconds in-flight requests may run on before they are aborted.")
     server.add_argument("--disable-docs", action="store_true", help="Serve neither /openapi.json nor the Swagger UI.")
+    server.add_argument("--swagger-ui-cdn", action="store_true",
+                        help="The Swagger UI page at / loads its scripts and styles from a public CDN instead of "
+                        "this server's installed copy.")
 
     security = parser.add_argument_group("security")
     security.add_argument("--api-keys", nargs="+", default=_env_api_keys(), metavar="KEY",

@@ -8,7 +8,7 @@ import sys
 
 import pluggy
 from sanic import Request, Sanic
-from sanic.exceptions import PayloadTooLarge, SanicException
+from sanic.exceptions import MethodNotAllowed, PayloadTooLarge, SanicException
 
 from lmserve.core.bus import RequestBus
 from lmserve.core.chat_template import render_chat
@@ -107,7 +107,7 @@ def create_app(state: ServerState, pm: pluggy.PluginManager, announce: bool = Tr
     setup_limits(app, config)  # the queue the routes declared @admitted go through
     call_safely(pm, "lmserve_register_routes", app=app, state=state)
     refuse_generation_flags(app)
-    setup_openapi(app, disable_docs=config.disable_docs)
+    setup_openapi(app, disable_docs=config.disable_docs, swagger_ui_cdn=config.swagger_ui_cdn)
     return app
 
 
@@ -134,7 +134,11 @@ def _setup_errors(app: Sanic) -> None:
 
     @app.exception(SanicException)
     async def sanic_error(request: Request, exc: SanicException):
-        return error_response(exc.status_code, str(exc) or "Error.")
+        response = error_response(exc.status_code, str(exc) or "Error.")
+        if isinstance(exc, MethodNotAllowed) and exc.allowed_methods:
+            # RFC 9110: a 405 lists the methods the resource has.
+            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
 
     @app.exception(Exception)
     async def unexpected(request: Request, exc: Exception):

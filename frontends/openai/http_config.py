@@ -34,6 +34,8 @@ class HTTPConfig:
     allow_credentials: bool = False
     #: No Swagger UI and no /openapi.json.
     disable_docs: bool = False
+    #: The Swagger UI page loads its files from a public CDN instead of this server.
+    swagger_ui_cdn: bool = False
     #: Seconds in-flight requests may run on after SIGTERM before they are aborted.
     shutdown_timeout: float = 30.0
 

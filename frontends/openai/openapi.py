@@ -8,30 +8,31 @@ route declares its doc where it is registered, ``app.add_route(...,
 ctx_doc=RouteDoc(...))`` (the interactive route does; a plugin's route may);
 the OpenAI routes of this package have theirs in :data:`ROUTE_DOCS`, by route name.
 
-sanic-ext serves both: its OpenAPI extension, moved from ``/docs`` to the root,
-serves Swagger UI and the document. Its own generator is not used: it writes
-OpenAPI 3.0.3 and flattens pydantic models, which cannot say "string or null"
-the way pydantic's JSON Schema does, nor describe the events of a stream. So
-the document is built here when the server starts and handed to sanic-ext as
-its ``OAS_CUSTOM_FILE``. Only that extension is enabled: sanic-ext's CORS,
-automatic OPTIONS/HEAD routes, injection and health monitor stay off, so the
-server behaves the same with or without the docs.
+Both are served here, not by sanic-ext: its generator writes OpenAPI 3.0.3 and
+flattens pydantic models, which cannot say "string or null" the way pydantic's
+JSON Schema does, nor describe the events of a stream; and its Swagger UI page
+loads its scripts from a public CDN, blank on a machine without internet
+access. The document is built when the server starts; the page's Swagger UI
+files are the installed ones (``swagger-ui-py`` ships them), the CDN only with
+``--swagger-ui-cdn``. None of sanic-ext's extensions is enabled (CORS,
+automatic OPTIONS/HEAD routes, injection, health monitor), so the server
+behaves the same with or without the docs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import json
+import importlib.util
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 from sanic import Sanic
+from sanic.response import html
+from sanic.response import json as json_response
 
 from lmserve.frontends.openai import responses
 from lmserve.frontends.openai.protocol import (
@@ -167,7 +168,7 @@ class _DocumentBuilder:
 
     def add_route(self, route) -> None:
         name = route.name.split(".", 1)[-1]  # Sanic prefixes the app's name
-        if name.startswith("openapi.") or route.extra.static or route.extra.websocket:
+        if name in DOCS_ROUTES or route.extra.static or route.extra.websocket:
             return  # the docs themselves, files, websockets
         path, parameters = _openapi_path(route.uri)
         doc = getattr(route.ctx, "doc", None) or ROUTE_DOCS.get(name)
@@ -299,50 +300,78 @@ def _example_ids(state) -> list[int]:
 
 # ------------------------------------------------------------- serving the docs
 
+#: Where ``--swagger-ui-cdn`` loads Swagger UI from instead of the installed files.
+SWAGGER_UI_CDN = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}"
+#: Where the installed Swagger UI files are served.
+SWAGGER_UI_ASSETS = "/docs/swagger-ui"
+#: The names of the docs' own routes (left out of the document).
+DOCS_ROUTES = ("openapi.document", "openapi.swagger_ui", "openapi.assets")
 
-def setup_openapi(app: Sanic, disable_docs: bool = False) -> None:
+_SWAGGER_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>lmserve API</title>
+  <link rel="stylesheet" href="{assets}/swagger-ui.css">
+  <link rel="icon" type="image/png" href="{assets}/favicon-32x32.png">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="{assets}/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({{
+      url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true,
+      docExpansion: "list", tryItOutEnabled: true,
+    }});
+  </script>
+</body>
+</html>
+"""
+
+
+def swagger_ui_files() -> str | None:
+    """The folder of the installed Swagger UI files (the swagger-ui-py package ships them), or None."""
+    spec = importlib.util.find_spec("swagger_ui")  # found, not imported: its own web integrations stay out
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        static = os.path.join(folder, "static")
+        if os.path.isfile(os.path.join(static, "swagger-ui-bundle.js")):
+            return static
+    return None
+
+
+def setup_openapi(app: Sanic, disable_docs: bool = False, swagger_ui_cdn: bool = False) -> None:
     """Describe the registered routes in ``/openapi.json`` and serve Swagger UI at ``/``.
 
     Called by :func:`~lmserve.frontends.openai.app.create_app` after the routes
     are registered; the document itself is built when the server starts, so
     routes added later appear too. ``disable_docs``: neither route exists.
+    Swagger UI's scripts and styles are the installed ones, served by the server
+    itself (a machine without internet access shows the page too);
+    ``swagger_ui_cdn``: the page loads them from a public CDN instead.
     """
-    if getattr(app, "_ext", None) is not None:
-        logger.warning("sanic-ext was set up before the docs; /openapi.json and / are not served.")
-        return
+    # Sanic would set sanic-ext up with every default on (CORS, /docs, OPTIONS routes, ...).
+    app.extend(built_in_extensions=False)
     if disable_docs:
-        # Sanic sets sanic-ext up with every default on (CORS, /docs, ...) unless it is already set up.
-        app.extend(built_in_extensions=False)
         return
-    from sanic_ext.extensions.openapi.extension import OpenAPIExtension
+    assets = SWAGGER_UI_CDN if swagger_ui_cdn else SWAGGER_UI_ASSETS
+    if not swagger_ui_cdn:
+        files = swagger_ui_files()
+        if files is None:
+            raise RuntimeError("Swagger UI's files are missing (the swagger-ui-py package ships them): "
+                               "reinstall lmserve, or serve with --swagger-ui-cdn or --disable-docs.")
+        app.static(SWAGGER_UI_ASSETS, files, name="openapi.assets")
+    page = _SWAGGER_PAGE.format(assets=assets)
+    document: dict = {}
 
-    app.config.update(
-        {
-            "OAS_URL_PREFIX": "",
-            "OAS_URI_TO_JSON": "/openapi.json",
-            "OAS_UI_DEFAULT": "swagger",
-            "OAS_UI_REDOC": False,
-            "OAS_UI_SWAGGER": True,
-            "OAS_URI_TO_SWAGGER": "/docs",
-            "OAS_UI_SWAGGER_VERSION": SWAGGER_UI_VERSION,
-            "OAS_UI_SWAGGER_HTML_TITLE": "lmserve API",
-            "OAS_AUTODOC": False,  # sanic-ext's own generator is not used; don't parse docstrings
-            "SWAGGER_UI_CONFIGURATION": {"docExpansion": "list", "tryItOutEnabled": True},
-        }
-    )
-    app.extend(built_in_extensions=False, extensions=[OpenAPIExtension])
+    async def openapi_document(request):
+        return json_response(document)
+
+    async def swagger_ui(request):
+        return html(page)
+
+    app.add_route(openapi_document, "/openapi.json", methods=["GET"], name="openapi.document")
+    app.add_route(swagger_ui, "/", methods=["GET"], name="openapi.swagger_ui")
 
     @app.before_server_start
-    async def write_openapi_document(app: Sanic) -> None:
-        document = build_openapi(app)
-        handle, path = tempfile.mkstemp(prefix="lmserve-openapi-", suffix=".json")
-        with os.fdopen(handle, "w") as file:
-            json.dump(document, file, ensure_ascii=False)
-        app.config.OAS_CUSTOM_FILE = path
-
-    @app.after_server_stop
-    async def remove_openapi_document(app: Sanic) -> None:
-        path = app.config.get("OAS_CUSTOM_FILE")
-        if path:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+    async def build_openapi_document(app: Sanic) -> None:
+        document.update(build_openapi(app))

@@ -195,3 +195,52 @@ def test_structured_outputs_and_tools_are_documented(document):
     message = schemas["AssistantMessage"]["properties"]
     assert "tool_calls" in message
     assert "tool_calls" in schemas["ChatCompletionDelta"]["properties"] and "ToolCallDelta" in schemas
+
+
+# ------------------------------------------------ Swagger UI in a browser, offline
+
+
+def test_swagger_ui_renders_offline_in_a_browser(tiny_server):
+    """Chromium resolves no host but the loopback's: the page's files come from the server itself."""
+    from headless_browser import artifacts_dir, start_chromium
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = start_chromium(offline=True)
+    try:
+        with pytest.raises(WebDriverException, match="ERR_NAME_NOT_RESOLVED"):  # the block holds
+            browser.get("https://cdn.jsdelivr.net/")
+        browser.get(tiny_server.base_url + "/")
+        operations = WebDriverWait(browser, 60).until(
+            lambda b: b.find_elements(By.CSS_SELECTOR, ".opblock-summary-path") or None)
+        paths = {element.get_attribute("data-path") or element.text for element in operations}
+        document = httpx.get(tiny_server.base_url + "/openapi.json").json()
+        assert set(document["paths"]) <= {path.replace("\u200b", "") for path in paths}
+        assert "lmserve" in browser.find_element(By.CSS_SELECTOR, ".info .title").text
+        browser.save_screenshot(str(artifacts_dir() / "swagger-ui-offline.png"))
+    finally:
+        browser.quit()
+
+
+def test_the_swagger_ui_cdn_is_an_option(tiny_model_dir):
+    from conftest import LiveServer
+
+    server = LiveServer(tiny_model_dir, "--model-name", "tiny", "--session-len", "64", "--swagger-ui-cdn")
+    try:
+        page = httpx.get(server.base_url + "/").text
+        assert "https://cdn.jsdelivr.net/npm/swagger-ui-dist@" in page and "/docs/swagger-ui/" not in page
+        assert httpx.get(server.base_url + "/docs/swagger-ui/swagger-ui-bundle.js").status_code == 404
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("TRACE", "/v1/models", "GET"), ("DELETE", "/v1/chat/completions", "POST"), ("PUT", "/", "GET"),
+    ("PATCH", "/v1/chat/interactive", "POST"), ("GET", "/tokenize", "POST"),
+])
+def test_405_lists_the_allowed_methods(tiny_server, method, path, allowed):
+    response = httpx.request(method, tiny_server.base_url + path)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allowed  # RFC 9110
+    responses.ErrorResponse.model_validate(response.json())

@@ -1,62 +1,30 @@
 """``lmserve serve gradio URL`` in headless Chromium: type, watch the reply stream in, Cancel, Reset.
 
-The browser is the system's Chromium and its driver (Debian's ``chromium`` and
-``chromium-driver``), driven through selenium; nothing downloads a browser. Where
-they are missing the test installs them with apt-get, and skips only where apt-get
-is not there to do it. The screenshots go to ``test-artifacts/`` at the repository's
-root (``$LMSERVE_TEST_ARTIFACTS`` elsewhere).
+The browser is the system's headless Chromium (tests/headless_browser.py). The screenshots
+go to ``test-artifacts/`` at the repository's root (``$LMSERVE_TEST_ARTIFACTS`` elsewhere).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import LMSERVE, REPO_ROOT, free_port
+from conftest import LMSERVE, free_port
 from lmserve.frontends.api_client import APIClient
 
 pytest.importorskip("gradio", reason="the web UI is an extra: pip install 'lmserve[webui]'")
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
+from headless_browser import artifacts_dir, start_chromium  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.real_model  # the page chats with SmolLM2: a readable reply, long enough to watch
 
-PACKAGES = ("chromium", "chromium-driver")
 PROMPT = "Tell me a long story about a dragon who learns to fly."
-
-
-def artifacts_dir() -> Path:
-    directory = Path(os.environ.get("LMSERVE_TEST_ARTIFACTS") or REPO_ROOT / "test-artifacts")
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-def system_chromium() -> tuple[str, str]:
-    """The paths of Chromium and its driver, installed with apt-get first where they are missing."""
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if browser and driver:
-        return browser, driver
-    if shutil.which("apt-get") is None:
-        pytest.skip("headless Chromium is not installed and there is no apt-get to install it "
-                    f"(Debian packages: {' '.join(PACKAGES)})")
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([*sudo, "apt-get", "update", "-qq"], env=env, check=True, timeout=600)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], env=env,
-                   check=True, timeout=900, stdout=subprocess.DEVNULL)
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert browser and driver, f"apt-get installed {PACKAGES} but chromium or chromedriver is not on PATH"
-    return browser, driver
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +55,7 @@ def page_url(smollm2_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    binary, driver_path = system_chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = start_chromium()
     yield driver
     driver.quit()
 
