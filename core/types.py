@@ -106,10 +106,13 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}.", name)
         bias = {}
         for token, value in dict(self.logit_bias).items():
-            try:
+            # An int, or its ASCII decimal digits (not " 5", "+5", "5_0" or other scripts' digits).
+            if isinstance(token, str) and token.isascii() and token.isdigit():
                 token_id = int(token)
-            except (TypeError, ValueError):
-                raise InvalidRequestError(f"logit_bias keys must be token ids, got {token!r}.", "logit_bias") from None
+            elif isinstance(token, int) and not isinstance(token, bool):
+                token_id = token
+            else:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {token!r}.", "logit_bias")
             if not (_is_number(value) and math.isfinite(value)):
                 raise InvalidRequestError(
                     f"logit_bias values must be numbers, got {value!r} for token {token_id}.", "logit_bias")

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from lmserve.frontends.openai.protocol import ChatMessage, RequestBody, ResponseFormat
+from lmserve.frontends.openai.protocol import (
+    ChatMessage,
+    RequestBody,
+    ResponseFormat,
+    Stop,
+    requires_when,
+    limits,
+)
 from lmserve.frontends.openai.responses import Response
 
 
+def _only_null(schema: dict) -> None:
+    schema.clear()
+    schema.update({"type": "null", "default": None})
+
+
 class InteractiveRequest(RequestBody):
+    # A cancel names its session.
+    model_config = ConfigDict(json_schema_extra=requires_when(
+        "cancel", {"const": True}, "session_id", {"not": {"const": -1}}))
+
     #: The new turn: a user message's text, or OpenAI messages.
     prompt: Union[str, list[ChatMessage]]
     #: The conversation; -1: a one-shot conversation that keeps nothing.
@@ -18,25 +34,26 @@ class InteractiveRequest(RequestBody):
     #: True: keep the history on the server after this turn; False: end the session after it.
     interactive_mode: bool = False
     stream: bool = False
-    stop: Union[str, list[str], None] = None
+    stop: Stop = None
     #: Most tokens to generate; None: all the room left in the session.
-    request_output_len: int | None = None
-    top_p: float = 0.8
-    top_k: int = 40
-    temperature: float = 0.8
-    repetition_penalty: float = 1.0
+    request_output_len: int | None = limits(minimum=0)
+    top_p: float = limits(0.8, exclusiveMinimum=0, maximum=1)
+    top_k: int = limits(40, minimum=0)
+    temperature: float = limits(0.8, minimum=0, maximum=2)
+    repetition_penalty: float = limits(1.0, exclusiveMinimum=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     #: Stop the running turn of ``session_id``; the history is kept.
     cancel: bool = False
     seed: int | None = None
-    min_new_tokens: int | None = None
-    min_p: float = 0.0
+    min_new_tokens: int | None = limits(minimum=0)
+    min_p: float = limits(0.0, minimum=0, maximum=1)
     #: Structured output, as in /v1/chat/completions (JSON schema, JSON object, regex).
     response_format: ResponseFormat | None = None
-    #: Vision-language and LoRA inputs of LMDeploy: refused with a 400 (not supported).
-    image_url: Union[str, list[str], None] = None
-    adapter_name: str | None = None
+    #: Vision-language and LoRA inputs of LMDeploy: parsed, so that a value is refused with a 400
+    #: that says why; the document says null, all this server takes.
+    image_url: Union[str, list[str], None] = Field(None, json_schema_extra=_only_null)
+    adapter_name: str | None = Field(None, json_schema_extra=_only_null)
 
 
 class InteractiveResponse(Response):

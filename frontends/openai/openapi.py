@@ -36,6 +36,7 @@ from sanic.response import json as json_response
 
 from lmserve.frontends.openai import responses
 from lmserve.frontends.openai.protocol import (
+    TOKEN_ID,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -49,6 +50,7 @@ OPENAPI_VERSION = "3.1.0"
 #: Swagger UI 5 is the first to render OpenAPI 3.1 (sanic-ext's default is 4.10.3).
 SWAGGER_UI_VERSION = "5.17.14"
 _REF = "#/components/schemas/{model}"
+TOKEN_ID_MARK = next(key for key in TOKEN_ID if key.startswith("x-"))
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ class RouteDoc:
     example: dict | None = field(default=None, hash=False)
 
 
-_GENERATION_ERRORS = (400, 404, 413, 500, 503)
+#: 409: a ``session_id`` of a live interactive session.
+_GENERATION_ERRORS = (400, 404, 409, 413, 500, 503)
 
 #: The docs of this package's routes, by route name; any other route declares its own (``ctx_doc``).
 ROUTE_DOCS: dict[str, RouteDoc] = {
@@ -131,7 +134,40 @@ def build_openapi(app: Sanic) -> dict:
     )
     for route in sorted(app.router.routes, key=lambda route: route.uri):
         builder.add_route(route)
-    return builder.document()
+    document = builder.document()
+    vocab_size = getattr(getattr(state, "tokenizer", None), "vocab_size", None)
+    limit_token_ids(document, vocab_size if isinstance(vocab_size, int) else None)
+    return document
+
+
+def decimal_range_pattern(largest: int) -> str:
+    """A regular expression of the decimal numbers 0..``largest`` (no sign, no leading zeros needed)."""
+    digits = str(largest)
+    alternatives = [f"[0-9]{{1,{len(digits) - 1}}}"] if len(digits) > 1 else []
+    for position, digit in enumerate(digits):
+        rest = len(digits) - position - 1
+        low = "1" if position == 0 and len(digits) > 1 else "0"
+        if int(digit) > int(low):
+            tail = f"[0-9]{{{rest}}}" if rest else ""
+            alternatives.append(f"{digits[:position]}[{low}-{int(digit) - 1}]{tail}")
+    alternatives.append(digits)
+    return "|".join(alternatives)
+
+
+def limit_token_ids(node: Any, vocab_size: int | None) -> None:
+    """Token ids (marked ``x-lmserve-token-id`` by the models) get the vocabulary's last id as their
+    maximum; token ids written as text (``logit_bias`` keys), a pattern of the numbers up to it."""
+    if isinstance(node, dict):
+        if node.pop(TOKEN_ID_MARK, False) and vocab_size is not None:
+            if "pattern" in node:
+                node["pattern"] = f"^0*(?:{decimal_range_pattern(vocab_size - 1)})$"
+            else:
+                node["maximum"] = vocab_size - 1
+        for value in node.values():
+            limit_token_ids(value, vocab_size)
+    elif isinstance(node, list):
+        for value in node:
+            limit_token_ids(value, vocab_size)
 
 
 class _DocumentBuilder:

@@ -93,7 +93,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
 
 def _check_session_free(state: ServerState, session_id: int | None) -> None:
     if session_id is not None and state.bus.sessions.is_live(session_id):
-        raise APIError(400, f"session_id {session_id} is a live interactive session: continue it through "
+        raise APIError(409, f"session_id {session_id} is a live interactive session: continue it through "
                        "/v1/chat/interactive, end it there, or use another session_id.", "session_id")
 
 

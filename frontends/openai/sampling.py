@@ -19,11 +19,9 @@ from typing import Union
 
 from lmserve.core.types import InvalidRequestError, SamplingParams
 from lmserve.frontends.openai.errors import APIError
+from lmserve.frontends.openai.protocol import MAX_STOP_STRING_LENGTH, MAX_STOP_STRINGS
 from lmserve.frontends.openai.state import ServerState
 
-#: Bounds on a request's own stop strings.
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_LENGTH = 256
 
 
 def sampling_params(
@@ -66,6 +64,10 @@ def sampling_params(
         "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs,
     }
+    if min_tokens is not None and min_tokens > max_tokens:
+        # max_tokens may have been cut to the room left in the context (LMDeploy's rule:
+        # no error): min_tokens follows it down; so does one above the request's own max_tokens.
+        given["min_tokens"] = max_tokens
     try:
         return SamplingParams(
             max_tokens=max_tokens,

@@ -84,8 +84,6 @@ CASES = [
     completion("token-prompt-over-context", {"prompt": list(range(300))}, "prompt", message=(*CONTEXT, "300")),
     # --- min_tokens
     chat("min_tokens-negative", {"min_tokens": -1}, "min_tokens"),
-    chat("min_tokens-over-max_tokens", {"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
-    completion("min_new_tokens-over-max_tokens", {"min_new_tokens": 10, "max_tokens": 5}, "min_tokens"),
     # --- lax types, as LMDeploy parses them ("16" is 16): what lax mode still rejects
     # (more in test_lmdeploy_wire.py)
     chat("max_tokens-fraction-string", {"max_tokens": "1.5"}, "max_tokens"),

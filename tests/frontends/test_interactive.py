@@ -371,7 +371,7 @@ def test_other_apis_refuse_a_live_sessions_id_until_it_ends(server, path, body):
     post(server, path, request)  # no such session yet
     turn(server, 61, request_output_len=2, ignore_eos=True)
     refused = httpx.post(server.base_url + path, json=request, timeout=30)
-    assert_error(refused, 400, "session_id")
+    assert_error(refused, 409, "session_id")  # a conflict with the server's state, not a bad body
     end(server, 61)
     post(server, path, request)
 

@@ -34,6 +34,14 @@ def test_min_tokens_holds_back_a_stop_token_greedy_would_pick_first(tiny_server,
 
 
 @pytest.mark.parametrize("name", ["min_tokens", "min_new_tokens"])
+def test_min_tokens_above_max_tokens_is_cut_to_it(tiny_server, name):
+    """As max_tokens past the context's room is cut to the room (LMDeploy's rule), min_tokens past
+    max_tokens is cut to max_tokens: EOS is held back for the whole reply."""
+    reply = complete(tiny_server, max_tokens=5, logit_bias={str(EOS): 100}, **{name: 10})
+    assert reply["usage"]["completion_tokens"] == 5 and reply["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("name", ["min_tokens", "min_new_tokens"])
 def test_min_tokens_holds_back_eos(tiny_server, name):
     body = {"max_tokens": 8, "logit_bias": {str(EOS): 100}, name: 3}
     reply = complete(tiny_server, **body)

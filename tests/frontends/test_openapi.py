@@ -11,9 +11,12 @@ from openapi_spec_validator import validate
 from sanic import Sanic
 
 from lmserve.frontends.openai import protocol, responses
-from lmserve.frontends.openai.openapi import RouteDoc, build_openapi
+from lmserve.frontends.openai.openapi import RouteDoc, build_openapi, decimal_range_pattern, limit_token_ids
 
 #: (method, path, operationId, request model, 200 JSON model) of every built-in route.
+#: The tiny test model's vocabulary (tests/tiny_tokenizer.py).
+TINY_VOCAB_SIZE = 323
+
 BUILT_IN = [
     ("get", "/v1/models", "models", None, responses.ModelList),
     ("get", "/health", "health", None, responses.HealthResponse),
@@ -56,6 +59,7 @@ def test_built_in_routes_have_their_pydantic_schemas(document, method, path, ope
         media = operation["requestBody"]["content"]["application/json"]
         schema = request_model.model_json_schema(mode="validation", ref_template=_REF + "{model}")
         schema.pop("$defs", None)
+        limit_token_ids(schema, TINY_VOCAB_SIZE)
         assert _component(document, media["schema"]) == schema
         request_model.model_validate(media["example"])  # the example is a valid request
         if "model" in media["example"]:
@@ -244,3 +248,23 @@ def test_405_lists_the_allowed_methods(tiny_server, method, path, allowed):
     assert response.status_code == 405
     assert response.headers["Allow"] == allowed  # RFC 9110
     responses.ErrorResponse.model_validate(response.json())
+
+
+def test_token_ids_are_limited_to_the_vocabulary(document, tiny_server):
+    """The document's largest token id is the server's: one more is refused, it is not."""
+    schemas = document["components"]["schemas"]
+    largest = schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"]
+    assert largest == TINY_VOCAB_SIZE - 1
+    assert httpx.post(tiny_server.base_url + "/detokenize", json={"tokens": [largest]}).status_code == 200
+    assert httpx.post(tiny_server.base_url + "/detokenize", json={"tokens": [largest + 1]}).status_code == 400
+    keys = schemas["CompletionRequest"]["properties"]["logit_bias"]["propertyNames"]["pattern"]
+    assert keys == f"^0*(?:{decimal_range_pattern(largest)})$"
+
+
+@pytest.mark.parametrize("largest", [0, 1, 9, 10, 99, 100, 322, 1000, 49151])
+def test_the_decimal_range_pattern_matches_exactly_the_numbers_up_to_its_limit(largest):
+    import re
+
+    pattern = re.compile(f"^0*(?:{decimal_range_pattern(largest)})$")
+    assert all((pattern.match(str(number)) is not None) == (number <= largest) for number in range(3 * largest + 20))
+    assert pattern.match(f"00{largest}") and pattern.match("0") and not pattern.match("-1") and not pattern.match("+1")
