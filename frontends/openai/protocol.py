@@ -206,6 +206,14 @@ class ChatCompletionRequest(_Sampling):
         requires_when("top_logprobs", {"type": "integer", "minimum": 1}, "logprobs", {"const": True}),
         # A tool_choice other than "none" needs tools.
         requires_when("tool_choice", {"not": {"enum": [None, "none"]}}, "tools", {"type": "array", "minItems": 1}),
+        # Without the template the messages' texts are the prompt: one of them must have some text.
+        requires_when("do_preprocess", {"const": False}, "messages", {"anyOf": [
+            {"type": "string"},
+            {"type": "array", "contains": {"required": ["content"], "properties": {"content": {"anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "contains": {"required": ["text"], "properties": {"text": {"minLength": 1}}}},
+            ]}}}},
+        ]}),
     ]})
 
     # A plain string is a raw prompt: no chat template (as in LMDeploy).
