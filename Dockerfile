@@ -11,9 +11,14 @@
 #   docker build -t lmserve:cpu \
 #       --build-arg BASE_IMAGE=python:3.11-slim-bookworm \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
-#   docker run -p 23333:23333 -v ~/.cache/huggingface:/root/.cache/huggingface \
+#   docker run --ipc=host -p 23333:23333 \
+#       -v ~/.cache/huggingface:/root/.cache/huggingface \
 #       lmserve:cpu serve api_server HuggingFaceTB/SmolLM2-135M-Instruct
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+#
+# The CUDA base is the `base` flavour: PyPI's CUDA torch brings its own CUDA libraries
+# (cuBLAS, cuDNN, NCCL ...) as wheels; the image gives the runtime and the settings
+# the NVIDIA container toolkit reads.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 # Empty: torch comes from the default index, as `make install` gets it.
@@ -32,18 +37,19 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/lmserve
-COPY . .
-
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# install: the project's own steps, run as they are by tests/test_dockerfile.py
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        python3 -m venv .venv \
-        && .venv/bin/python -m pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"; \
-    fi
-RUN make install PYTHON=python3 \
+
+# install: the project's own steps, run as they are by tests/test_dockerfile.py.
+# torch first, in a layer of its own (the source tree's changes do not download it again),
+# from TORCH_INDEX_URL when it is given; its version is pyproject.toml's pin.
+RUN python3 -m venv .venv \
+    && .venv/bin/python -m pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+COPY . .
+RUN make install \
     && .venv/bin/lmserve --help > /dev/null
 
-ENV PATH=/opt/lmserve/.venv/bin:$PATH
+ENV PATH=/opt/lmserve/.venv/bin:$PATH \
+    HF_HOME=/root/.cache/huggingface
 EXPOSE 23333
 ENTRYPOINT ["lmserve"]
 CMD ["--help"]
