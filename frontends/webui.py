@@ -32,7 +32,7 @@ from lmserve.frontends.api_client import APIClient, error_message, is_session_fu
 #: The sliders' ranges and starting values (LMDeploy's gradio page's).
 MAX_NEW_TOKENS = (1, 2048, 512)
 TEMPERATURE = (0.0, 2.0, 0.8)
-TOP_P = (0.0, 1.0, 0.8)
+TOP_P = (0.01, 1.0, 0.8)  # top_p must be above 0
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
 
