@@ -41,10 +41,7 @@ class APIClient:
         self.headers = {"content-type": "application/json"}
         if api_key is not None:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        # ``uds``: reach the server through a Unix socket (``lmserve chat`` serves on one).
-        transport = httpx.HTTPTransport(uds=kwargs["uds"]) if kwargs.get("uds") else None
-        self._client = httpx.Client(headers=self.headers, timeout=kwargs.get("timeout", _TIMEOUT),
-                                    transport=transport)
+        self._client = httpx.Client(headers=self.headers, timeout=kwargs.get("timeout", _TIMEOUT))
 
     @cached_property
     def available_models(self) -> list[str] | None:
@@ -197,6 +194,17 @@ def error_message(output: dict) -> str | None:
     if output.get("object") == "error":
         return str(output.get("message"))
     return None
+
+
+def unreachable(api_client: APIClient, exc: httpx.TransportError) -> str:
+    """One line for a request that could not reach the server."""
+    return f"cannot reach {api_client.api_server_url}: {str(exc) or type(exc).__name__}"
+
+
+def no_models_listed(api_client: APIClient) -> str:
+    """One line for a server whose model list could not be read at start."""
+    return (f"{api_client.api_server_url}/v1/models did not list the served models: "
+            "is the server running there, and the API key right?")
 
 
 def is_session_full(output: dict) -> bool:

@@ -25,7 +25,7 @@ from lmserve.core.config import CHAT, DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SER
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
 from lmserve.core.startup import resolve_model
-from lmserve.frontends.api_client import APIClient
+from lmserve.frontends.api_client import APIClient, no_models_listed
 from lmserve.frontends.openai.http_config import HTTPConfig
 from lmserve.frontends.terminal_chat import chat_in_terminal
 
@@ -66,9 +66,7 @@ def build_parser(pm) -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     api_client.add_argument("url", metavar="URL", help="The server, e.g. http://localhost:23333.")
-    api_client.add_argument("--api-key", default=os.environ.get("LMSERVE_API_KEY") or None, metavar="KEY",
-                            help="Send 'Authorization: Bearer KEY'. Default: $LMSERVE_API_KEY, which keeps "
-                            "it out of the process list.")
+    _add_api_key_option(api_client)
     _add_session_id_option(api_client)
     _add_generation_options(api_client)
 
@@ -79,8 +77,7 @@ def build_parser(pm) -> argparse.ArgumentParser:
     gradio.add_argument("url", metavar="URL", help="The api_server, e.g. http://localhost:23333.")
     gradio.add_argument("--server-name", default="0.0.0.0", metavar="HOST", help="Host the page binds.")
     gradio.add_argument("--server-port", type=int, default=6006, metavar="PORT", help="Port the page binds.")
-    gradio.add_argument("--api-key", default=os.environ.get("LMSERVE_API_KEY") or None, metavar="KEY",
-                        help="Send 'Authorization: Bearer KEY' to the api_server. Default: $LMSERVE_API_KEY.")
+    _add_api_key_option(gradio)
 
     chat = commands.add_parser(
         "chat", parents=[common], help="Chat in the terminal with MODEL, loaded in this process (no server).",
@@ -123,6 +120,12 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         help="A local HF directory, a .gguf file, or a hub id found in the local hub cache "
         "or shipped by an installed package.",
     )
+
+
+def _add_api_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=os.environ.get("LMSERVE_API_KEY") or None, metavar="KEY",
+                        help="Send 'Authorization: Bearer KEY'. Default: $LMSERVE_API_KEY, which keeps "
+                        "it out of the process list.")
 
 
 def _add_session_id_option(parser: argparse.ArgumentParser) -> None:
@@ -279,11 +282,15 @@ def _serve_config(args: argparse.Namespace, **server) -> ServeConfig:
     )
 
 
+def _configure_logging(config: ServeConfig) -> None:
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _serve_api_server(pm, args: argparse.Namespace) -> int:
     config = _serve_config(args, server_name=args.server_name, server_port=args.server_port,
                            session_ttl=args.session_ttl)
     HTTPConfig.from_options(config.options)  # bad flags fail here, before the weights load
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(config)
     # Sanic is imported only by the command that serves.
     from lmserve.frontends.openai.app import build_state, create_app
     from lmserve.frontends.openai.loading import LoadingServer
@@ -317,7 +324,7 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
 def _chat(pm, args: argparse.Namespace) -> int:
     _check_session_id(args.session_id)
     config = _serve_config(args, session_ttl=0)  # the person at the terminal may pause for long
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(config)
     from lmserve.frontends.local_chat import chat_locally  # sanic and the engine load only now
 
     status, state = chat_locally(config, pm, args.session_id, sys.stdin, sys.stdout, _generation(args))
@@ -345,8 +352,7 @@ def _serve_api_client(args: argparse.Namespace) -> int:
     _check_session_id(args.session_id)
     with APIClient(args.url, api_key=args.api_key) as api_client:
         if api_client.available_models is None:
-            print(f"lmserve: error: {api_client.api_server_url}/v1/models did not list the served models: "
-                  "is the server running there, and the API key right?", file=sys.stderr)
+            print(f"lmserve: error: {no_models_listed(api_client)}", file=sys.stderr)
             return 1
         return chat_in_terminal(api_client, args.session_id, sys.stdin, sys.stdout, generation=_generation(args))
 

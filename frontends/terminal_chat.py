@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from lmserve.frontends.api_client import APIClient, error_message, is_session_full
+from lmserve.frontends.api_client import APIClient, error_message, is_session_full, unreachable
 
 PROMPT = "\ndouble enter to end input >>> "
 #: The most tokens of one reply, as LMDeploy's terminal client asks.
@@ -109,4 +109,4 @@ def _send(request, api_client: APIClient, stdout: TextIO) -> bool:
 
 
 def _say_unreachable(api_client: APIClient, exc: httpx.TransportError, stdout: TextIO) -> None:
-    stdout.write(f"\nerror: cannot reach {api_client.api_server_url}: {str(exc) or type(exc).__name__}\n")
+    stdout.write(f"\nerror: {unreachable(api_client, exc)}\n")

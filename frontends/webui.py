@@ -27,7 +27,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import httpx  # noqa: E402
 
-from lmserve.frontends.api_client import APIClient, error_message, is_session_full  # noqa: E402
+from lmserve.frontends.api_client import (  # noqa: E402
+    APIClient,
+    error_message,
+    is_session_full,
+    no_models_listed,
+    unreachable,
+)
 
 #: The sliders' ranges and starting values (LMDeploy's gradio page's).
 MAX_NEW_TOKENS = (1, 2048, 512)
@@ -81,7 +87,7 @@ class WebChat:
                     status = "Error: the server failed this turn."
                 yield chat, "", status or "Generating..."
         except httpx.TransportError as exc:
-            status = f"Error: cannot reach {self.api_client.api_server_url}: {str(exc) or type(exc).__name__}"
+            status = f"Error: {unreachable(self.api_client, exc)}"
         finally:
             outputs.close()
         yield chat, "", status
@@ -108,7 +114,7 @@ class WebChat:
         try:
             error = error_message(request())
         except httpx.TransportError as exc:
-            return f"Error: cannot reach {self.api_client.api_server_url}: {str(exc) or type(exc).__name__}"
+            return f"Error: {unreachable(self.api_client, exc)}"
         return done if error is None else f"Error: {error}"
 
 
@@ -152,8 +158,7 @@ def serve_webui(url: str, server_name: str, server_port: int, api_key: str | Non
     api_client = APIClient(url, api_key=api_key)
     models = api_client.available_models
     if not models:
-        print(f"lmserve: error: {api_client.api_server_url}/v1/models did not list the served models: "
-              "is the server running there, and the API key right?", file=sys.stderr)
+        print(f"lmserve: error: {no_models_listed(api_client)}", file=sys.stderr)
         return 1
     page = build_webui(api_client, models[0])
     theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(SYSTEM_MONO_FONTS))

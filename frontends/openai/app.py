@@ -85,7 +85,7 @@ def create_app(state: ServerState, pm: pluggy.PluginManager, announce: bool = Tr
     """The Sanic app over ``state``; routes come from :hook:`lmserve_register_routes`.
 
     ``announce``: print the URLs it serves on once it listens (``lmserve chat``
-    serves on a private socket, and says nothing).
+    serves on a loopback port of its own choosing, and says nothing).
 
     Request middleware runs in this order: CORS preflight, API key, then the
     route; a generation route (declared with :func:`~lmserve.frontends.openai.limits.admitted`)

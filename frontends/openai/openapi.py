@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from sanic.response import json as json_response
 
 from lmserve.frontends.openai import responses
 from lmserve.frontends.openai.protocol import (
-    TOKEN_ID,
+    TOKEN_ID_MARK,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -44,13 +43,11 @@ from lmserve.frontends.openai.protocol import (
     TokenizeRequest,
 )
 
-logger = logging.getLogger(__name__)
-
 OPENAPI_VERSION = "3.1.0"
-#: Swagger UI 5 is the first to render OpenAPI 3.1 (sanic-ext's default is 4.10.3).
+#: The Swagger UI ``--swagger-ui-cdn`` loads (5 is the first to render OpenAPI 3.1); by
+#: default the page uses the one swagger-ui-py installed.
 SWAGGER_UI_VERSION = "5.17.14"
 _REF = "#/components/schemas/{model}"
-TOKEN_ID_MARK = next(key for key in TOKEN_ID if key.startswith("x-"))
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,11 @@ NonEmpty = {"minLength": 1}
 NonEmptyList = {"minItems": 1}
 
 #: A token id: the document's maximum (the vocabulary's size - 1) is added when the server starts.
-TOKEN_ID = {"minimum": 0, "x-lmserve-token-id": True}
+TOKEN_ID_MARK = "x-lmserve-token-id"
+TOKEN_ID = {"minimum": 0, TOKEN_ID_MARK: True}
 TokenId = Annotated[int, Field(json_schema_extra=TOKEN_ID)]
 #: A token id written in decimal (a ``logit_bias`` key); the pattern is narrowed to the vocabulary the same way.
-TOKEN_ID_TEXT = {"pattern": "^[0-9]+$", "x-lmserve-token-id": True}
+TOKEN_ID_TEXT = {"pattern": "^[0-9]+$", TOKEN_ID_MARK: True}
 
 
 class RequestBody(BaseModel):
