@@ -73,6 +73,15 @@ class Backend(abc.ABC):
         which is correct, only slower.
         """
 
+    def check_session(self, session_key: str) -> None:
+        """Raise :class:`~lmserve.core.types.SessionLostError` when the keys and values kept
+        under ``session_key`` can no longer be reached (the engine that held them stopped).
+
+        Called before a session's next turn, from the event loop; it must not block. A
+        backend that can recompute a session's history whenever its memory is gone (a
+        single engine) needs no override.
+        """
+
     def is_healthy(self) -> bool:
         """True while the backend can step (the engine thread is alive, no :attr:`failure`)."""
         return self.failure is None

@@ -17,10 +17,13 @@ QUANTIZATION_CHOICES = ("auto", "none", *QUANTIZATIONS)
 
 #: The ``command`` that :hook:`lmserve_add_cli_options` gets for the API server's parser.
 SERVE_API_SERVER = "serve api_server"
+#: The ``command`` for ``lmserve serve ray``'s parser: the api_server's options, and
+#: its engines as replicas on Ray Serve.
+SERVE_RAY = "serve ray"
 #: The ``command`` for ``lmserve chat``'s parser (a model loaded in the process, no server).
 CHAT = "chat"
 #: The commands that load a model: a backend plugin adds its engine's options to these.
-MODEL_COMMANDS = (SERVE_API_SERVER, CHAT)
+MODEL_COMMANDS = (SERVE_API_SERVER, SERVE_RAY, CHAT)
 
 
 @dataclass(frozen=True)

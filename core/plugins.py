@@ -20,6 +20,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lmserve.plugins.chat_templates",
     "lmserve.plugins.tool_parsers",
     "lmserve.backends.torch.plugin",
+    "lmserve.backends.ray.plugin",
     "lmserve.frontends.openai.routes",
     "lmserve.frontends.interactive.routes",
     "lmserve.frontends.openai.metrics",

@@ -16,7 +16,10 @@ Rules a client can rely on:
   reads it again on the next turn);
 - a cancelled turn keeps what it generated before the cancel;
 - a failed turn leaves the history as it was before the turn;
-- a session idle for longer than the TTL is ended and its memory freed.
+- a session idle for longer than the TTL is ended and its memory freed;
+- a session whose keys and values were lost with the engine that held them (a
+  replica that stopped) is ended, and its next turn is refused
+  (:class:`~lmserve.core.types.SessionLostError`, a 410 at the HTTP edge).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
-from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
+from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams, SessionLostError
 
 if TYPE_CHECKING:
     from lmserve.core.bus import RequestBus
@@ -138,7 +141,8 @@ class SessionManager:
 
     def begin_turn(self, session_id: int) -> Session:
         """The session (new or live), reserved for one turn; :class:`SessionBusyError`
-        while another turn of it runs. Follow with :meth:`run_turn` or :meth:`abandon_turn`."""
+        while another turn of it runs, :class:`SessionLostError` (the session ended) when
+        the backend lost its keys and values. Follow with :meth:`run_turn` or :meth:`abandon_turn`."""
         session = self._sessions.get(session_id)
         if session is None:
             session = self._sessions[session_id] = Session(session_id)
@@ -147,6 +151,8 @@ class SessionManager:
                 f"Session {session_id} already has a turn running; wait for it to finish "
                 "or cancel it (cancel: true)."
             )
+        if session.token_ids:
+            self._check_kept(session)
         session.running_request_id = f"session-{session_id}-{uuid.uuid4().hex[:12]}"
         session.idle.clear()
         return session
@@ -171,6 +177,8 @@ class SessionManager:
             request = GenerationRequest(tuple(prompt), params, session.running_request_id, stop,
                                         session_key=session.key, keep_kv=keep, constraint=constraint)
             async for out in self.bus.generate(request):
+                if out.finish_reason is FinishReason.ERROR and not generated and session.token_ids:
+                    self._check_kept(session)  # failed because the backend lost the session?
                 generated.extend(out.token_ids)
                 last = out
                 yield out
@@ -219,6 +227,15 @@ class SessionManager:
         session.idle.set()
         if end or session.ending or not session.token_ids:
             self._release(session)
+
+    def _check_kept(self, session: Session) -> None:
+        """End ``session`` and raise :class:`SessionLostError` when the backend lost its keys and values."""
+        try:
+            self.bus.backend.check_session(session.key)
+        except SessionLostError as exc:
+            self._release(session)
+            raise SessionLostError(f"Session {session.session_id} was lost: {exc} Its history is gone; "
+                                   "start it again (a new turn with this session_id starts afresh).") from exc
 
     def _release(self, session: Session) -> None:
         if self._sessions.get(session.session_id) is session:

@@ -85,10 +85,14 @@ class TokenConstraint(Protocol):
 
 
 class GrammarConstraint:
-    """A :class:`TokenConstraint` over an llguidance matcher."""
+    """A :class:`TokenConstraint` over an llguidance matcher.
 
-    def __init__(self, matcher):
+    ``grammar``: what it was compiled from; a backend in another process compiles
+    its own from it (a matcher does not cross processes)."""
+
+    def __init__(self, matcher, grammar: OutputGrammar | None = None):
         self._matcher = matcher
+        self.grammar = grammar
 
     def fill_bitmask(self, row: np.ndarray) -> None:
         if not (row.dtype.name == "int32" and row.ndim == 1 and row.flags.c_contiguous):
@@ -124,7 +128,7 @@ class GrammarCompiler:
     def constraint(self, grammar: OutputGrammar) -> GrammarConstraint:
         """A fresh constraint for one generation; :class:`InvalidRequestError`
         (``param`` ``response_format``) when the grammar is invalid."""
-        return GrammarConstraint(self._compile(grammar).deep_copy())
+        return GrammarConstraint(self._compile(grammar).deep_copy(), grammar)
 
     def is_compiled(self, grammar: OutputGrammar) -> bool:
         with self._lock:

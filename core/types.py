@@ -41,6 +41,11 @@ class BackendUnavailableError(RuntimeError):
     """The backend cannot take requests (its engine stopped); a 503 at the HTTP edge."""
 
 
+class SessionLostError(RuntimeError):
+    """An interactive session's keys and values are gone with the engine that held them
+    (a replica that stopped); the session cannot go on. A 410 at the HTTP edge."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token and when to stop.

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from lmserve.core.chat_template import HF, ChatTemplateRegistry
-from lmserve.core.config import CHAT, DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, ServeConfig
+from lmserve.core.config import CHAT, DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, SERVE_RAY, ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
 from lmserve.core.startup import resolve_model
@@ -60,6 +60,15 @@ def build_parser(pm) -> argparse.ArgumentParser:
     _add_model_argument(api_server)
     _add_api_server_options(api_server)
     call_safely(pm, "lmserve_add_cli_options", command=SERVE_API_SERVER, parser=api_server)
+
+    ray = servers.add_parser(
+        "ray", parents=[common], formatter_class=_HelpFormatter,
+        help="Serve MODEL over the same API, its engines as replicas on Ray Serve (needs `pip install "
+        "lmserve[ray]`); interactive sessions stay on their replica.",
+    )
+    _add_model_argument(ray)
+    _add_api_server_options(ray)
+    call_safely(pm, "lmserve_add_cli_options", command=SERVE_RAY, parser=ray)
 
     api_client = servers.add_parser(
         "api_client", help="Chat with a server in the terminal, in one of its interactive sessions.",

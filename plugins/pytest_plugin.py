@@ -69,7 +69,8 @@ def _exact_defaults(args: tuple[str, ...]) -> list[str]:
 
 
 class LiveServer:
-    """``lmserve serve api_server`` in a subprocess, on a free port.
+    """``lmserve serve api_server`` (or ``server``: another of its commands, e.g. ``ray``)
+    in a subprocess, on a free port.
 
     Returns from the constructor once ``/health`` answers 200, so a test can
     send requests at once; raises with the server's output when it exits or
@@ -82,13 +83,13 @@ class LiveServer:
     """
 
     def __init__(self, model: str | Path, *args: str, env: dict | None = None, startup_timeout: float = 180,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, server: str = "api_server"):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir or tempfile.gettempdir()) / f"lmserve-test-{self.port}.log"
         self._log = open(self.log_path, "w+")
         self.process = subprocess.Popen(
-            [*LMSERVE, "serve", "api_server", str(model), "--server-name", "127.0.0.1",
+            [*LMSERVE, "serve", server, str(model), "--server-name", "127.0.0.1",
              "--server-port", str(self.port), *_exact_defaults(args), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )

@@ -57,6 +57,8 @@ class EngineConfig:
     master_port: int | None = None
     #: Seconds a collective of the forward may wait for the other ranks before the group fails.
     tp_timeout: float = 30.0
+    #: torch and Numba threads per rank on the CPU; None: the machine's cores shared by its ranks.
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         count = self.cache_max_entry_count
@@ -69,6 +71,8 @@ class EngineConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tp must be at least 1, got {self.tensor_parallel_size}.")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"--cpu-threads must be at least 1, got {self.cpu_threads}.")
         if not self.tp_timeout > 0:
             raise ValueError(f"--tp-timeout must be above 0 seconds, got {self.tp_timeout}.")
         if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:

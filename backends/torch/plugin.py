@@ -42,6 +42,9 @@ def lmserve_add_cli_options(command, parser):
     group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                        help="Run every step op by op instead of compiling the decode step (CPU; "
                        "compiling takes about a minute at start-up, cached on disk for the next start).")
+    group.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                       help="torch and Numba threads per rank on the CPU (default: the machine's cores shared "
+                       "by its ranks).")
     parallel = parser.add_argument_group("tensor parallelism")
     parallel.add_argument("--tp", type=int, default=1, metavar="N",
                           help="Split the model over N ranks (processes; one GPU each on CUDA, cores // N threads "
@@ -83,6 +86,7 @@ def lmserve_make_backend(config: ServeConfig, source: ModelSource):
         master_addr=options.get("master_addr", "127.0.0.1"),
         master_port=options.get("master_port"),
         tp_timeout=options.get("tp_timeout", 30.0),
+        cpu_threads=options.get("cpu_threads"),
     )
     if engine_config.node_rank > 0:
         raise SystemExit(_serve_headless_node(source, engine_config))

@@ -64,7 +64,7 @@ def node_ranks(config: EngineConfig) -> list[RankSpec]:
     per_node = config.tensor_parallel_size // config.nnodes
     port = config.master_port or free_port(config.master_addr)
     init_method = f"tcp://{config.master_addr}:{port}"
-    threads = max(1, (os.cpu_count() or 1) // per_node)
+    threads = config.cpu_threads or max(1, (os.cpu_count() or 1) // per_node)
     first = config.node_rank * per_node
     return [RankSpec(first + i, config.tensor_parallel_size, i, init_method, threads, config.tp_timeout)
             for i in range(per_node)]

@@ -31,7 +31,7 @@ from sanic.response import json as json_response
 from lmserve.core import hookimpl
 from lmserve.core.chat_template import render_continuation
 from lmserve.core.sessions import Session, SessionBusyError
-from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
+from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams, SessionLostError
 from lmserve.core.validation import context_room
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
 from lmserve.frontends.openai.errors import APIError, error_response
@@ -101,6 +101,8 @@ async def _turn(request: Request, state: ServerState, body: InteractiveRequest):
             session = sessions.begin_turn(body.session_id)
         except SessionBusyError as exc:
             raise APIError(409, str(exc), "session_id") from exc
+        except SessionLostError as exc:
+            raise APIError(410, str(exc), "session_id") from exc
     try:
         history = session.history_tokens if session is not None else 0
         input_ids = _render_turn(state, session, body.prompt)
@@ -209,9 +211,16 @@ async def _complete(outputs, counts: dict):
 
 
 async def _stream(request: Request, outputs, counts: dict):
+    try:
+        # The headers go out with the first output: a refusal before it is still a status,
+        # and a backend of replicas has named the one serving the turn by then.
+        first = await anext(outputs)
+    except BaseException:
+        await outputs.aclose()
+        raise
     response = await request.respond(content_type=NDJSON, headers={"Cache-Control": "no-cache"})
     try:
-        async for out in outputs:
+        async for out in _prepend(first, outputs):
             error = None
             if out.finish_reason is FinishReason.ERROR:
                 error = out.error or "The engine failed this turn."
@@ -221,3 +230,9 @@ async def _stream(request: Request, outputs, counts: dict):
         await response.eof()
     finally:
         await outputs.aclose()  # a client gone: the turn stops (and keeps what it sent)
+
+
+async def _prepend(first, outputs):
+    yield first
+    async for out in outputs:
+        yield out

@@ -16,7 +16,7 @@ from lmserve.core.config import ServeConfig
 from lmserve.core.plugins import PluginError, call_safely
 from lmserve.core.startup import resolve_model
 from lmserve.core.tool_calls import choose_tool_parser
-from lmserve.core.types import BackendUnavailableError, InvalidRequestError
+from lmserve.core.types import BackendUnavailableError, InvalidRequestError, SessionLostError
 from lmserve.frontends.openai.auth import setup_auth
 from lmserve.frontends.openai.cors import setup_cors
 from lmserve.frontends.openai.errors import APIError, error_response
@@ -120,6 +120,10 @@ def _setup_errors(app: Sanic) -> None:
     async def invalid_request(request: Request, exc: InvalidRequestError):
         # The request rules (core.validation) and whatever lies below the routes, e.g. a chat template.
         return error_response(400, exc.message, exc.param)
+
+    @app.exception(SessionLostError)
+    async def session_lost(request: Request, exc: SessionLostError):
+        return error_response(410, str(exc), "session_id")
 
     @app.exception(BackendUnavailableError)
     async def unavailable(request: Request, exc: BackendUnavailableError):

@@ -241,9 +241,12 @@ class Generation:
             except Exception as exc:  # reported as an error event
                 await events.put((choice, exc))
 
-        response = await request.respond(content_type=SSE_CONTENT_TYPE, headers={"Cache-Control": "no-cache"})
         tasks = [asyncio.create_task(pump(choice)) for choice in self.choices]
         try:
+            # The headers go out with the first output: a backend of replicas has named the one
+            # serving the request by then (its x-lmserve-replica header).
+            first = await events.get()
+            response = await request.respond(content_type=SSE_CONTENT_TYPE, headers={"Cache-Control": "no-cache"})
             for choice in self.choices:
                 if self.chat:
                     await response.send(self._chunk(choice, {"role": "assistant", "content": ""}, None, include_usage))
@@ -251,7 +254,8 @@ class Generation:
                     await response.send(self._chunk(choice, choice.echo, None, include_usage))
             unfinished = len(self.choices)
             while unfinished:
-                choice, out = await events.get()
+                choice, out = first if first is not None else await events.get()
+                first = None
                 if isinstance(out, BaseException) or out.finish_reason is FinishReason.ERROR:
                     message = str(out) if isinstance(out, BaseException) else out.error
                     await response.send(sse_error(500, message or "The engine failed this request."))

@@ -1,0 +1,1 @@
+"""Engine replicas on Ray Serve: ``lmserve serve ray MODEL`` (``pip install lmserve[ray]``)."""
