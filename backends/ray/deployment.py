@@ -91,6 +91,8 @@ def deploy(config: ServeConfig, ray: RayOptions):
     from lmserve.backends.ray.router import SessionAffinityRouter
 
     quiet = config.log_level not in ("DEBUG", "INFO")
+    serve_log_level = "WARNING" if quiet else config.log_level
+    logging.getLogger("ray.serve").setLevel(serve_log_level)  # this process's handles and routers
     if not ray_api.is_initialized():
         ray_api.init(address=ray.address, num_cpus=ray.ray_num_cpus if ray.address is None else None,
                      include_dashboard=False, logging_level=logging.WARNING if quiet else config.log_level,
@@ -98,7 +100,7 @@ def deploy(config: ServeConfig, ray: RayOptions):
     where = ray_api.get_runtime_context().gcs_address
     print(f"lmserve: Ray cluster at {where} ({'joined' if ray.address else 'started here'}); "
           f"resources: {ray_api.cluster_resources()}", file=sys.stderr)
-    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING" if quiet else config.log_level})
+    serve.start(proxy_location="Disabled", logging_config={"log_level": serve_log_level})
 
     gpus = ray.num_gpus_per_replica
     if gpus is None:
@@ -117,6 +119,7 @@ def deploy(config: ServeConfig, ray: RayOptions):
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
+        logging_config={"log_level": serve_log_level, "enable_access_log": config.log_level == "DEBUG"},
         **scaling,
     )
     threads = max(1, int(ray.num_cpus_per_replica))

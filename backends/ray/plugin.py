@@ -57,6 +57,14 @@ def lmserve_add_cli_options(command: str, parser: argparse.ArgumentParser) -> No
 
 
 @hookimpl
+def lmserve_configure(config: ServeConfig) -> None:
+    if is_ray_command(config):
+        from lmserve.backends.ray.deployment import RayOptions
+
+        RayOptions.from_options(config.options)  # bad flags fail here, before anything loads
+
+
+@hookimpl
 def lmserve_make_backend(config: ServeConfig, source: ModelSource):
     if not is_ray_command(config):
         return None

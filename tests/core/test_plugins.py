@@ -6,6 +6,7 @@ import textwrap
 import pytest
 
 from lmserve.core import hookimpl
+from lmserve.core.config import ServeConfig
 from lmserve.core.plugins import DEFAULT_PLUGINS, PluginError, call_safely, create_plugin_manager, list_plugins
 
 
@@ -46,7 +47,7 @@ def test_a_raising_startup_hook_names_its_plugin():
     pm.register(Broken(), name="broken-plugin")
     try:
         with pytest.raises(PluginError, match="broken-plugin.*boom"):
-            call_safely(pm, "lmserve_configure", config=None)
+            call_safely(pm, "lmserve_configure", config=ServeConfig(model="m"))
     finally:
         pm.unregister(name="broken-plugin")
 
@@ -133,11 +134,11 @@ def test_a_wrapper_hook_runs_through_pluggy_and_the_raiser_is_named():
 
     pm.register(Wrapper(), name="wrapper-plugin")
     try:
-        call_safely(pm, "lmserve_configure", config=None)
+        call_safely(pm, "lmserve_configure", config=ServeConfig(model="m"))
         assert seen == ["before", "after"]
         pm.register(Broken(), name="broken-plugin")
         with pytest.raises(PluginError, match="'broken-plugin'.*boom"):
-            call_safely(pm, "lmserve_configure", config=None)
+            call_safely(pm, "lmserve_configure", config=ServeConfig(model="m"))
     finally:
         pm.unregister(name="wrapper-plugin")
         if pm.has_plugin("broken-plugin"):

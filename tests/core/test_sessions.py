@@ -6,7 +6,14 @@ from types import SimpleNamespace
 import pytest
 
 from lmserve.core.sessions import SessionBusyError, SessionManager
-from lmserve.core.types import FinishReason, GenerationOutput, InvalidRequestError, SamplingParams, Usage
+from lmserve.core.types import (
+    FinishReason,
+    GenerationOutput,
+    InvalidRequestError,
+    SamplingParams,
+    SessionLostError,
+    Usage,
+)
 
 EOS = 2
 PARAMS = SamplingParams(max_tokens=8)
@@ -18,7 +25,13 @@ class FakeBus:
     def __init__(self, outputs=(), error=None):
         self.outputs, self.error = list(outputs), error
         self.requests, self.aborted, self.released = [], [], []
-        self.backend = SimpleNamespace(eos_token_ids=(EOS,), release_session=self.released.append)
+        self.lost = {}  # session key -> why the backend lost it
+        self.backend = SimpleNamespace(eos_token_ids=(EOS,), release_session=self.released.append,
+                                       check_session=self.check_session)
+
+    def check_session(self, key):
+        if key in self.lost:
+            raise SessionLostError(self.lost[key])
 
     async def generate(self, request):
         self.requests.append(request)
@@ -130,3 +143,43 @@ def test_idle_sessions_are_ended_after_the_ttl_busy_ones_are_not():
     assert sessions.end_idle(now + 5) == []
     assert sessions.end_idle(now + 11) == [1]
     assert bus.released == ["session-1"] and sessions.get(2) is not None
+
+
+def test_a_session_the_backend_lost_is_ended_and_its_next_turn_refused():
+    bus = FakeBus([output([7], FinishReason.STOP)])
+    sessions = SessionManager(bus)
+    run(sessions, 1, [5])
+    run(sessions, 2, [5])
+    bus.lost["session-1"] = "replica r1, which held it, stopped."
+    with pytest.raises(SessionLostError, match="Session 1 was lost: replica r1, which held it, stopped"):
+        sessions.begin_turn(1)
+    assert sessions.get(1) is None and "session-1" in bus.released
+    run(sessions, 2, [6])  # the other session goes on
+    assert sessions.get(2).token_ids == [5, 7, 6, 7]
+    del bus.lost["session-1"]
+    run(sessions, 1, [9])  # the id starts afresh
+    assert bus.requests[-1].prompt_token_ids == (9,)
+
+
+def test_a_turn_that_fails_because_the_session_was_lost_raises_and_ends_it():
+    bus = FakeBus([output([7], FinishReason.STOP)])
+    sessions = SessionManager(bus)
+    run(sessions, 1, [5])
+
+    async def fail_and_lose(request):  # the backend finds out during the turn
+        bus.lost["session-1"] = "replica r2 does not hold it."
+        yield output([], FinishReason.ERROR)
+
+    bus.generate = fail_and_lose
+    with pytest.raises(SessionLostError, match="Session 1 was lost: replica r2 does not hold it"):
+        run(sessions, 1, [6])
+    assert sessions.get(1) is None
+
+
+def test_a_failed_turn_of_a_kept_session_is_an_error_output_not_a_loss():
+    bus = FakeBus([output([7], FinishReason.STOP)])
+    sessions = SessionManager(bus)
+    run(sessions, 1, [5])
+    bus.outputs = [output([], FinishReason.ERROR)]
+    assert run(sessions, 1, [6])[-1].finish_reason is FinishReason.ERROR
+    assert sessions.get(1).token_ids == [5, 7], "a failed turn leaves the history"
