@@ -2,8 +2,8 @@
 
 It owns request ids, one output queue per request, cancellation (a consumer
 that stops listening aborts its request in the backend), the hand-off of
-engine outputs from the engine's thread to the asyncio loop, and the request
-observers. Each request's outputs become text in its own
+engine outputs from the engine's thread to the asyncio loop
+(:class:`~lmserve.core.output_queues.OutputQueues`), and the request observers. Each request's outputs become text in its own
 :class:`~lmserve.core.request_stream.RequestStream`. Frontends call
 :meth:`RequestBus.generate` and iterate.
 """
@@ -16,14 +16,14 @@ import itertools
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator
 
 from lmserve.core.backend import Backend
+from lmserve.core.output_queues import OutputQueues
 from lmserve.core.request_stream import RequestStream
 from lmserve.core.sessions import SessionManager
 from lmserve.core.types import (
     BackendUnavailableError,
-    EngineOutput,
     EngineRequest,
     GenerationOutput,
     GenerationRequest,
@@ -48,8 +48,7 @@ class RequestBus:
         self.tokenizer = tokenizer
         self._hooks = hooks
         self.sessions = SessionManager(self, session_ttl_s)
-        self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues = OutputQueues()
         self._counter = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
 
@@ -57,8 +56,8 @@ class RequestBus:
 
     def start(self) -> None:
         """Start the backend; call from the event loop that will consume outputs."""
-        self._loop = asyncio.get_running_loop()
-        self.backend.start(self._on_engine_outputs)
+        self._queues.bind(asyncio.get_running_loop())
+        self.backend.start(self._queues.sink)
         self.sessions.start()
 
     def shutdown(self) -> None:
@@ -87,8 +86,7 @@ class RequestBus:
         request_id = request.request_id
         stream = RequestStream(request, self.tokenizer,
                                request.sampling_params.stop_ids(self.backend.eos_token_ids))
-        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self._queues[request_id] = queue
+        queue = self._queues.open(request_id)
         self._observe("lmserve_request_started", request=request)
         try:
             self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, request.sampling_params,
@@ -101,7 +99,7 @@ class RequestBus:
                 if output is not None:
                     yield output
         finally:
-            del self._queues[request_id]
+            self._queues.close(request_id)
             if not stream.finished:
                 self.backend.abort(request_id)
                 stream.abandoned()
@@ -110,7 +108,7 @@ class RequestBus:
 
     def _admit(self, request: GenerationRequest) -> GenerationRequest:
         """``request`` with its id assigned, once the bus and the backend can take it."""
-        if self._loop is None:
+        if not self._queues.bound:
             raise RuntimeError("RequestBus.start() has not been called.")
         if not self.backend.is_healthy():
             raise BackendUnavailableError("The engine is not running; no request can be served.")
@@ -126,23 +124,6 @@ class RequestBus:
         consumer's iteration ends with ``finish_reason`` abort."""
         if request_id in self._queues:
             self.backend.abort(request_id)
-
-    # ------------------------------------------------------------- engine -> loop
-
-    def _on_engine_outputs(self, outputs: Sequence[EngineOutput]) -> None:
-        """Called from the engine's thread once per step."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._dispatch, outputs)
-            except RuntimeError:  # the loop closed in between: shutting down
-                pass
-
-    def _dispatch(self, outputs: Sequence[EngineOutput]) -> None:
-        for out in outputs:
-            queue = self._queues.get(out.request_id)
-            if queue is not None:  # None: the consumer already left
-                queue.put_nowait(out)
 
     def _observe(self, hook_name: str, **kwargs) -> None:
         if self._hooks is None:

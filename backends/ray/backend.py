@@ -146,8 +146,6 @@ class ServeBackend(Backend):
             self._tasks.pop(request.request_id, None)
             if not finished:
                 self._finish(request, FinishReason.ERROR, "The replica's stream ended without a finish.")
-            if key is not None and not request.keep_kv:
-                self._holders.pop(key, None)
 
     def _cancelled_before_start(self, request: EngineRequest, task: asyncio.Task) -> None:
         """An abort that came before :meth:`_run` began (it ends every request it runs)."""

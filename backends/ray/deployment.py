@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from lmserve.core.config import ServeConfig
+from lmserve.core.plugins import PluginError
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +86,15 @@ def replica_config(config: ServeConfig, cpu_threads: int) -> dict:
 def deploy(config: ServeConfig, ray: RayOptions):
     """Join (or start) the cluster, deploy the engine replicas, wait until they serve;
     return the deployment's handle and what the replicas report."""
-    import ray as ray_api
-    from ray import serve
-    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+    try:
+        import ray as ray_api
+        from ray import serve
+        from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
-    from lmserve.backends.ray.replica import EngineReplica
-    from lmserve.backends.ray.router import SessionAffinityRouter
+        from lmserve.backends.ray.replica import EngineReplica
+        from lmserve.backends.ray.router import SessionAffinityRouter
+    except ImportError as exc:
+        raise PluginError(f"`lmserve serve ray` needs Ray Serve: pip install 'lmserve[ray]' ({exc}).") from exc
 
     quiet = config.log_level not in ("DEBUG", "INFO")
     serve_log_level = "WARNING" if quiet else config.log_level
@@ -140,6 +146,15 @@ def teardown(app_name: str) -> None:
             serve.delete(app_name)
         except Exception as exc:  # the cluster is going away too
             logger.warning("Could not delete the Ray Serve app %r: %s", app_name, exc)
+
+
+def authenticate_with_token_if_any() -> None:
+    """Ray clusters start with token authentication on; a client sends the token only
+    in token mode. Where this machine has a token and no mode is chosen, choose token
+    mode (a cluster without authentication accepts such a client too)."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _replica_count(ray: RayOptions) -> str:

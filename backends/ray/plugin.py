@@ -13,7 +13,6 @@ import argparse
 from lmserve.core import hookimpl
 from lmserve.core.config import SERVE_RAY, ServeConfig
 from lmserve.core.model_source import ModelSource
-from lmserve.core.plugins import PluginError
 
 #: The response header that names the replica(s) that served a request.
 REPLICA_HEADER = "x-lmserve-replica"
@@ -59,20 +58,17 @@ def lmserve_add_cli_options(command: str, parser: argparse.ArgumentParser) -> No
 @hookimpl
 def lmserve_configure(config: ServeConfig) -> None:
     if is_ray_command(config):
-        from lmserve.backends.ray.deployment import RayOptions
+        from lmserve.backends.ray.deployment import RayOptions, authenticate_with_token_if_any
 
-        RayOptions.from_options(config.options)  # bad flags fail here, before anything loads
+        options = RayOptions.from_options(config.options)  # bad flags fail here, before anything loads
+        if options.address is not None:
+            authenticate_with_token_if_any()  # before anything starts a thread or imports Ray
 
 
 @hookimpl
 def lmserve_make_backend(config: ServeConfig, source: ModelSource):
     if not is_ray_command(config):
         return None
-    try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
-    except ImportError as exc:
-        raise PluginError(f"`lmserve serve ray` needs Ray Serve: pip install 'lmserve[ray]' ({exc}).") from exc
     from lmserve.backends.ray.backend import ServeBackend
     from lmserve.backends.ray.deployment import RayOptions, deploy
 

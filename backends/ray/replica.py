@@ -19,12 +19,13 @@ import asyncio
 import dataclasses
 import logging
 import os
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator
 
+from lmserve.core.output_queues import OutputQueues
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager
 from lmserve.core.startup import resolve_model
 from lmserve.core.structured_output import GrammarCompiler, OutputGrammar
-from lmserve.core.types import EngineOutput, EngineRequest, SessionLostError
+from lmserve.core.types import EngineRequest, SessionLostError
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,8 @@ class EngineReplica:
         self.backend = backend
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._grammars = GrammarCompiler(model.tokenizer)
-        self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
+        self._queues = OutputQueues()
         self._sessions: set[str] = set()  # the session keys whose turns this replica ran
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         describe = getattr(backend, "describe", None)
         self._info = ReplicaInfo(backend.max_model_len, tuple(backend.eos_token_ids),
@@ -90,8 +90,7 @@ class EngineReplica:
         self._ensure_started()
         if grammar is not None:
             request = dataclasses.replace(request, constraint=self._grammars.constraint(grammar))
-        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self._queues[request.request_id] = queue
+        queue = self._queues.open(request.request_id)
         if key is not None and request.keep_kv:
             self._sessions.add(key)
         finished = False
@@ -105,22 +104,15 @@ class EngineReplica:
                 finished = batch[-1].finish_reason is not None
                 yield batch
         finally:
-            del self._queues[request.request_id]
+            self._queues.close(request.request_id)
             if not finished:  # the ingress cancelled: its client left, or a cancel
                 self.backend.abort(request.request_id)
             if key is not None and not request.keep_kv:
                 self._sessions.discard(key)
 
-    def abort(self, request_id: str, replica: str | None = None) -> None:
-        """Stop a running request; its stream ends with an abort output."""
-        self.backend.abort(request_id)
-
     def release_session(self, session_key: str, replica: str | None = None) -> None:
         self._sessions.discard(session_key)
         self.backend.release_session(session_key)
-
-    def stats(self, replica: str | None = None):
-        return self.backend.stats()
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose engine failed is replaced."""
@@ -135,21 +127,6 @@ class EngineReplica:
 
     def _ensure_started(self) -> None:
         if not self._started:
-            self._loop = asyncio.get_running_loop()
-            self.backend.start(self._on_engine_outputs)
+            self._queues.bind(asyncio.get_running_loop())
+            self.backend.start(self._queues.sink)
             self._started = True
-
-    def _on_engine_outputs(self, outputs: Sequence[EngineOutput]) -> None:
-        """Called from the engine's thread once per step."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._dispatch, outputs)
-            except RuntimeError:  # the loop closed in between: shutting down
-                pass
-
-    def _dispatch(self, outputs: Sequence[EngineOutput]) -> None:
-        for out in outputs:
-            queue = self._queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)

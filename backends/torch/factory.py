@@ -22,7 +22,7 @@ from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.primitive_caches import drop_duplicate_cache
 from lmserve.backends.torch.quantization_choice import choose_quantization
 from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers
-from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device, use_threads
+from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device, set_threads, use_threads
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
@@ -212,6 +212,8 @@ def build_engine(path: str | Path, config: EngineConfig,
             raise
         runner.ranks = processes
     else:
+        if config.cpu_threads is not None:
+            set_threads(config.cpu_threads)
         runner = build_runner(path, config, progress=progress)
     model_config, num_blocks = runner.model.config, runner.kv_cache.num_blocks
     max_model_len = config.session_len or model_config.max_position_embeddings

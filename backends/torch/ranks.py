@@ -102,10 +102,15 @@ def join_group(spec: RankSpec, device: torch.device, local: SharedMemoryGroup | 
 
 def use_threads(spec: RankSpec) -> None:
     """Give the calling thread's torch and Numba work the rank's share of the cores."""
+    set_threads(spec.threads)
+
+
+def set_threads(threads: int) -> None:
+    """Run the calling thread's torch and Numba work on ``threads`` threads."""
     import numba
 
-    torch.set_num_threads(spec.threads)
-    numba.set_num_threads(min(spec.threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def run_rank(spec: RankSpec, path: str, config: EngineConfig, local: tuple | None = None) -> None:
