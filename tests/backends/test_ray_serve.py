@@ -6,10 +6,12 @@ The tests run in file order: the last one kills a replica.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,9 +29,9 @@ TURNS = 4
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_model_dir, tmp_path_factory):
+def ray_server(long_model_dir, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("ray-server")
-    server = LiveServer(tiny_model_dir, "--model-name", MODEL, "--num-replicas", "2", "--ray-num-cpus", "2",
+    server = LiveServer(long_model_dir, "--model-name", MODEL, "--num-replicas", "2", "--ray-num-cpus", "2",
                         "--num-cpus-per-replica", "1", "--cache-max-entry-count", "64", "--log-level", "INFO",
                         server="ray", log_dir=log_dir, startup_timeout=300)
     yield server
@@ -117,6 +119,41 @@ def test_sessions_stay_on_their_replica_with_exact_history(ray_server):
                 assert body["history_tokens"] == history[session_id]
                 history[session_id] += body["input_tokens"] + body["tokens"]
     assert set(sessions.values()) == set(replicas)
+
+
+def test_a_cancel_stops_the_turn_on_its_replica_and_keeps_what_was_streamed(ray_server):
+    lines, answered = [], []
+    some_arrived = threading.Event()
+    body = {"prompt": "talk for a long time", "session_id": 4242, "interactive_mode": True, "stream": True,
+            "request_output_len": 3000, "ignore_eos": True}
+
+    def read() -> None:
+        try:
+            with httpx.stream("POST", ray_server.base_url + "/v1/chat/interactive", json=body, timeout=60) as reply:
+                answered.append(reply)
+                for line in reply.iter_lines():
+                    if line.strip():
+                        lines.append(json.loads(line))
+                        if len(lines) >= 3:
+                            some_arrived.set()
+        finally:
+            some_arrived.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert some_arrived.wait(60) and len(lines) >= 3, (answered, lines)
+    with ray_server.client() as client:
+        cancel = client.post("/v1/chat/interactive", json={"prompt": "", "session_id": 4242, "interactive_mode": True,
+                                                            "cancel": True})
+        assert cancel.status_code == 200, cancel.text
+        reader.join(30)
+        assert not reader.is_alive(), "the stream went on after the cancel"
+        assert lines[-1]["finish_reason"] == "abort", lines[-1]
+        streamed = lines[-1]["tokens"]
+        assert 3 <= streamed < 3000
+        after = turn(client, 4242, "go on")
+        assert replica_of(after) == answered[0].headers[HEADER], "the session stayed on its replica"
+        assert after.json()["history_tokens"] == lines[0]["input_tokens"] + streamed
 
 
 def test_a_killed_replica_loses_its_sessions_only(ray_server, tmp_path):
