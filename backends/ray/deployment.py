@@ -128,7 +128,7 @@ def deploy(config: ServeConfig, ray: RayOptions):
         logging_config={"log_level": serve_log_level, "enable_access_log": config.log_level == "DEBUG"},
         **scaling,
     )
-    threads = max(1, int(ray.num_cpus_per_replica))
+    threads = max(1, int(ray.num_cpus_per_replica) // config.options.get("tp", 1))  # per rank
     print(f"lmserve: deploying {_replica_count(ray)} on Ray (each: {ray.num_cpus_per_replica:g} CPU, "
           f"{gpus:g} GPU); their engines load now", file=sys.stderr)
     handle = serve.run(deployment.bind(replica_config(config, threads)), name=ray.app_name, route_prefix=None)

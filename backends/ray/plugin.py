@@ -43,8 +43,8 @@ def lmserve_add_cli_options(command: str, parser: argparse.ArgumentParser) -> No
     group.add_argument("--target-ongoing-requests", type=float, default=RayOptions.target_ongoing_requests,
                        metavar="N", help="Autoscaling aims at this many requests in flight per replica.")
     group.add_argument("--num-cpus-per-replica", type=float, default=RayOptions.num_cpus_per_replica,
-                       metavar="N", help="CPUs Ray reserves for each replica; its engine runs that many "
-                       "threads (unless --cpu-threads says otherwise).")
+                       metavar="N", help="CPUs Ray reserves for each replica; its engine's ranks share them "
+                       "as threads (unless --cpu-threads says otherwise).")
     group.add_argument("--num-gpus-per-replica", type=float, default=None, metavar="N",
                        help="GPUs Ray reserves for each replica (default: --tp where the cluster has GPUs, else 0).")
     group.add_argument("--max-ongoing-requests", type=int, default=RayOptions.max_ongoing_requests, metavar="N",
