@@ -3,7 +3,8 @@
 It owns request ids, one output queue per request, cancellation (a consumer
 that stops listening aborts its request in the backend), the hand-off of
 engine outputs from the engine's thread to the asyncio loop
-(:class:`~lmserve.core.output_queues.OutputQueues`), and the request observers. Each request's outputs become text in its own
+(:class:`~lmserve.core.output_queues.OutputQueues`), and the request
+observers. Each request's outputs become text in its own
 :class:`~lmserve.core.request_stream.RequestStream`. Frontends call
 :meth:`RequestBus.generate` and iterate.
 """

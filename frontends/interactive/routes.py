@@ -31,7 +31,7 @@ from sanic.response import json as json_response
 from lmserve.core import hookimpl
 from lmserve.core.chat_template import render_continuation
 from lmserve.core.sessions import Session, SessionBusyError
-from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams, SessionLostError
+from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from lmserve.core.validation import context_room
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
 from lmserve.frontends.openai.errors import APIError, error_response
@@ -101,8 +101,6 @@ async def _turn(request: Request, state: ServerState, body: InteractiveRequest):
             session = sessions.begin_turn(body.session_id)
         except SessionBusyError as exc:
             raise APIError(409, str(exc), "session_id") from exc
-        except SessionLostError as exc:
-            raise APIError(410, str(exc), "session_id") from exc
     try:
         history = session.history_tokens if session is not None else 0
         input_ids = _render_turn(state, session, body.prompt)

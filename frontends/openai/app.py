@@ -123,6 +123,8 @@ def _setup_errors(app: Sanic) -> None:
 
     @app.exception(SessionLostError)
     async def session_lost(request: Request, exc: SessionLostError):
+        # An interactive session whose KV cache went with its replica (before a turn, or
+        # during one before its first token).
         return error_response(410, str(exc), "session_id")
 
     @app.exception(BackendUnavailableError)
