@@ -25,6 +25,7 @@ from lmserve.core.plugins import PluginError, call_safely
 if TYPE_CHECKING:  # imported for annotations only
     import pluggy
 
+    from lmserve.core.backend import Backend
     from lmserve.core.tokenizer import Tokenizer
 
 
@@ -60,3 +61,12 @@ def resolve_model(
     if announce is not None:
         announce(f"chat template {choice.template.name!r}: {choice.reason}")
     return ResolvedModel(source, tokenizer, choice)
+
+
+def make_backend(pm: pluggy.PluginManager, config: ServeConfig, source: ModelSource) -> Backend:
+    """The backend :hook:`lmserve_make_backend` builds for ``source`` (the weights load here);
+    :class:`~lmserve.core.plugins.PluginError` when no plugin builds one."""
+    backend = call_safely(pm, "lmserve_make_backend", config=config, source=source)
+    if backend is None:
+        raise PluginError("No backend plugin is loaded.")
+    return backend

@@ -108,7 +108,7 @@ class ServeBackend(Backend):
         key = request.session_key
         holder = self._holders.get(key) if key is not None else None
         grammar = getattr(request.constraint, "grammar", None)
-        remote = request if request.constraint is None else _without_constraint(request)
+        remote = request if request.constraint is None else dataclasses.replace(request, constraint=None)
         stream = self.handle.options(stream=True).generate.remote(
             remote, grammar=grammar, continues=holder is not None,
             **{SESSION_KEY: key, PINNED_REPLICA: holder})
@@ -160,10 +160,6 @@ class ServeBackend(Backend):
         if key is not None:
             self._holders.pop(key, None)
             self._lost[key] = why
-
-
-def _without_constraint(request: EngineRequest) -> EngineRequest:
-    return dataclasses.replace(request, constraint=None)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,8 +22,8 @@ import os
 from typing import Any, AsyncIterator
 
 from lmserve.core.output_queues import OutputQueues
-from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager
-from lmserve.core.startup import resolve_model
+from lmserve.core.plugins import call_safely, create_plugin_manager
+from lmserve.core.startup import make_backend, resolve_model
 from lmserve.core.structured_output import GrammarCompiler, OutputGrammar
 from lmserve.core.types import EngineRequest, SessionLostError
 
@@ -55,10 +55,7 @@ class EngineReplica:
         pm = create_plugin_manager(list(self.config.plugins))
         call_safely(pm, "lmserve_configure", config=self.config)
         model = resolve_model(pm, self.config)
-        backend = call_safely(pm, "lmserve_make_backend", config=self.config, source=model.source)
-        if backend is None:
-            raise PluginError("No backend plugin is loaded.")
-        self.backend = backend
+        self.backend = backend = make_backend(pm, self.config, model.source)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._grammars = GrammarCompiler(model.tokenizer)
         self._queues = OutputQueues()

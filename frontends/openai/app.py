@@ -13,8 +13,8 @@ from sanic.exceptions import MethodNotAllowed, PayloadTooLarge, SanicException
 from lmserve.core.bus import RequestBus
 from lmserve.core.chat_template import render_chat
 from lmserve.core.config import ServeConfig
-from lmserve.core.plugins import PluginError, call_safely
-from lmserve.core.startup import resolve_model
+from lmserve.core.plugins import call_safely
+from lmserve.core.startup import make_backend, resolve_model
 from lmserve.core.tool_calls import choose_tool_parser
 from lmserve.core.types import BackendUnavailableError, InvalidRequestError, SessionLostError
 from lmserve.frontends.openai.auth import setup_auth
@@ -41,9 +41,7 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
     source, tokenizer, choice = model.source, model.tokenizer, model.template_choice
     parsers = [parser for contributed in pm.hook.lmserve_tool_parsers() for parser in contributed]
     tool_parser = choose_tool_parser(parsers, config.tool_call_parser, tool_format_sample(choice.template))
-    backend = call_safely(pm, "lmserve_make_backend", config=config, source=source)
-    if backend is None:
-        raise PluginError("No backend plugin is loaded.")
+    backend = make_backend(pm, config, source)
     # A stop word of one token stops generation like EOS does (and is not shown); a
     # longer one can only be found in the text, as a request's own stop strings are.
     stop_ids, stop_strings = [], []
