@@ -121,9 +121,10 @@ class PagedAttentionMetadata:
     sliding_window: int = 0
 
 
-class InPlaceDecodes(NamedTuple):
-    """A step of decodes only, read from the cache in place (the CPU's path): what
-    :func:`paged_decode_attention` needs, all tensors, so the compiled step can take it."""
+class DecodeTables(NamedTuple):
+    """A step of decodes only, described by block tables: what :func:`paged_decode_attention`
+    needs, all tensors (with shapes that do not depend on the contexts' lengths beyond the
+    tables' width), so the compiled step (CPU) and the decode graphs (CUDA) can take it."""
 
     #: ``[kv_heads * num_decodes]`` rows of the flat cache where the new keys/values go.
     write_rows: torch.Tensor
@@ -133,16 +134,50 @@ class InPlaceDecodes(NamedTuple):
     context_lens: torch.Tensor
     #: Attend only to this many latest positions (0: all).
     sliding_window: int = 0
+    #: Gather the tables' blocks and attend with torch (any device) rather than read the
+    #: cache in place with the Numba kernel (the CPU's float32 and bfloat16 caches).
+    gather: bool = False
 
 
-def paged_decode_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: InPlaceDecodes,
+def paged_decode_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: DecodeTables,
                            query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                            block_size: int) -> torch.Tensor:
-    """:func:`paged_attention` for a step of decodes read in place: one operator
-    (``lmserve::paged_decode_attention``) stores the keys/values and attends."""
+    """:func:`paged_attention` for a step of decodes given by block tables: one operator
+    (``lmserve::paged_decode_attention``) stores the keys/values and attends, or, with
+    ``meta.gather``, :func:`gathered_decode_attention`."""
+    if meta.gather:
+        return gathered_decode_attention(flat_keys, flat_values, meta, query, keys, values, block_size)
     return torch.ops.lmserve.paged_decode_attention(query, keys, values, flat_keys, flat_values, meta.write_rows,
                                                     meta.block_tables, meta.context_lens, block_size,
                                                     meta.sliding_window)
+
+
+def gathered_decode_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: DecodeTables,
+                              query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                              block_size: int) -> torch.Tensor:
+    """Store the decodes' keys/values, gather every block of their tables (padding
+    included) and attend with torch's SDPA under a mask built on the device from the
+    context lengths: torch ops only, shapes fixed by the tables' shape, no value read
+    back to the host, so a CUDA graph can capture it. ``[n, heads * head_dim]``."""
+    num_decodes, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    flat_keys.index_copy_(0, meta.write_rows, keys.transpose(0, 1).reshape(-1, head_dim))
+    flat_values.index_copy_(0, meta.write_rows, values.transpose(0, 1).reshape(-1, head_dim))
+    blocks_per_head = flat_keys.shape[0] // (num_kv_heads * block_size)
+    width = meta.block_tables.shape[1]
+    heads = torch.arange(num_kv_heads, device=query.device) * blocks_per_head
+    rows = (heads[None, :, None] + meta.block_tables[:, None, :]).reshape(-1)
+    shape = (num_decodes, num_kv_heads, width * block_size, head_dim)
+    context_keys = flat_keys.view(-1, block_size * head_dim).index_select(0, rows).view(shape)
+    context_values = flat_values.view(-1, block_size * head_dim).index_select(0, rows).view(shape)
+    position = torch.arange(width * block_size, device=query.device)[None, :]
+    allowed = position < meta.context_lens[:, None]
+    if meta.sliding_window:
+        allowed &= position >= meta.context_lens[:, None] - meta.sliding_window
+    # Each kv head's query group plays the part of a query sequence (no key/value repetition).
+    grouped = query.reshape(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped, context_keys, context_values, attn_mask=allowed[:, None, None, :])
+    return out.reshape(num_decodes, -1)
 
 
 def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: PagedAttentionMetadata,

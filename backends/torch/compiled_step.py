@@ -26,13 +26,13 @@ import types
 
 import torch
 
-from lmserve.backends.torch.attention import InPlaceDecodes
+from lmserve.backends.torch.attention import DecodeTables
 from lmserve.backends.torch.model import LlamaForCausalLM
 from lmserve.backends.torch.paged_cache import PagedKVCache
 
 
 def step_logits(model: LlamaForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_cache: PagedKVCache, metadata: InPlaceDecodes) -> torch.Tensor:
+                kv_cache: PagedKVCache, metadata: DecodeTables) -> torch.Tensor:
     """What the compiled step computes: float32 logits of every row."""
     hidden = model.hidden_states(input_ids, positions, kv_cache, metadata)
     return model.lm_head(hidden).float()
@@ -65,6 +65,6 @@ class CompiledDecodeStep:
         self._compiled = torch.compile(_own_copy(step_logits), dynamic=True, fullgraph=True)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
-                 metadata: InPlaceDecodes) -> torch.Tensor:
+                 metadata: DecodeTables) -> torch.Tensor:
         with _distinct_sizes():
             return self._compiled(self.model, input_ids, positions, kv_cache, metadata)

@@ -11,6 +11,7 @@ import torch
 
 from lmserve.backends.torch.backend import TorchBackend
 from lmserve.backends.torch.block_manager import BlockManager
+from lmserve.backends.torch.decode_graphs import DecodeGraphs
 from lmserve.backends.torch.device import choose_dtype, resolve_device
 from lmserve.backends.torch.engine import LLMEngine
 from lmserve.backends.torch.kernels import warm_up as warm_up_kernels
@@ -46,7 +47,8 @@ class EngineConfig:
     #: dtype's weights; None says the same) or ``auto`` (a quantized GGUF file's own
     #: precision, on the CPU).
     quantization: str | None = "auto"
-    #: Run every step eagerly, op by op, instead of the compiled decode step (CPU).
+    #: Run every step eagerly, op by op, instead of the compiled decode step (CPU) or the
+    #: decode steps' CUDA graphs (GPU).
     enforce_eager: bool = False
     #: Ranks the model is split over (``--tp``), on ``nnodes`` machines; this one is
     #: ``node_rank``; the group meets at ``master_addr:master_port`` (None: a free port, one node).
@@ -173,8 +175,19 @@ def build_runner(path: str | Path, config: EngineConfig, parallel: TensorParalle
     kv_cache = PagedKVCache(model_config.num_hidden_layers, num_blocks, block_size, num_kv_heads,
                             model_config.head_dim, dtype, device)
     weights = loaded.weights + (f", tensor parallel over {parallel.world_size} ranks" if parallel.is_parallel else "")
+    graphs = None
+    if device.type == "cuda" and not config.enforce_eager and not parallel.is_parallel:
+        max_blocks = min(-(-max_model_len(config, model_config) // block_size), num_blocks)
+        graphs = DecodeGraphs(model, kv_cache, device, max_batch_size=config.max_batch_size, max_blocks=max_blocks,
+                              sliding_window=model_config.sliding_window)
     return ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window,
-                       weights=weights, compile_decodes=not config.enforce_eager, parallel=parallel)
+                       weights=weights, compile_decodes=not config.enforce_eager, parallel=parallel,
+                       decode_graphs=graphs)
+
+
+def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    """The longest sequence (prompt and output) the engine serves: ``--session-len`` or the model's."""
+    return config.session_len or model_config.max_position_embeddings
 
 
 def start_tensor_parallel(path: str | Path, config: EngineConfig) -> tuple[TensorParallel, RankProcesses, torch.device]:
@@ -216,7 +229,6 @@ def build_engine(path: str | Path, config: EngineConfig,
             set_threads(config.cpu_threads)
         runner = build_runner(path, config, progress=progress)
     model_config, num_blocks = runner.model.config, runner.kv_cache.num_blocks
-    max_model_len = config.session_len or model_config.max_position_embeddings
     block_size = config.cache_block_seq_len
     scheduler = Scheduler(
         BlockManager(num_blocks, block_size, config.enable_prefix_caching),
@@ -224,7 +236,7 @@ def build_engine(path: str | Path, config: EngineConfig,
         max_prefill_token_num=config.max_prefill_token_num,
     )
     engine = LLMEngine(runner, scheduler, Sampler(), eos_token_ids=model_config.eos_token_ids,
-                       max_model_len=max_model_len)
+                       max_model_len=max_model_len(config, model_config))
     warm_up(engine)
     return engine
 

@@ -20,12 +20,13 @@ import torch
 
 from lmserve.backends.torch.attention import (
     IN_PLACE_DECODE_DTYPES,
-    InPlaceDecodes,
+    DecodeTables,
     MAX_GROUPED_SCORES,
     PagedAttentionMetadata,
     PrefillSegment,
 )
 from lmserve.backends.torch.compiled_step import CompiledDecodeStep
+from lmserve.backends.torch.decode_graphs import DecodeGraphs
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sampler import logprob_records
 from lmserve.backends.torch.sequence import Sequence
@@ -59,7 +60,7 @@ class StepPlan(NamedTuple):
     fresh_blocks: tuple[int, ...]
     input_ids: torch.Tensor
     positions: torch.Tensor
-    metadata: PagedAttentionMetadata | InPlaceDecodes
+    metadata: PagedAttentionMetadata | DecodeTables
     #: Whether the compiled decode step computes it.
     compiled: bool
     #: The rows whose logits are sampled (one per sampling sequence).
@@ -79,14 +80,17 @@ class PromptLogprobSlice(NamedTuple):
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, device: torch.device,
                  sliding_window: int | None = None, decode_in_place: bool | None = None,
-                 weights: str = "", compile_decodes: bool = False, parallel: TensorParallel = SINGLE):
+                 weights: str = "", compile_decodes: bool = False, parallel: TensorParallel = SINGLE,
+                 decode_graphs: DecodeGraphs | None = None):
         """``decode_in_place``: decodes attend by reading the cache in place (a
         Numba kernel) rather than gathering their contexts; default: on the CPU,
         for float32 and bfloat16 caches. ``weights`` says what the weights are
         (dtype, quantization and why), for the start-up line. ``compile_decodes``:
         steps of decodes only run as one compiled graph
         (:class:`~lmserve.backends.torch.compiled_step.CompiledDecodeStep`; needs ``decode_in_place``,
-        and one rank). ``parallel``: this rank's place under tensor parallelism."""
+        and one rank). ``parallel``: this rank's place under tensor parallelism.
+        ``decode_graphs``: steps of decodes only that fit them run through these
+        (:mod:`~lmserve.backends.torch.decode_graphs`; CUDA graphs, one rank)."""
         self.model = model
         self.weights = weights
         self.kv_cache = kv_cache
@@ -100,6 +104,7 @@ class ModelRunner:
         self.ranks: RankProcesses | None = None
         compile_decodes = compile_decodes and decode_in_place and not parallel.is_parallel
         self.decode_step = CompiledDecodeStep(model) if compile_decodes else None
+        self.decode_graphs = None if parallel.is_parallel else decode_graphs
         self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
         self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * (kv_cache.num_blocks + 1)
 
@@ -116,6 +121,10 @@ class ModelRunner:
         """
         if self.parallel.failure is not None:  # the other ranks are gone or stuck: send them nothing
             raise RuntimeError(f"Tensor parallelism failed: {self.parallel.failure}")
+        if self.decode_graphs is not None and self._decodes_only_sampled(scheduled, sample_rows):
+            logits = self._run_graphed(scheduled, fresh_blocks)
+            if logits is not None:
+                return logits, {}
         input_ids, positions, metadata, last_rows = self.prepare(scheduled)
         slices = self._prompt_logprob_slices(scheduled, last_rows)
         plan = StepPlan(tuple(fresh_blocks), input_ids, positions, metadata,
@@ -178,18 +187,39 @@ class ModelRunner:
             self.parallel.fail(f"sending a step to the other ranks failed: {exc}")
             raise
 
-    def _compiled_step_fits(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
-                            metadata: PagedAttentionMetadata | InPlaceDecodes) -> bool:
-        """Whether the compiled step computes this one: one token per sequence, every row
-        sampled (its logits' rows are the scheduled sequences'), no prompt logprobs wanted
-        (one-token chunks of a prompt can come in steps like this)."""
-        return (self.decode_step is not None and isinstance(metadata, InPlaceDecodes)
-                and len(sample_rows) == len(scheduled)
+    @staticmethod
+    def _decodes_only_sampled(scheduled: list[tuple[Sequence, int]], sample_rows: list[int]) -> bool:
+        """Whether a step is what the compiled step and the decode graphs compute: one token
+        per sequence, every row sampled (the logits' rows are the scheduled sequences'), no
+        prompt logprobs wanted (one-token chunks of a prompt can come in steps like this)."""
+        return (len(sample_rows) == len(scheduled) and all(n == 1 for _, n in scheduled)
                 and not any(seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
                             for seq, _ in scheduled))
 
+    def _compiled_step_fits(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
+                            metadata: PagedAttentionMetadata | DecodeTables) -> bool:
+        return (self.decode_step is not None and isinstance(metadata, DecodeTables)
+                and self._decodes_only_sampled(scheduled, sample_rows))
+
+    def _run_graphed(self, scheduled: list[tuple[Sequence, int]], fresh_blocks: list[int]) -> torch.Tensor | None:
+        """A step of decodes through the decode graphs: its float32 logits; None when it is
+        larger than their largest batch or longest context, or when they failed (a capture
+        the device refused: no graphs from then on)."""
+        ids, positions, _ = _token_layout(scheduled)
+        shape = self.decode_graphs.shape_for(len(scheduled), int(positions.max()) + 1)
+        if shape is None:
+            return None
+        self.kv_cache.clear_blocks(list(fresh_blocks))
+        try:
+            return self.decode_graphs.run(shape, ids, positions, self._slots(scheduled, positions),
+                                          [seq.block_table for seq, _ in scheduled])
+        except Exception:  # the step is redone eagerly (its cache writes are the same), so nothing is lost
+            logger.exception("A decode graph failed; running every step eagerly from now on.")
+            self.decode_graphs = None
+            return None
+
     def _run_compiled(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                      metadata: InPlaceDecodes) -> torch.Tensor | None:
+                      metadata: DecodeTables) -> torch.Tensor | None:
         """The compiled step's logits; None, and eager steps from now on, if it failed
         (no C++ compiler, a compile error, a graph it may not build at serve time)."""
         try:
@@ -227,7 +257,7 @@ class ModelRunner:
         write_rows = self._tensor(self._write_rows(scheduled, positions))
         if num_decodes == len(scheduled) and self.decode_in_place:
             tables = self._decode_block_tables(scheduled, context_lens)
-            metadata = InPlaceDecodes(write_rows, torch.from_numpy(tables), torch.from_numpy(context_lens),
+            metadata = DecodeTables(write_rows, torch.from_numpy(tables), torch.from_numpy(context_lens),
                                       self.sliding_window or 0)
             return self._tensor(ids), self._tensor(positions), metadata, last_rows
         decodes = self._decode_fields(scheduled[:num_decodes], context_lens)
@@ -246,7 +276,12 @@ class ModelRunner:
 
     def _write_rows(self, scheduled: list[tuple[Sequence, int]], positions: np.ndarray) -> np.ndarray:
         """``[kv_heads * T]`` rows of the flat cache where the step's new keys/values go:
-        each token's slot, from its sequence's block table, for every kv head."""
+        each token's slot, for every kv head."""
+        slots = self._slots(scheduled, positions)
+        return (self._head_offsets[:, None] + slots[None, :]).reshape(-1)
+
+    def _slots(self, scheduled: list[tuple[Sequence, int]], positions: np.ndarray) -> np.ndarray:
+        """``[T]``: the cache slot of each of the step's tokens, from its sequence's block table."""
         block_size = self.kv_cache.block_size
         block_ids = np.empty(len(positions), dtype=np.int64)
         row = 0
@@ -254,8 +289,7 @@ class ModelRunner:
             table = np.asarray(seq.block_table, dtype=np.int64)
             block_ids[row : row + n] = table[positions[row : row + n] // block_size]
             row += n
-        slots = block_ids * block_size + positions % block_size
-        return (self._head_offsets[:, None] + slots[None, :]).reshape(-1)
+        return block_ids * block_size + positions % block_size
 
     def _decode_fields(self, decodes: list[tuple[Sequence, int]], context_lens: np.ndarray) -> DecodeFields:
         """How the decodes find their contexts: their block tables, read in place,

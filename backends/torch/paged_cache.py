@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lmserve.backends.torch.attention import (
-    InPlaceDecodes,
+    DecodeTables,
     PagedAttentionMetadata,
     paged_attention,
     paged_decode_attention,
@@ -64,10 +64,10 @@ class PagedKVCache:
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return _block_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, block_size, dtype)
 
-    def attend(self, layer_idx: int, metadata: PagedAttentionMetadata | InPlaceDecodes, query: torch.Tensor,
+    def attend(self, layer_idx: int, metadata: PagedAttentionMetadata | DecodeTables, query: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Called by each attention layer: store the step's keys/values and attend."""
-        if isinstance(metadata, InPlaceDecodes):
+        if isinstance(metadata, DecodeTables):
             return paged_decode_attention(self.keys[layer_idx], self.values[layer_idx], metadata, query, keys,
                                           values, self.block_size)
         return paged_attention(self.keys[layer_idx], self.values[layer_idx], metadata, query, keys, values,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmserve.backends.torch.attention import InPlaceDecodes
+from lmserve.backends.torch.attention import DecodeTables
 from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sequence import Sequence
@@ -34,7 +34,7 @@ def greedy_decodes(runner: ModelRunner, prompts, steps: int = STEPS) -> list[tor
     for _ in range(steps):
         scheduled = [(seq, 1) for seq in sequences]
         _, _, metadata, _ = runner.prepare(scheduled)
-        assert isinstance(metadata, InPlaceDecodes)  # the compiled step's kind of step
+        assert isinstance(metadata, DecodeTables)  # the compiled step's kind of step
         logits, _ = runner.run(scheduled, list(range(len(sequences))))
         all_logits.append(logits)
         for seq, token in zip(sequences, logits.argmax(-1).tolist()):

@@ -1,8 +1,9 @@
 """The torch engine on a GPU gives the tokens it gives on the CPU (skipped without CUDA).
 
-On CUDA the engine takes its other paths: decodes gather their blocks and
-attend with torch's fused SDPA, linear layers stay ``nn.Linear`` (no oneDNN
-packing), sampling runs the Numba ``@cuda.jit`` kernel.
+On CUDA the engine takes its other paths: steps of decodes replay CUDA graphs
+(decodes gather their blocks and attend with torch's fused SDPA; eagerly with
+``enforce_eager``), linear layers stay ``nn.Linear`` (no oneDNN packing),
+sampling runs the Numba ``@cuda.jit`` kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +43,34 @@ def test_greedy_float32_tokens_equal_the_cpus(tiny_model_dir):
     on_gpu, _ = generate(tiny_model_dir, "cuda", "float32", greedy)
     on_cpu, _ = generate(tiny_model_dir, "cpu", "float32", greedy)
     assert on_gpu == on_cpu
+
+
+def test_decode_graphs_give_the_eager_engines_and_the_cpus_tokens(tiny_model_dir):
+    """Requests of different lengths: the batch shrinks through the buckets 8, 4, 2, 1
+    and contexts grow past one block of 16 (table widths 2 and 4)."""
+    prompts = {f"r{i}": tuple(range(10 + i, 20 + 3 * i)) for i in range(6)}
+    lengths = {f"r{i}": 6 + 7 * i for i in range(6)}
+    engines = []
+
+    def run(device: str, **options):
+        engine = build_engine(tiny_model_dir, EngineConfig(device=device, dtype="float32", cache_max_entry_count=64,
+                                                           cache_block_seq_len=16, session_len=256, **options))
+        engines.append(engine)
+        for rid, prompt in prompts.items():
+            params = SamplingParams(max_tokens=lengths[rid], temperature=0.0, ignore_eos=True)
+            engine.add_request(EngineRequest(rid, prompt, params))
+        tokens = {rid: [] for rid in prompts}
+        with torch.inference_mode():
+            while engine.has_work:
+                for out in engine.step():
+                    tokens[out.request_id].extend(out.new_token_ids)
+        return tokens
+
+    graphed = run("cuda")
+    assert graphed == run("cuda", enforce_eager=True) == run("cpu")
+    captured = engines[0].runner.decode_graphs.graphs
+    assert {batch for batch, _ in captured} >= {8, 4, 2, 1} and {width for _, width in captured} >= {2, 4}
+    assert engines[1].runner.decode_graphs is None
 
 
 def test_seeded_sampling_draws_the_cpus_tokens(tiny_model_dir):

@@ -1,0 +1,205 @@
+"""Steps of decodes replayed as CUDA graphs: the GPU's default (``--enforce-eager`` turns it off).
+
+On a GPU a decode step of a small model is bound by the host: 30 layers of small
+kernels, each launched from Python, take far longer to launch than to run. A CUDA
+graph records a whole step (every layer's forward and the output projection) once
+and replays it with one launch. A graph fixes its shapes and the addresses it reads,
+so a step is fitted to one:
+
+- **Batch buckets** (:func:`batch_buckets`): a step of ``n`` decodes runs in the
+  smallest bucket of at least ``n`` rows. Padding rows read token 0 at position 0,
+  write their keys/values into the null block and attend to its first position
+  (context length 1); their logits are dropped.
+- **Table widths** (:func:`table_widths`): block tables are padded with the null
+  block to a power of two of columns, so one graph serves every context up to that
+  many blocks. The attention gathers every column
+  (:func:`~lmserve.backends.torch.attention.gathered_decode_attention`) and masks on
+  the device with the context lengths, so no per-step value is a Python number.
+- **Persistent inputs** (:class:`DecodeInputs`): token ids, positions, cache slots,
+  context lengths and block tables live in one int64 host buffer (pinned on CUDA)
+  filled with numpy, and its device twin, refreshed by one non-blocking copy per step;
+  every graph reads views of the twin at fixed addresses.
+
+A graph per (bucket, width) is captured the first time a step needs it (after one
+eager run of that shape, which pays the lazy initialisations outside the capture); all
+share one memory pool. Prefill and mixed steps, steps wanting prompt logprobs and steps
+beyond the largest bucket or width run eagerly. On other devices the same fitted steps
+run without capture: that is how the CPU tests check the bucketing, padding and buffers.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from lmserve.backends.torch.attention import DecodeTables
+from lmserve.backends.torch.compiled_step import step_logits
+from lmserve.backends.torch.model import LlamaForCausalLM
+from lmserve.backends.torch.paged_cache import PagedKVCache
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes graphs are captured for: 1, 2, 4, 8, then every multiple of 8 up to
+    64 and of 16 beyond, and the largest batch (a step pads fewer than 8 rows up to 64
+    decodes, fewer than 16 beyond)."""
+    sizes = [size for size in (1, 2, 4) if size < max_batch_size]
+    sizes += range(8, min(64, max_batch_size) + 1, 8)
+    sizes += range(80, max_batch_size + 1, 16)
+    if not sizes or sizes[-1] != max_batch_size:
+        sizes.append(max_batch_size)
+    return tuple(sizes)
+
+
+def table_widths(max_blocks: int) -> tuple[int, ...]:
+    """The block-table widths graphs are captured for: powers of two from 2, and ``max_blocks``."""
+    widths = []
+    width = 2
+    while width < max_blocks:
+        widths.append(width)
+        width *= 2
+    widths.append(max(2, max_blocks))
+    return tuple(widths)
+
+
+def smallest_fitting(sizes: tuple[int, ...], needed: int) -> int | None:
+    """The smallest of the sorted ``sizes`` that is at least ``needed``; None if none is."""
+    index = bisect.bisect_left(sizes, needed)
+    return sizes[index] if index < len(sizes) else None
+
+
+class DecodeViews(NamedTuple):
+    """One step's inputs as views of the device buffer (fixed addresses for a given shape)."""
+
+    input_ids: torch.Tensor  # [batch]
+    positions: torch.Tensor  # [batch]
+    slots: torch.Tensor  # [batch]: the cache slot each row's key/value goes to
+    context_lens: torch.Tensor  # [batch]
+    block_tables: torch.Tensor  # [batch, width]
+
+
+class DecodeInputs:
+    """Every graphed step's inputs, in one int64 buffer on the host and its twin on the device.
+
+    Layout: ``[ids | positions | slots | context lengths]``, ``max_batch`` each, then the
+    block tables, ``batch x width`` of them laid out for the step's own shape. A step
+    fills the host buffer with numpy and copies what it filled in one non-blocking copy.
+    """
+
+    def __init__(self, max_batch: int, max_width: int, null_block: int, block_size: int,
+                 device: torch.device):
+        self.max_batch = max_batch
+        self.null_block = null_block
+        self.block_size = block_size
+        self.device = device
+        size = max_batch * (4 + max_width)
+        pinned = device.type == "cuda"
+        self._host_tensor = torch.zeros(size, dtype=torch.int64, pin_memory=pinned)
+        self.host = self._host_tensor.numpy()
+        self.on_device = torch.zeros(size, dtype=torch.int64, device=device)
+        #: Set after each copy: the host buffer is not refilled before the copy is done.
+        self._copied = torch.cuda.Event() if pinned else None
+
+    def _column(self, index: int) -> slice:
+        return slice(index * self.max_batch, (index + 1) * self.max_batch)
+
+    def views(self, batch: int, width: int) -> DecodeViews:
+        ids, positions, slots, context_lens = (self.on_device[self._column(i)][:batch] for i in range(4))
+        tables_start = 4 * self.max_batch
+        tables = self.on_device[tables_start : tables_start + batch * width].view(batch, width)
+        return DecodeViews(ids, positions, slots, context_lens, tables)
+
+    def fill(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+             block_tables: list[list[int]], batch: int, width: int) -> DecodeViews:
+        """Write one step of ``n = len(input_ids)`` decodes, padded to ``batch`` rows and
+        ``width`` table columns, and copy it to the device; its views."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        n = len(input_ids)
+        host = self.host
+        for index, values, padding in ((0, input_ids, 0), (1, positions, 0),
+                                       (2, slots, self.null_block * self.block_size),
+                                       (3, positions + 1, 1)):
+            column = host[self._column(index)]
+            column[:n] = values
+            column[n:batch] = padding
+        tables_start = 4 * self.max_batch
+        tables = host[tables_start : tables_start + batch * width].reshape(batch, width)
+        tables.fill(self.null_block)
+        for row, table in enumerate(block_tables):
+            used = table[:width]
+            tables[row, : len(used)] = used
+        end = tables_start + batch * width
+        self.on_device[:end].copy_(self._host_tensor[:end], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return self.views(batch, width)
+
+
+class DecodeGraphs:
+    """``run(...)``: a step of decodes through the graph of its bucket and width.
+
+    ``gather``: the attention's kind (:attr:`DecodeTables.gather`); on CUDA it must be
+    True (the Numba kernel reads CPU memory). ``capture``: record CUDA graphs (the
+    default on CUDA); without, each step runs its fitted shape eagerly."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: PagedKVCache, device: torch.device, *,
+                 max_batch_size: int, max_blocks: int, sliding_window: int | None = None, gather: bool = True,
+                 capture: bool | None = None):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.buckets = batch_buckets(max_batch_size)
+        self.widths = table_widths(max_blocks)
+        self.sliding_window = sliding_window or 0
+        self.gather = gather
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.inputs = DecodeInputs(self.buckets[-1], self.widths[-1], kv_cache.null_block, kv_cache.block_size,
+                                   device)
+        self._head_offsets = torch.arange(kv_cache.num_kv_heads, device=device) * kv_cache.num_slots
+        #: (batch, width) -> (graph, its logits); the graphs captured so far.
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def shape_for(self, num_decodes: int, max_context: int) -> tuple[int, int] | None:
+        """``(batch, width)`` of the graph for ``num_decodes`` decodes whose longest context
+        is ``max_context`` tokens; None when none is large enough (the step runs eagerly)."""
+        batch = smallest_fitting(self.buckets, num_decodes)
+        width = smallest_fitting(self.widths, -(-max_context // self.kv_cache.block_size))
+        return None if batch is None or width is None else (batch, width)
+
+    def run(self, shape: tuple[int, int], input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Float32 logits ``[n, vocab]`` of ``n`` decodes (token ``input_ids[i]`` at
+        ``positions[i]``, its key/value into cache slot ``slots[i]``) in the graph of
+        ``shape`` (from :meth:`shape_for`)."""
+        batch, width = shape
+        views = self.inputs.fill(input_ids, positions, slots, block_tables, batch, width)
+        if not self.capture:
+            return self._step(views)[: len(input_ids)]
+        captured = self.graphs.get(shape)
+        if captured is None:
+            captured = self.graphs[shape] = self._capture(views)
+        graph, logits = captured
+        graph.replay()
+        return logits[: len(input_ids)]
+
+    def _step(self, views: DecodeViews) -> torch.Tensor:
+        """What a graph records: the forward of a fitted step, its float32 logits ``[batch, vocab]``."""
+        write_rows = (self._head_offsets[:, None] + views.slots[None, :]).reshape(-1)
+        metadata = DecodeTables(write_rows, views.block_tables, views.context_lens, self.sliding_window,
+                                gather=self.gather)
+        return step_logits(self.model, views.input_ids, views.positions, self.kv_cache, metadata)
+
+    def _capture(self, views: DecodeViews) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record the step of ``views``' shape. One eager run first (its writes to the cache are
+        the ones the replay makes again) lets cuBLAS and the attention pick and set up their
+        kernels outside the capture."""
+        self._step(views)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._step(views)
+        return graph, logits
