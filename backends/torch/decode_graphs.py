@@ -20,11 +20,14 @@ so a step is fitted to one:
   filled with numpy, and its device twin, refreshed by one non-blocking copy per step;
   every graph reads views of the twin at fixed addresses.
 
-A graph per (bucket, width) is captured the first time a step needs it (after one
-eager run of that shape, which pays the lazy initialisations outside the capture); all
-share one memory pool. Prefill and mixed steps, steps wanting prompt logprobs and steps
-beyond the largest bucket or width run eagerly. On other devices the same fitted steps
-run without capture: that is how the CPU tests check the bucketing, padding and buffers.
+The engine's warm-up captures a graph per (bucket, width), largest first, all in one
+memory pool (after one eager run of each shape, which pays the lazy initialisations
+outside the capture), and every graph writes its logits into one shared buffer. Shapes
+that would gather more than ``max_gathered_tokens`` cache positions get no graph (the
+memory a graph's attention holds stays in the pool). Prefill and mixed steps, steps
+wanting prompt logprobs and steps beyond the largest bucket, width or gathered size run
+eagerly. On other devices the same fitted steps run without capture: that is how the
+CPU tests check the bucketing, padding and buffers.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ class DecodeInputs:
         end = tables_start + batch * width
         self.on_device[:end].copy_(self._host_tensor[:end], non_blocking=True)
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))
         return self.views(batch, width)
 
 
@@ -143,11 +146,14 @@ class DecodeGraphs:
 
     ``gather``: the attention's kind (:attr:`DecodeTables.gather`); on CUDA it must be
     True (the Numba kernel reads CPU memory). ``capture``: record CUDA graphs (the
-    default on CUDA); without, each step runs its fitted shape eagerly."""
+    default on CUDA); without, each step runs its fitted shape eagerly.
+    ``max_gathered_tokens``: the largest ``batch x width x block_size`` a graph gathers
+    (the memory its attention holds while it runs stays in the graphs' pool for good);
+    larger steps run eagerly."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: PagedKVCache, device: torch.device, *,
                  max_batch_size: int, max_blocks: int, sliding_window: int | None = None, gather: bool = True,
-                 capture: bool | None = None):
+                 capture: bool | None = None, max_gathered_tokens: int = 256 * 1024):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -156,35 +162,57 @@ class DecodeGraphs:
         self.sliding_window = sliding_window or 0
         self.gather = gather
         self.capture = device.type == "cuda" if capture is None else capture
+        self.max_gathered_tokens = max_gathered_tokens
         self.inputs = DecodeInputs(self.buckets[-1], self.widths[-1], kv_cache.null_block, kv_cache.block_size,
                                    device)
         self._head_offsets = torch.arange(kv_cache.num_kv_heads, device=device) * kv_cache.num_slots
-        #: (batch, width) -> (graph, its logits); the graphs captured so far.
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        #: Every graph writes its logits here (rows past a step's decodes are its padding's).
+        self._logits = torch.empty(self.buckets[-1], model.lm_head.out_features, dtype=torch.float32, device=device)
+        #: (batch, width) -> the graph captured for that shape.
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if self.capture:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every ``(batch, width)`` a graph may have, largest first."""
+        return sorted(((batch, width) for batch in self.buckets for width in self.widths
+                       if batch * width * self.kv_cache.block_size <= self.max_gathered_tokens), reverse=True)
 
     def shape_for(self, num_decodes: int, max_context: int) -> tuple[int, int] | None:
         """``(batch, width)`` of the graph for ``num_decodes`` decodes whose longest context
-        is ``max_context`` tokens; None when none is large enough (the step runs eagerly)."""
+        is ``max_context`` tokens; None when none fits (the step runs eagerly)."""
         batch = smallest_fitting(self.buckets, num_decodes)
         width = smallest_fitting(self.widths, -(-max_context // self.kv_cache.block_size))
-        return None if batch is None or width is None else (batch, width)
+        if batch is None or width is None or batch * width * self.kv_cache.block_size > self.max_gathered_tokens:
+            return None
+        return batch, width
+
+    def capture_all(self) -> None:
+        """Capture a graph for every shape, largest first (the pool grows once), with inputs
+        of padding only (which write into the null block): the engine's warm-up does this,
+        so no step pays for a capture while serving. Without capture, each shape runs once."""
+        for batch, width in self.shapes():
+            views = self.inputs.fill(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64), [],
+                                     batch, width)
+            if self.capture:
+                self._graph((batch, width), views)
+            else:
+                self._step(views)
 
     def run(self, shape: tuple[int, int], input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
             block_tables: list[list[int]]) -> torch.Tensor:
         """Float32 logits ``[n, vocab]`` of ``n`` decodes (token ``input_ids[i]`` at
         ``positions[i]``, its key/value into cache slot ``slots[i]``) in the graph of
-        ``shape`` (from :meth:`shape_for`)."""
-        batch, width = shape
-        views = self.inputs.fill(input_ids, positions, slots, block_tables, batch, width)
-        if not self.capture:
-            return self._step(views)[: len(input_ids)]
-        captured = self.graphs.get(shape)
-        if captured is None:
-            captured = self.graphs[shape] = self._capture(views)
-        graph, logits = captured
-        graph.replay()
-        return logits[: len(input_ids)]
+        ``shape`` (from :meth:`shape_for`). The rows stay valid until the next step."""
+        batch, _ = shape
+        views = self.inputs.fill(input_ids, positions, slots, block_tables, batch, shape[1])
+        if self.capture:
+            with torch.cuda.device(self.device):
+                self._graph(shape, views).replay()
+        else:
+            self._logits[:batch].copy_(self._step(views))
+        return self._logits[: len(input_ids)]
 
     def _step(self, views: DecodeViews) -> torch.Tensor:
         """What a graph records: the forward of a fitted step, its float32 logits ``[batch, vocab]``."""
@@ -193,13 +221,24 @@ class DecodeGraphs:
                                 gather=self.gather)
         return step_logits(self.model, views.input_ids, views.positions, self.kv_cache, metadata)
 
-    def _capture(self, views: DecodeViews) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Record the step of ``views``' shape. One eager run first (its writes to the cache are
-        the ones the replay makes again) lets cuBLAS and the attention pick and set up their
-        kernels outside the capture."""
-        self._step(views)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(views)
-        return graph, logits
+    def _graph(self, shape: tuple[int, int], views: DecodeViews) -> torch.cuda.CUDAGraph:
+        """The graph of ``shape``, captured now if it was not yet (``views``: its inputs).
+
+        One eager run first, on the capture's own stream (its writes to the cache are the
+        ones the replay makes again), lets cuBLAS and the attention pick and set up their
+        kernels outside the capture. The outer stream context gives this thread its stream
+        back even when a capture breaks (``torch.cuda.graph`` may raise before restoring it)."""
+        graph = self.graphs.get(shape)
+        if graph is not None:
+            return graph
+        batch, _ = shape
+        with torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.current_stream(self.device)):
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.stream(self._stream):
+                self._step(views)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                self._logits[:batch].copy_(self._step(views))
+        self.graphs[shape] = graph
+        return graph

@@ -242,10 +242,12 @@ def build_engine(path: str | Path, config: EngineConfig,
 
 
 def warm_up(engine: LLMEngine) -> None:
-    """Compile the kernels, then run a prefill, a batched decode, a one-sequence decode
-    and sampling once, so the first request pays no first-call costs (the compiled
-    decode step has a graph for each kind of decode)."""
+    """Compile the kernels, capture the decode graphs (CUDA), then run a prefill, a batched
+    decode, a one-sequence decode and sampling once, so the first request pays no
+    first-call costs (the compiled decode step has a graph for each kind of decode)."""
     warm_up_kernels(use_cuda=engine.runner.device.type == "cuda")
+    with torch.inference_mode():
+        engine.runner.capture_decode_graphs()
     greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     sampled = SamplingParams(max_tokens=2, temperature=1.0, top_p=0.9, top_k=5, seed=0, ignore_eos=True)
     longer = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

@@ -12,6 +12,7 @@ every rank executes it on its own part of the model.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -147,6 +148,20 @@ class ModelRunner:
             exited = self.ranks.exit_within(1.0) if self.ranks is not None else None
             self.parallel.fail(exited or f"a step failed: {type(exc).__name__}: {exc}")
             raise
+
+    def capture_decode_graphs(self) -> None:
+        """Capture the decode graphs (the engine's warm-up); where the device refuses, log why
+        and run every step eagerly."""
+        if self.decode_graphs is None:
+            return
+        start = time.perf_counter()
+        try:
+            self.decode_graphs.capture_all()
+        except Exception:
+            logger.exception("Capturing the decode graphs failed; running every step eagerly.")
+            self.decode_graphs = None
+            return
+        logger.info("Decode graphs: %d captured in %.1f s.", len(self.decode_graphs.graphs), time.perf_counter() - start)
 
     def close(self) -> None:
         """Tell the other ranks to stop, and wait for this node's to end."""

@@ -32,8 +32,10 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        # One more block than the block manager hands out: the null block, always
-        # zero, that padding points at.
+        # One more block than the block manager hands out: the null block, that padding
+        # points at. Zero, except where the padding rows of a decode graph write their
+        # (finite) keys and values; attention reads it only at masked positions, or for
+        # those padding rows.
         self.null_block = num_blocks
         self.num_slots = (num_blocks + 1) * block_size
         #: The bytes one block holds on this rank (keys and values of every layer).

@@ -156,3 +156,55 @@ def test_padding_rows_write_only_into_the_null_block(tiny_model_dir):
         assert torch.equal(heads[:, untouched], old_heads[:, untouched])
         assert not torch.equal(heads[:, sorted(slots.tolist())], old_heads[:, sorted(slots.tolist())])
 
+
+
+def test_shapes_that_would_gather_too_much_get_no_graph(tiny_model_dir):
+    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
+                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    graphs = DecodeGraphs(engine.runner.model, engine.runner.kv_cache, CPU, max_batch_size=16, max_blocks=16,
+                          max_gathered_tokens=64)
+    assert graphs.shapes() == sorted(graphs.shapes(), reverse=True)
+    assert all(batch * width * 4 <= 64 for batch, width in graphs.shapes())
+    assert (16, 2) not in graphs.shapes() and (8, 2) in graphs.shapes() and (1, 16) in graphs.shapes()
+    assert graphs.shape_for(9, 5) is None  # 16 x 2 blocks of 4: 128 positions
+    assert graphs.shape_for(7, 5) == (8, 2)
+    assert graphs.shape_for(1, 65) is None  # 17 blocks: wider than any table
+
+
+def test_the_warm_up_runs_every_shape_writing_only_the_null_block(tiny_model_dir):
+    """Without capture (the CPU), capture_all runs each shape once on padding alone."""
+    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
+                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    cache = engine.runner.kv_cache
+    graphs = DecodeGraphs(engine.runner.model, cache, CPU, max_batch_size=8, max_blocks=16)
+    steps = []
+    step = graphs._step
+    graphs._step = lambda views: steps.append(views.block_tables.shape) or step(views)
+    for layer in (*cache.keys, *cache.values):
+        layer.normal_()
+    before = [layer.clone() for layer in (*cache.keys, *cache.values)]
+    engine.runner.decode_graphs = graphs
+    with torch.inference_mode():
+        engine.runner.capture_decode_graphs()
+    assert sorted(steps, reverse=True) == graphs.shapes() and len(steps) == 4 * 4  # buckets 1-8 x widths 2-16
+    null_rows = slice(cache.null_block * 4, cache.null_block * 4 + 4)
+    for old, new in zip(before, (*cache.keys, *cache.values)):
+        heads, old_heads = (t.view(cache.num_kv_heads, cache.num_slots, -1) for t in (new, old))
+        assert torch.equal(heads[:, : null_rows.start], old_heads[:, : null_rows.start])
+        assert not torch.equal(heads[:, null_rows], old_heads[:, null_rows])
+    assert engine.runner.decode_graphs is graphs
+
+
+def test_a_refused_capture_leaves_every_step_eager(tiny_model_dir, caplog):
+    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
+                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    graphs = DecodeGraphs(engine.runner.model, engine.runner.kv_cache, CPU, max_batch_size=8, max_blocks=16)
+
+    def refuse():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    graphs.capture_all = refuse
+    engine.runner.decode_graphs = graphs
+    engine.runner.capture_decode_graphs()
+    assert engine.runner.decode_graphs is None
+    assert "Capturing the decode graphs failed" in caplog.text
