@@ -1,4 +1,5 @@
-"""The decode step as one compiled graph: the CPU's default (``--enforce-eager`` turns it off).
+"""The decode step as one compiled graph: the CPU's default (``--enforce-eager`` turns it off),
+and what CUDA's decode graphs record (:mod:`~lmserve.backends.torch.decode_graphs`).
 
 Run op by op, a decode step of a small model is mostly overhead: 30 layers of
 norms, rotary embeddings, SiLU, casts and cache writes are some 2,000 small
@@ -11,6 +12,10 @@ What it cannot trace are lmserve's own operators (:mod:`~lmserve.backends.torch.
 the matmuls on packed or quantized weights and the paged decode attention,
 which it calls as they are. Steps of decodes only take this path; prefill and
 mixed steps run eagerly (their time is in large matmuls, not in overhead).
+
+On CUDA inductor writes Triton kernels instead, and the decodes' attention
+(gathered from block tables, torch ops only) is traced with the rest; each CUDA
+graph then replays the compiled step of its shape.
 
 Shapes are dynamic (one graph for any batch size and context), except that
 torch specialises a dimension of size 1: a one-sequence step has a graph of

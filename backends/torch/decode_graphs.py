@@ -33,6 +33,8 @@ CPU tests check the bucketing, padding and buffers.
 from __future__ import annotations
 
 import bisect
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -149,11 +151,15 @@ class DecodeGraphs:
     default on CUDA); without, each step runs its fitted shape eagerly.
     ``max_gathered_tokens``: the largest ``batch x width x block_size`` a graph gathers
     (the memory its attention holds while it runs stays in the graphs' pool for good);
-    larger steps run eagerly."""
+    larger steps run eagerly. ``step``: ``(input_ids, positions, kv_cache, metadata) ->
+    float32 logits``, what each graph records: the model op by op (the default) or the
+    compiled decode step (:class:`~lmserve.backends.torch.compiled_step.CompiledDecodeStep`,
+    fewer and fused kernels)."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: PagedKVCache, device: torch.device, *,
                  max_batch_size: int, max_blocks: int, sliding_window: int | None = None, gather: bool = True,
-                 capture: bool | None = None, max_gathered_tokens: int = 256 * 1024):
+                 capture: bool | None = None, max_gathered_tokens: int = 256 * 1024,
+                 step: Callable[..., torch.Tensor] | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -163,6 +169,7 @@ class DecodeGraphs:
         self.gather = gather
         self.capture = device.type == "cuda" if capture is None else capture
         self.max_gathered_tokens = max_gathered_tokens
+        self.step = step or self.eager_step()
         self.inputs = DecodeInputs(self.buckets[-1], self.widths[-1], kv_cache.null_block, kv_cache.block_size,
                                    device)
         self._head_offsets = torch.arange(kv_cache.num_kv_heads, device=device) * kv_cache.num_slots
@@ -173,6 +180,10 @@ class DecodeGraphs:
         if self.capture:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device)
+
+    def eager_step(self) -> Callable[..., torch.Tensor]:
+        """The model op by op, as a ``step``."""
+        return functools.partial(step_logits, self.model)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every ``(batch, width)`` a graph may have, largest first."""
@@ -219,7 +230,7 @@ class DecodeGraphs:
         write_rows = (self._head_offsets[:, None] + views.slots[None, :]).reshape(-1)
         metadata = DecodeTables(write_rows, views.block_tables, views.context_lens, self.sliding_window,
                                 gather=self.gather)
-        return step_logits(self.model, views.input_ids, views.positions, self.kv_cache, metadata)
+        return self.step(views.input_ids, views.positions, self.kv_cache, metadata)
 
     def _graph(self, shape: tuple[int, int], views: DecodeViews) -> torch.cuda.CUDAGraph:
         """The graph of ``shape``, captured now if it was not yet (``views``: its inputs).

@@ -11,6 +11,7 @@ import torch
 
 from lmserve.backends.torch.backend import TorchBackend
 from lmserve.backends.torch.block_manager import BlockManager
+from lmserve.backends.torch.compiled_step import CompiledDecodeStep
 from lmserve.backends.torch.decode_graphs import DecodeGraphs
 from lmserve.backends.torch.device import choose_dtype, resolve_device
 from lmserve.backends.torch.engine import LLMEngine
@@ -179,7 +180,7 @@ def build_runner(path: str | Path, config: EngineConfig, parallel: TensorParalle
     if device.type == "cuda" and not config.enforce_eager and not parallel.is_parallel:
         max_blocks = min(-(-max_model_len(config, model_config) // block_size), num_blocks)
         graphs = DecodeGraphs(model, kv_cache, device, max_batch_size=config.max_batch_size, max_blocks=max_blocks,
-                              sliding_window=model_config.sliding_window)
+                              sliding_window=model_config.sliding_window, step=CompiledDecodeStep(model))
     return ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window,
                        weights=weights, compile_decodes=not config.enforce_eager, parallel=parallel,
                        decode_graphs=graphs)

@@ -150,18 +150,26 @@ class ModelRunner:
             raise
 
     def capture_decode_graphs(self) -> None:
-        """Capture the decode graphs (the engine's warm-up); where the device refuses, log why
-        and run every step eagerly."""
-        if self.decode_graphs is None:
+        """Capture the decode graphs (the engine's warm-up). Where the compiled step fails,
+        capture the model op by op; where the device refuses, log why and run every step eagerly."""
+        graphs = self.decode_graphs
+        if graphs is None:
             return
         start = time.perf_counter()
         try:
-            self.decode_graphs.capture_all()
+            graphs.capture_all()
         except Exception:
+            if isinstance(graphs.step, CompiledDecodeStep):
+                logger.exception("Capturing the compiled decode step failed; capturing the model op by op.")
+                graphs.graphs.clear()
+                graphs.step = graphs.eager_step()
+                return self.capture_decode_graphs()
             logger.exception("Capturing the decode graphs failed; running every step eagerly.")
             self.decode_graphs = None
             return
-        logger.info("Decode graphs: %d captured in %.1f s.", len(self.decode_graphs.graphs), time.perf_counter() - start)
+        logger.info("Decode graphs: %d captured (%s) in %.1f s.", len(graphs.graphs),
+                    "compiled" if isinstance(graphs.step, CompiledDecodeStep) else "op by op",
+                    time.perf_counter() - start)
 
     def close(self) -> None:
         """Tell the other ranks to stop, and wait for this node's to end."""

@@ -4,12 +4,14 @@ replays real CUDA graphs)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 
+from lmserve.backends.torch.compiled_step import CompiledDecodeStep
 from lmserve.backends.torch.decode_graphs import (
     DecodeGraphs,
     DecodeInputs,
@@ -208,3 +210,38 @@ def test_a_refused_capture_leaves_every_step_eager(tiny_model_dir, caplog):
     engine.runner.capture_decode_graphs()
     assert engine.runner.decode_graphs is None
     assert "Capturing the decode graphs failed" in caplog.text
+
+
+def test_graphs_of_the_compiled_step_give_the_eager_engines_tokens(tiny_model_dir):
+    """CUDA's graphs record the compiled step (fused kernels); here it runs uncaptured."""
+    expected, _ = generate(tiny_model_dir)
+    compiled = []
+
+    def compile_step(run):
+        graphs = run.__self__
+        graphs.step = CompiledDecodeStep(graphs.model)
+        compiled.append(graphs.step)
+        return run
+
+    tokens, engine = generate(tiny_model_dir, {"max_batch_size": 8, "max_blocks": 64}, compile_step)
+    assert tokens == expected
+    assert engine.runner.decode_graphs.step is compiled[0]
+
+
+def test_a_compiled_step_that_fails_is_captured_op_by_op(tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="lmserve")
+    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
+                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    graphs = DecodeGraphs(engine.runner.model, engine.runner.kv_cache, CPU, max_batch_size=8, max_blocks=16,
+                          step=CompiledDecodeStep(engine.runner.model))
+
+    def no_compiler(*args):
+        raise RuntimeError("InductorError: no C++ compiler")
+
+    graphs.step._compiled = no_compiler
+    engine.runner.decode_graphs = graphs
+    with torch.inference_mode():
+        engine.runner.capture_decode_graphs()
+    assert engine.runner.decode_graphs is graphs and not isinstance(graphs.step, CompiledDecodeStep)
+    assert "capturing the model op by op" in caplog.text
+    assert "Decode graphs: 0 captured (op by op)" in caplog.text  # nothing is captured off CUDA

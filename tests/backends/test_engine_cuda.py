@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmserve.backends.torch.compiled_step import CompiledDecodeStep
 from lmserve.backends.torch.factory import EngineConfig, build_engine
 from lmserve.core.types import EngineRequest, FinishReason, SamplingParams
 
@@ -68,7 +69,9 @@ def test_decode_graphs_give_the_eager_engines_and_the_cpus_tokens(tiny_model_dir
 
     graphed = run("cuda")
     assert graphed == run("cuda", enforce_eager=True) == run("cpu")
-    captured = engines[0].runner.decode_graphs.graphs
+    graphs = engines[0].runner.decode_graphs
+    assert isinstance(graphs.step, CompiledDecodeStep)  # not the op-by-op fallback
+    captured = graphs.graphs
     assert {batch for batch, _ in captured} >= {8, 4, 2, 1} and {width for _, width in captured} >= {2, 4}
     assert engines[1].runner.decode_graphs is None
 
