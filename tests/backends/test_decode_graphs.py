@@ -66,6 +66,12 @@ def test_inputs_are_padded_and_stay_at_the_same_addresses():
         assert before.data_ptr() == after.data_ptr()
 
 
+def small_engine(model_dir):
+    """The tiny model's engine, op by op on the CPU, with 16 blocks of 4 tokens."""
+    return build_engine(model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
+                                                cache_block_seq_len=4, cache_max_entry_count=16))
+
+
 def generate(model_dir, graphs: dict | None = None, wrap_run: Callable[[Callable], Callable] = lambda run: run):
     """Greedy tokens of every prompt of PROMPTS in one continuous batch, op by op on the CPU,
     with decode graphs built from ``graphs`` (DecodeGraphs' options) or none, their ``run``
@@ -138,8 +144,7 @@ def test_a_failing_graph_leaves_every_step_to_the_eager_path(tiny_model_dir, cap
 def test_padding_rows_write_only_into_the_null_block(tiny_model_dir):
     """Three decodes padded to a batch of four: every cache row outside the three
     sequences' new slots and the null block is left as it was."""
-    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
-                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    engine = small_engine(tiny_model_dir)
     cache = engine.runner.kv_cache
     graphs = DecodeGraphs(engine.runner.model, cache, CPU, max_batch_size=4, max_blocks=16)
     for layer in (*cache.keys, *cache.values):
@@ -161,8 +166,7 @@ def test_padding_rows_write_only_into_the_null_block(tiny_model_dir):
 
 
 def test_shapes_that_would_gather_too_much_get_no_graph(tiny_model_dir):
-    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
-                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    engine = small_engine(tiny_model_dir)
     graphs = DecodeGraphs(engine.runner.model, engine.runner.kv_cache, CPU, max_batch_size=16, max_blocks=16,
                           max_gathered_tokens=64)
     assert graphs.shapes() == sorted(graphs.shapes(), reverse=True)
@@ -175,8 +179,7 @@ def test_shapes_that_would_gather_too_much_get_no_graph(tiny_model_dir):
 
 def test_the_warm_up_runs_every_shape_writing_only_the_null_block(tiny_model_dir):
     """Without capture (the CPU), capture_all runs each shape once on padding alone."""
-    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
-                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    engine = small_engine(tiny_model_dir)
     cache = engine.runner.kv_cache
     graphs = DecodeGraphs(engine.runner.model, cache, CPU, max_batch_size=8, max_blocks=16)
     steps = []
@@ -198,8 +201,7 @@ def test_the_warm_up_runs_every_shape_writing_only_the_null_block(tiny_model_dir
 
 
 def test_a_refused_capture_leaves_every_step_eager(tiny_model_dir, caplog):
-    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
-                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    engine = small_engine(tiny_model_dir)
     graphs = DecodeGraphs(engine.runner.model, engine.runner.kv_cache, CPU, max_batch_size=8, max_blocks=16)
 
     def refuse():
@@ -230,8 +232,7 @@ def test_graphs_of_the_compiled_step_give_the_eager_engines_tokens(tiny_model_di
 
 def test_a_compiled_step_that_fails_is_captured_op_by_op(tiny_model_dir, caplog):
     caplog.set_level(logging.INFO, logger="lmserve")
-    engine = build_engine(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", enforce_eager=True,
-                                                       cache_block_seq_len=4, cache_max_entry_count=16))
+    engine = small_engine(tiny_model_dir)
     graphs = DecodeGraphs(engine.runner.model, engine.runner.kv_cache, CPU, max_batch_size=8, max_blocks=16,
                           step=CompiledDecodeStep(engine.runner.model))
 
