@@ -9,12 +9,18 @@ float32 logits ``[B, V]`` and a :class:`SamplingBatch`. Per row, as vLLM does:
    multiplied); then the frequency and presence penalties over the output
    tokens (``logit -= frequency * count``, then ``logit -= presence``);
 2. greedy rows (``temperature == 0``) take the argmax, the lowest id on ties;
-3. other rows scale by ``1 / temperature``, softmax, then keep the top-k
-   tokens, then the top-p nucleus of those (the fewest most likely tokens
-   whose mass reaches ``top_p`` of the top-k mass), then drop every token
-   less likely than ``min_p`` times the most likely one; one draw from the
-   renormalised rest. Every cut is by value: tokens tied with the last one
-   kept are kept too (as vLLM's top-k), so no cut depends on token order.
+3. other rows scale by ``1 / temperature`` and softmax; the tokens are ordered
+   most likely first, the lower id first among equal logits (the order greedy
+   decoding breaks ties by), and each cut keeps a prefix of that order: top-k
+   the first ``top_k``, top-p the shortest prefix of those whose mass reaches
+   ``top_p`` of theirs, min-p the tokens at least ``min_p`` times as likely as
+   the first; one draw from the renormalised shortest prefix. Ties are cut
+   like any other neighbours, so ``top_k`` keeps exactly ``top_k`` tokens and
+   a ``top_p`` below the first token's probability keeps that token alone (as
+   a plain sort, cumulative sum and cut would; tests/backends/kernels hold
+   that reference and a sweep of planted ties against it). Probabilities
+   below ``exp(-87)`` of the first token's are 0 (float32 has no normal
+   number there).
 
 The uniform behind a draw is ``random.uniform(seed, step)`` (Philox): a
 request's tokens do not depend on its batch, and the CPU and CUDA kernels draw
@@ -25,8 +31,11 @@ softmax of the processed logits).
 
 No full sort of the vocabulary: one pass counts the tokens and their mass
 above a ladder of probability levels (``_LEVELS``); only the tokens above the
-highest level that must contain the kept set are sorted (the CPU kernel) or
-bisected on (the CUDA kernel). All tokens are candidates only as a fallback.
+highest level that must contain the kept prefix are sorted (the CPU kernel) or
+ranked against each other, or bisected on when many (the CUDA kernel). All
+tokens are candidates only as a fallback. A cut is then one token, the last
+kept: a token is kept when it comes at or before it in the order (a greater
+logit, or an equal logit and an id no greater).
 
 ``logits`` is used as scratch and holds garbage after a call.
 

@@ -102,12 +102,12 @@ def _row_max(x):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _exp_in_place(x, m, inv_temperature):
-    """``x[i] = exp((x[i] - m) / T)``; returns the sum (float64)."""
+def _exp_into(x, m, inv_temperature, out):
+    """``out[i] = exp((x[i] - m) / T)`` (``out`` may be ``x``); returns the sum (float64)."""
     total = 0.0
     for i in range(x.size):
         p = exp_nonpositive((x[i] - m) * inv_temperature)
-        x[i] = p
+        out[i] = p
         total += p
     return total
 
@@ -157,82 +157,90 @@ def _first_index_of(x, value):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _masked_sum(p, threshold):
+def _kept_mass(p, x, start, cut_logit, cut_id):
+    """The mass of the kept tokens among ``p`` (token ids from ``start``; logits ``x``)."""
     total = 0.0
     for i in range(p.size):
-        total += p[i] if p[i] >= threshold else np.float32(0.0)
+        kept = x[i] > cut_logit or (x[i] == cut_logit and start + i <= cut_id)
+        total += p[i] if kept else np.float32(0.0)
     return total
 
 
 @njit(cache=True)
-def _gather_at_least(p, threshold, count):
-    """The values ``>= threshold`` (``count`` of them), skipping blocks that hold none."""
-    out = np.empty(count, np.float32)
+def _candidate_ids(p, threshold, count):
+    """The ids of the tokens with ``p >= threshold`` (``count`` of them), in id order,
+    skipping blocks that hold none."""
+    out = np.empty(count, np.int64)
     n = 0
     for start in range(0, p.size, 256):
         block = p[start:start + 256]
         if _count_at_least(block, threshold):
-            for v in block:
-                if v >= threshold and n < count:
-                    out[n] = v
+            for j in range(block.size):
+                if block[j] >= threshold and n < count:
+                    out[n] = start + j
                     n += 1
     return out[:n]
 
 
 @njit(cache=True)
-def _cut_threshold(candidates, total, floor, top_k, top_p, min_p, vocab_size):
-    """The smallest kept probability: top-k, then top-p of those, then min-p (ties kept)."""
-    threshold = floor
-    n = candidates.size
+def _cut(x, p, candidates, total, top_k, top_p, min_p, vocab_size):
+    """The last kept token of the order (logit descending, lower id first among equal
+    logits) as ``(its logit, its id)``: top-k keeps the first ``top_k``, top-p the
+    shortest prefix of those whose mass reaches ``top_p`` of theirs, min-p those at
+    least ``min_p`` as likely as the first. ``candidates``: ids in id order that hold
+    the kept prefix."""
+    order = candidates[np.argsort(-x[candidates], kind="mergesort")]  # stable: ties by id
     k_on = 0 < top_k < vocab_size
-    if k_on or top_p < 1.0:
-        s = np.sort(candidates)  # ascending: s[n - 1 - j] is the j-th most likely
-        kept = n
-        if k_on and top_k < n:
-            threshold = max(threshold, s[n - top_k])
-            kept = top_k
-            while kept < n and s[n - 1 - kept] >= s[n - top_k]:
-                kept += 1
-        if top_p < 1.0:
-            mass = total
-            if k_on:
-                mass = 0.0
-                for j in range(kept):
-                    mass += s[n - 1 - j]
-            target = top_p * mass
-            cumulative = 0.0
+    kept = min(order.size, top_k) if k_on else order.size
+    if top_p < 1.0:
+        mass = total
+        if k_on:
+            mass = 0.0
             for j in range(kept):
-                cumulative += s[n - 1 - j]
-                if cumulative >= target:
-                    threshold = max(threshold, s[n - 1 - j])
-                    break
-    return max(threshold, min_p)
+                mass += p[order[j]]
+        target = top_p * mass
+        cumulative = 0.0
+        for j in range(kept):
+            cumulative += p[order[j]]
+            if cumulative >= target:
+                kept = j + 1
+                break
+    if min_p > 0.0:
+        j = 1  # the first token has p == 1 >= min_p
+        while j < kept and p[order[j]] >= min_p:
+            j += 1
+        kept = j
+    last = order[kept - 1]
+    return x[last], last
 
 
 @njit(cache=True)
-def _draw(p, threshold, u):
-    """Inverse CDF in token order over the tokens ``>= threshold``; (token, log-probability)."""
-    mass = _masked_sum(p, threshold)
+def _draw(p, x, cut_logit, cut_id, u):
+    """Inverse CDF in token order over the kept tokens; (token, log-probability)."""
+    mass = _kept_mass(p, x, 0, cut_logit, cut_id)
     target = u * mass
     cumulative = 0.0
-    token = 0
+    token = -1
     for start in range(0, p.size, _SCAN_BLOCK):
-        block = p[start:start + _SCAN_BLOCK]
-        block_mass = _masked_sum(block, threshold)
+        block_p, block_x = p[start:start + _SCAN_BLOCK], x[start:start + _SCAN_BLOCK]
+        block_mass = _kept_mass(block_p, block_x, start, cut_logit, cut_id)
         if block_mass <= 0.0:
             continue
         if cumulative + block_mass <= target:
             cumulative += block_mass
-            token = start + block.size - 1  # rounding fallback: stay near the end
+            token = start + block_p.size  # rounding fallback: the last kept token before here
             continue
-        for j in range(block.size):
-            if block[j] >= threshold and block[j] > 0.0:
-                cumulative += block[j]
+        for j in range(block_p.size):
+            kept = block_x[j] > cut_logit or (block_x[j] == cut_logit and start + j <= cut_id)
+            if kept and block_p[j] > 0.0:
+                cumulative += block_p[j]
                 token = start + j
                 if cumulative > target:
                     break
         break
-    while token > 0 and (p[token] < threshold or p[token] <= 0.0):  # after a rounding fallback
+    token = min(max(token, 0), p.size - 1)
+    while token > 0 and not (p[token] > 0.0 and (x[token] > cut_logit or (
+            x[token] == cut_logit and token <= cut_id))):  # after a rounding fallback
         token -= 1
     return token, math.log(p[token]) - math.log(mass)
 
@@ -266,26 +274,26 @@ def _process_row(x, row, bias_ids, bias_values, bias_offsets, token_bitmask, bit
 
 
 @njit(cache=True)
-def _support(x, temperature, top_k, top_p, min_p):
-    """Turn processed logits into unnormalised probabilities in place; the kept threshold."""
+def _support(x, p, temperature, top_k, top_p, min_p):
+    """Write the unnormalised probabilities of processed logits ``x`` into ``p``; the
+    last kept token ``(logit, id)`` (see :func:`_cut`; every token when nothing cuts)."""
     m = _row_max(x)
-    total = _exp_in_place(x, m, np.float32(1.0) / temperature)
+    total = _exp_into(x, m, np.float32(1.0) / temperature, p)
     if not (0 < top_k < x.size or top_p < 1.0 or min_p > 0.0):
-        return np.float32(0.0)
+        return np.float32(-np.inf), x.size
     level_counts = np.empty(_NUM_LEVELS, np.int64)
     level_masses = np.empty(_NUM_LEVELS, np.float64)
-    _level_stats(x, level_counts, level_masses)
+    _level_stats(p, level_counts, level_masses)
     level = _choose_level_cpu(level_counts, level_masses, total, top_k, top_p, min_p, x.size)
     floor = _LEVELS[level] if level >= 0 else np.float32(0.0)
     count = level_counts[level] if level >= 0 else x.size
-    candidates = _gather_at_least(x, floor, count)
-    return _cut_threshold(candidates, total, floor, top_k, top_p, min_p, x.size)
+    return _cut(x, p, _candidate_ids(p, floor, count), total, top_k, top_p, min_p, x.size)
 
 
 @njit(cache=True)
 def _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence, frequency,
                 seeds, steps, token_ids, token_offsets, num_prompt_tokens, bias_ids, bias_values,
-                bias_offsets, token_bitmask, bitmask_rows, token_counts, out_tokens, out_logprobs):
+                bias_offsets, token_bitmask, bitmask_rows, token_counts, probs, out_tokens, out_logprobs):
     x = logits[row]
     _process_row(x, row, bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
                  token_ids, token_offsets, num_prompt_tokens, repetition, presence, frequency,
@@ -294,10 +302,11 @@ def _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, prese
         m = _row_max(x)
         token = _first_index_of(x, m)
         out_tokens[row] = token
-        out_logprobs[row] = -math.log(_exp_in_place(x, m, np.float32(1.0)))
+        out_logprobs[row] = -math.log(_exp_into(x, m, np.float32(1.0), x))
     else:
-        threshold = _support(x, temperature[row], top_k[row], top_p[row], min_p[row])
-        token, logprob = _draw(x, threshold, uniform(seeds[row], steps[row]))
+        p = probs[row]
+        cut_logit, cut_id = _support(x, p, temperature[row], top_k[row], top_p[row], min_p[row])
+        token, logprob = _draw(p, x, cut_logit, cut_id, uniform(seeds[row], steps[row]))
         out_tokens[row] = token
         out_logprobs[row] = logprob
 
@@ -306,24 +315,24 @@ def _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, prese
 def _sample_rows_parallel(logits, temperature, top_p, top_k, min_p, repetition, presence,
                           frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
                           bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
-                          token_counts, out_tokens, out_logprobs):
+                          token_counts, probs, out_tokens, out_logprobs):
     for row in prange(logits.shape[0]):
         _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence,
                     frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
                     bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows, token_counts,
-                    out_tokens, out_logprobs)
+                    probs, out_tokens, out_logprobs)
 
 
 @njit(cache=True)
 def _sample_rows_serial(logits, temperature, top_p, top_k, min_p, repetition, presence,
                         frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
                         bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows,
-                        token_counts, out_tokens, out_logprobs):
+                        token_counts, probs, out_tokens, out_logprobs):
     for row in range(logits.shape[0]):
         _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, presence,
                     frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
                     bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows, token_counts,
-                    out_tokens, out_logprobs)
+                    probs, out_tokens, out_logprobs)
 
 
 @njit(cache=True)
@@ -339,15 +348,16 @@ def _penalize_rows(logits, repetition, presence, frequency, token_ids, token_off
 @njit(cache=True)
 def _probs_rows(logits, temperature, top_p, top_k, min_p, out):
     for row in range(logits.shape[0]):
-        x = logits[row]
-        out[row] = 0.0
+        x, p = logits[row], out[row]
         if temperature[row] <= 0.0:
-            out[row, _first_index_of(x, _row_max(x))] = 1.0
+            p[:] = 0.0
+            p[_first_index_of(x, _row_max(x))] = 1.0
         else:
-            threshold = _support(x, temperature[row], top_k[row], top_p[row], min_p[row])
-            mass = _masked_sum(x, threshold)
+            cut_logit, cut_id = _support(x, p, temperature[row], top_k[row], top_p[row], min_p[row])
+            mass = _kept_mass(p, x, 0, cut_logit, cut_id)
             for i in range(x.size):
-                out[row, i] = x[i] / mass if x[i] >= threshold else 0.0
+                kept = x[i] > cut_logit or (x[i] == cut_logit and i <= cut_id)
+                p[i] = p[i] / mass if kept else 0.0
 
 
 # ---- launchers ----------------------------------------------------------------------------
@@ -373,7 +383,8 @@ def sample_cpu(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None
     if parallel is None:
         parallel = rows >= PARALLEL_MIN_ROWS and numba.get_num_threads() >= PARALLEL_MIN_THREADS
     kernel = _sample_rows_parallel if parallel else _sample_rows_serial
-    kernel(logits, *batch.kernel_args(), counts, tokens, logprobs)
+    probs = (workspace or SamplingWorkspace()).get("probs", rows, vocab_size, np.float32, device=False)
+    kernel(logits, *batch.kernel_args(), counts, probs, tokens, logprobs)
     return tokens, logprobs
 
 

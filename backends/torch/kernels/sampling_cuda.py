@@ -3,8 +3,14 @@ What it computes: :mod:`.sampling`.
 
 The twin of the CPU kernel (:mod:`.sampling_cpu`), from which it takes the
 per-token rules both compile (penalties, the choice of a candidate level) and
-their constants; tested against it under Numba's CUDA simulator. Importing
-needs no GPU.
+their constants; tested against it and the reference under Numba's CUDA
+simulator. Importing needs no GPU.
+
+Where the CPU kernel sorts its candidates, a thread block finds each cut's last
+token by the candidates' order keys (:func:`_order_key`: the logit's bits as an
+integer of the same order): few candidates each measure their own prefix
+(:func:`_ranked_cut`), many are bisected on, key then id (:func:`_prefix_cut`).
+The probabilities go to a scratch row: the logits stay, as the order's keys.
 """
 
 from __future__ import annotations
@@ -32,7 +38,15 @@ from lmserve.backends.torch.kernels.sampling_cpu import (
 )
 
 _LEVEL_BITS = _LEVELS.view(np.int32)
-_ONE_BITS = int(np.float32(1.0).view(np.int32))
+_NEGATIVE_ZERO_BITS = int(np.float32(-0.0).view(np.int32))
+# Order keys (:func:`_order_key`) lie in [-2**31, 2**31); these bound them on both sides.
+_KEY_START = -2**31 - 1
+_KEY_END = 2**31
+_NO_KEY = -2**31  # below every finite or infinite float's key
+#: Up to this many candidates a cut measures each one's prefix directly (a few block
+#: reductions); beyond, it bisects (about 50).
+_RANKED_MAX = 2048
+_EXP_FLOOR = np.float32(-87.0)  # below it a probability is 0, as in the CPU kernel's exp
 _MAX_THREADS = 256  # block size limit (a power of two); shared buffers are sized for it
 _F64_SHARED = (_NUM_LEVELS + 2, _MAX_THREADS)  # level masses, the total, scan scratch
 _I32_SHARED = (_NUM_LEVELS + 1, _MAX_THREADS)  # level counts, scratch
@@ -100,39 +114,108 @@ def _penalize_row_cuda(x, row, bias_ids, bias_values, bias_offsets, token_bitmas
 
 
 @cuda.jit(device=True)
-def _bisect_cut(candidates, candidate_bits, n, low, goal, by_mass, fbuf, ibuf):
-    """Largest threshold (as float bits) keeping ``goal`` candidates (or mass); ``low`` must."""
+def _order_key(bits):
+    """A float32's bits (as int32) -> an integer in the float's order (-0.0 as +0.0)."""
+    if bits == _NEGATIVE_ZERO_BITS:
+        return 0
+    return bits if bits >= 0 else bits ^ 0x7FFFFFFF
+
+
+@cuda.jit(device=True)
+def _in_prefix(key, token, last_key, last_id):
+    """Whether ``(key, token)`` comes at or before ``(last_key, last_id)`` in the order."""
+    return key > last_key or (key == last_key and token <= last_id)
+
+
+@cuda.jit(device=True)
+def _ranked_cut(cand_p, cand_key, cand_id, n, bound_key, bound_id, goal, by_mass, vocab_size, fbuf,
+                ibuf):
+    """:func:`_prefix_cut` for a few candidates: each candidate's prefix measured directly
+    (``n * n / threads`` work), then the first of the order whose prefix reaches the goal."""
     tid, threads = cuda.threadIdx.x, cuda.blockDim.x
-    high = _ONE_BITS + 1
+    best = _NO_KEY
+    for pass_ in range(2):  # the last key, then the smallest id among its ties
+        first = vocab_size
+        for j in range(tid, n, threads):
+            key, token = cand_key[j], cand_id[j]
+            if not _in_prefix(key, token, bound_key, bound_id) or (pass_ == 1 and key != best):
+                continue
+            if pass_ == 0 and key <= best:
+                continue
+            measure = 0.0
+            for other in range(n):
+                k, i = cand_key[other], cand_id[other]
+                if _in_prefix(k, i, bound_key, bound_id) and _in_prefix(k, i, key, token):
+                    measure += cand_p[other] if by_mass else 1.0
+            if measure >= goal:
+                if pass_ == 0:
+                    best = key
+                elif token < first:
+                    first = token
+        if pass_ == 0:
+            best = _block_reduce(ibuf, best, _MAX)
+    return best, _block_reduce(ibuf, first, _MIN)
+
+
+@cuda.jit(device=True)
+def _prefix_measure(cand_p, cand_key, cand_id, n, bound_key, bound_id, key, last_id, by_mass, fbuf,
+                    ibuf):
+    """How many candidates (or how much of their mass) lie in the order's prefix up to
+    ``(key, last_id)`` and inside the prefix up to ``(bound_key, bound_id)``; every thread
+    gets it. The order: key descending, the lower id first among equal keys."""
+    tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    count = 0
+    mass = 0.0
+    for j in range(tid, n, threads):
+        k, i = cand_key[j], cand_id[j]
+        if (k > bound_key or (k == bound_key and i <= bound_id)) and (k > key or (k == key and i <= last_id)):
+            count += 1
+            mass += cand_p[j]
+    if by_mass:
+        return _block_reduce(fbuf, mass, _SUM)
+    return _block_reduce(ibuf, count, _SUM)
+
+
+@cuda.jit(device=True)
+def _prefix_cut(cand_p, cand_key, cand_id, n, bound_key, bound_id, goal, by_mass, vocab_size, fbuf,
+                ibuf):
+    """The shortest prefix of the order inside the bound whose count (or mass) reaches
+    ``goal``, as its last token ``(key, id)``; the whole bound must reach it. Bisects on
+    the key, then on the id among its ties: about 50 block reductions whatever ``n``."""
+    if n <= _RANKED_MAX:
+        return _ranked_cut(cand_p, cand_key, cand_id, n, bound_key, bound_id, goal, by_mass, vocab_size,
+                           fbuf, ibuf)
+    low, high = bound_key, _KEY_END  # the last key: the largest whose prefix reaches the goal
     while high - low > 1:
         mid = (low + high) // 2
-        count = 0
-        mass = 0.0
-        for j in range(tid, n, threads):
-            if candidate_bits[j] >= mid:
-                count += 1
-                mass += candidates[j]
-        if by_mass:
-            kept = _block_reduce(fbuf, mass, _SUM) >= goal
-        else:
-            kept = _block_reduce(ibuf, count, _SUM) >= goal
-        if kept:
+        if _prefix_measure(cand_p, cand_key, cand_id, n, bound_key, bound_id, mid, vocab_size, by_mass,
+                           fbuf, ibuf) >= goal:
             low = mid
         else:
             high = mid
-    return low
+    below, last = -1, vocab_size - 1  # the last id among that key's ties: the smallest that reaches it
+    if low == bound_key:
+        last = bound_id
+    while last - below > 1:
+        mid = (below + last) // 2
+        if _prefix_measure(cand_p, cand_key, cand_id, n, bound_key, bound_id, low, mid, by_mass, fbuf,
+                           ibuf) >= goal:
+            last = mid
+        else:
+            below = mid
+    return low, last
 
 
 @cuda.jit
-def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_bits, repetition,
-                   presence, frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens,
-                   bias_ids, bias_values, bias_offsets, token_bitmask, bitmask_rows, token_counts,
-                   candidates, candidate_bits, out_tokens, out_logprobs):
+def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, repetition, presence,
+                   frequency, seeds, steps, token_ids, token_offsets, num_prompt_tokens, bias_ids,
+                   bias_values, bias_offsets, token_bitmask, bitmask_rows, token_counts, probs,
+                   probs_bits, cand_p, cand_key, cand_id, out_tokens, out_logprobs):
     row = cuda.blockIdx.x
     tid, threads = cuda.threadIdx.x, cuda.blockDim.x
     fbuf = cuda.shared.array(_F64_SHARED, types.float64)
     ibuf = cuda.shared.array(_I32_SHARED, types.int32)
-    x, bits = logits[row], logit_bits[row]
+    x, bits, p, p_bits = logits[row], logit_bits[row], probs[row], probs_bits[row]
     vocab_size = x.size
     if tid == 0:  # what a row of NaNs gets; the drawing thread overwrites it
         out_tokens[row] = 0
@@ -171,13 +254,14 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
         level_masses[j] = 0.0
     total = 0.0
     for i in range(tid, vocab_size, threads):
-        p = np.float32(math.exp((x[i] - m) * inv_temperature))
-        x[i] = p
-        total += p
+        scaled = np.float32((x[i] - m) * inv_temperature)
+        value = np.float32(math.exp(scaled)) if scaled > _EXP_FLOOR else np.float32(0.0)  # as the CPU's
+        p[i] = value
+        total += value
         for j in range(_NUM_LEVELS):
-            if p >= _LEVELS[j]:
+            if value >= _LEVELS[j]:
                 level_counts[j] += 1
-                level_masses[j] += p
+                level_masses[j] += value
     for j in range(_NUM_LEVELS):
         fbuf[j, tid] = level_masses[j]
         ibuf[j, tid] = level_counts[j]
@@ -198,48 +282,56 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
     total = fbuf[_NUM_LEVELS, 0]
     cuda.syncthreads()
 
+    # the last kept token of the order, (key, id): top-k, top-p of those, min-p
     k, nucleus = top_k[row], top_p[row]
     k_on = 0 < k < vocab_size
-    threshold = 0  # float bits of the smallest kept probability (p >= 0: bits order = value order)
+    cut_key, cut_id = _KEY_START, vocab_size  # every token
     if k_on or nucleus < 1.0 or min_p[row] > 0.0:
         level = _choose_level_cuda(level_counts, level_masses, total, k, nucleus, min_p[row],
                                    vocab_size)
-        threshold = _LEVEL_BITS[level] if level >= 0 else 0
+        floor = _LEVEL_BITS[level] if level >= 0 else 0  # p >= 0: bits order = value order
         # gather the candidates (any order: the cuts below only count and sum)
         if tid == 0:
             ibuf[0, 0] = 0
         cuda.syncthreads()
-        row_candidates, row_candidate_bits = candidates[row], candidate_bits[row]
+        row_p, row_key, row_id = cand_p[row], cand_key[row], cand_id[row]
         for i in range(tid, vocab_size, threads):
-            if bits[i] >= threshold:
-                row_candidates[cuda.atomic.add(ibuf, (0, 0), 1)] = x[i]
+            if p_bits[i] >= floor:
+                slot = cuda.atomic.add(ibuf, (0, 0), 1)
+                row_p[slot] = p[i]
+                row_key[slot] = _order_key(bits[i])
+                row_id[slot] = i
         cuda.syncthreads()
         n = ibuf[0, 0]
         cuda.syncthreads()
         if k_on:
-            threshold = _bisect_cut(row_candidates, row_candidate_bits, n, threshold, k, False,
-                                    fbuf[0], ibuf[0])
+            cut_key, cut_id = _prefix_cut(row_p, row_key, row_id, n, cut_key, cut_id, k, False,
+                                          vocab_size, fbuf[0], ibuf[0])
         if nucleus < 1.0:
-            top_k_mass = total
+            mass = total
             if k_on:
-                top_k_mass = 0.0
-                for j in range(tid, n, threads):
-                    if row_candidate_bits[j] >= threshold:
-                        top_k_mass += row_candidates[j]
-                top_k_mass = _block_reduce(fbuf[0], top_k_mass, _SUM)
-            threshold = _bisect_cut(row_candidates, row_candidate_bits, n, threshold,
-                                    nucleus * top_k_mass, True, fbuf[0], ibuf[0])
-        if min_p_bits[row] > threshold:
-            threshold = min_p_bits[row]
+                mass = _prefix_measure(row_p, row_key, row_id, n, cut_key, cut_id, cut_key, cut_id,
+                                       True, fbuf[0], ibuf[0])
+            cut_key, cut_id = _prefix_cut(row_p, row_key, row_id, n, cut_key, cut_id, nucleus * mass,
+                                          True, vocab_size, fbuf[0], ibuf[0])
+        if min_p[row] > 0.0:  # the smallest key at least min_p as likely, all its ties
+            least = _KEY_END - 1  # the most likely token is always among them
+            for j in range(tid, n, threads):
+                if row_p[j] >= min_p[row] and row_key[j] < least:
+                    least = row_key[j]
+            least = _block_reduce(ibuf[0], least, _MIN)
+            if least > cut_key:
+                cut_key, cut_id = least, vocab_size
 
-    # inverse CDF in token order: each thread owns a contiguous chunk
+    # inverse CDF in token order over the kept tokens: each thread owns a contiguous chunk
     chunk = (vocab_size + threads - 1) // threads
     begin = tid * chunk if tid * chunk < vocab_size else vocab_size
     stop = begin + chunk if begin + chunk < vocab_size else vocab_size
     chunk_mass = 0.0
     for i in range(begin, stop):
-        if bits[i] >= threshold:
-            chunk_mass += x[i]
+        key = _order_key(bits[i])
+        if key > cut_key or (key == cut_key and i <= cut_id):
+            chunk_mass += p[i]
     fbuf[0, tid] = chunk_mass
     cuda.syncthreads()
     if tid == 0:
@@ -259,13 +351,14 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, min_p_b
         cumulative = prefix
         token = begin
         for i in range(begin, stop):
-            if bits[i] >= threshold and x[i] > 0.0:
-                cumulative += x[i]
+            key = _order_key(bits[i])
+            if (key > cut_key or (key == cut_key and i <= cut_id)) and p[i] > 0.0:
+                cumulative += p[i]
                 token = i
                 if cumulative > target:
                     break
         out_tokens[row] = token
-        out_logprobs[row] = math.log(x[token]) - math.log(mass)
+        out_logprobs[row] = math.log(p[token]) - math.log(mass)
 
 
 # ---- launcher -----------------------------------------------------------------------------
@@ -278,10 +371,11 @@ def _device_array(array):
     return array
 
 
-def _cuda_kernel_args(logits, batch_args, token_counts, candidates, tokens, logprobs) -> tuple:
+def _cuda_kernel_args(logits, batch_args, token_counts, probs, candidates, candidate_keys, candidate_ids,
+                      tokens, logprobs) -> tuple:
     """``_sample_kernel``'s arguments in order; float32 arrays are also passed as their bits."""
-    return (logits, logits.view(np.int32), *batch_args[:4], batch_args[3].view(np.int32),
-            *batch_args[4:], token_counts, candidates, candidates.view(np.int32), tokens, logprobs)
+    return (logits, logits.view(np.int32), *batch_args, token_counts, probs, probs.view(np.int32),
+            candidates, candidate_keys, candidate_ids, tokens, logprobs)
 
 
 def sample_cuda(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None = None, *,
@@ -304,9 +398,10 @@ def sample_cuda(logits, batch: SamplingBatch, workspace: SamplingWorkspace | Non
     args = [cuda.to_device(a, stream=stream) for a in batch.kernel_args()]
     workspace = workspace or SamplingWorkspace()
     counts = _token_counts(batch, rows, vocab_size, workspace, device=True)
-    candidates = workspace.get("candidates", rows, vocab_size, np.float32, device=True)
+    scratch = [workspace.get(name, rows, vocab_size, dtype, device=True) for name, dtype in (
+        ("probs", np.float32), ("candidates", np.float32), ("candidate_keys", np.int32),
+        ("candidate_ids", np.int32))]
     tokens = cuda.device_array(rows, np.int64, stream=stream)
     logprobs = cuda.device_array(rows, np.float32, stream=stream)
-    _sample_kernel[rows, threads, stream](
-        *_cuda_kernel_args(logits, args, counts, candidates, tokens, logprobs))
+    _sample_kernel[rows, threads, stream](*_cuda_kernel_args(logits, args, counts, *scratch, tokens, logprobs))
     return tokens.copy_to_host(stream=stream), logprobs.copy_to_host(stream=stream)

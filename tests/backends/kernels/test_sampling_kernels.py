@@ -8,6 +8,7 @@ subprocess's script.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,26 +56,68 @@ def reference_penalties(logits, params, prompts, outputs):
     return x
 
 
+def reference_order(row):
+    """Token ids from most to least likely: by processed logit, descending, the lower id
+    first among equal logits (the order greedy decoding breaks ties by)."""
+    return np.lexsort((np.arange(row.size), -row.astype(np.float64)))
+
+
+def reference_scaled_probs(row, p):
+    """Unnormalised probabilities ``exp((x - max) / T)`` in float64 (1 for the most likely);
+    0 where float32 holds no normal number (below ``exp(-87)``), as the kernels compute them."""
+    scaled = ((row - row.max()) * (np.float32(1.0) / np.float32(p.temperature))).astype(np.float32)
+    return np.where(scaled > -87.0, np.exp(scaled.astype(np.float64)), 0.0)
+
+
+def reference_kept(row, p):
+    """The kept set by sort, cumulative sum and cut: the first ``top_k`` of the order, then
+    the shortest prefix of those whose mass reaches ``top_p`` of theirs, then those at least
+    ``min_p`` times as likely as the most likely token; tokens of probability 0 never.
+
+    Returns ``(kept ids, probabilities, margin)``: ``margin`` is how close (relative to the
+    mass) a cut came to deciding otherwise; below float32's rounding the case is undecidable."""
+    probs = reference_scaled_probs(row, p)
+    order = reference_order(row)
+    ordered = probs[order]
+    length, margin = row.size, np.inf
+    if 0 < p.top_k < row.size:
+        length = p.top_k
+    if p.top_p < 1:
+        mass = ordered[:length].sum() if length < row.size else math.fsum(probs)
+        cumulative = np.cumsum(ordered[:length])
+        target = float(np.float32(p.top_p)) * mass
+        nucleus = min(int(np.searchsorted(cumulative, target)) + 1, length)
+        margin = min(margin, np.abs(cumulative[max(nucleus - 2, 0):nucleus + 1] - target).min() / mass)
+        length = nucleus
+    if p.min_p > 0:
+        in_play = ordered[:length]
+        length = min(length, int((in_play >= float(np.float32(p.min_p))).sum()))
+        inexact = in_play[in_play != 1.0]  # the top token's ties: exactly 1 in any arithmetic
+        if inexact.size:
+            margin = min(margin, np.abs(inexact - float(np.float32(p.min_p))).min())
+    kept = order[:length]
+    return np.sort(kept[probs[kept] > 0]), probs, margin
+
+
 def reference_probs(row, p):
     """The distribution one processed logits row is drawn from (float64)."""
     out = np.zeros(row.size)
     if p.temperature == 0:
         out[np.argmax(row)] = 1.0
         return out
-    scaled = ((row - row.max()) * (np.float32(1.0) / np.float32(p.temperature))).astype(np.float32)
-    probs = np.exp(scaled.astype(np.float64))
-    keep = np.ones(row.size, bool)
-    descending = np.sort(probs)[::-1]
-    if 0 < p.top_k < row.size:
-        keep &= probs >= descending[p.top_k - 1]
-    if p.top_p < 1:
-        kept = descending[: keep.sum()]
-        cumulative = np.cumsum(kept)
-        keep &= probs >= kept[np.searchsorted(cumulative, np.float32(p.top_p) * cumulative[-1])]
-    if p.min_p > 0:
-        keep &= probs >= np.float32(p.min_p) * probs.max()
-    out = np.where(keep, probs, 0.0)
+    kept, probs, _ = reference_kept(row, p)
+    out[kept] = probs[kept]
     return out / out.sum()
+
+
+def reference_draw(row, p, u):
+    """The token a uniform ``u`` draws: inverse CDF over the kept tokens in id order, and how
+    close (relative to the kept mass) ``u`` came to drawing a neighbour."""
+    kept, probs, margin = reference_kept(row, p)
+    cumulative = np.cumsum(probs[kept])
+    target = u * cumulative[-1]
+    index = min(int(np.searchsorted(cumulative, target, side="right")), kept.size - 1)
+    return int(kept[index]), min(margin, np.abs(cumulative - target).min() / cumulative[-1])
 
 
 def make_case(rng, params, vocab_size, scale=2.0, history=6):
@@ -345,8 +388,9 @@ def test_cuda_kernel_compiles_for_a_gpu(monkeypatch):
                         lambda: SimpleNamespace(compute_capability=(8, 0)))
     batch = SamplingBatch.from_requests([SamplingParams()], [[]])
     scratch = np.zeros((1, 8), np.float32)
-    args = sampling_cuda._cuda_kernel_args(scratch, batch.kernel_args(), scratch.view(np.int32),
-                                           scratch, np.zeros(1, np.int64), np.zeros(1, np.float32))
+    keys = scratch.view(np.int32)
+    args = sampling_cuda._cuda_kernel_args(scratch, batch.kernel_args(), keys, scratch, scratch, keys, keys,
+                                           np.zeros(1, np.int64), np.zeros(1, np.float32))
     ptx, _ = cuda.compile_ptx(sampling_cuda._sample_kernel.py_func,
                               tuple(numba.typeof(a) for a in args), cc=(8, 0))
     assert ".entry" in ptx
