@@ -102,8 +102,17 @@ def _row_max(x):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def _exp_sum(x, m):
+    """The sum of ``exp(x[i] - m)`` (float64)."""
+    total = 0.0
+    for i in range(x.size):
+        total += exp_nonpositive(x[i] - m)
+    return total
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def _exp_into(x, m, inv_temperature, out):
-    """``out[i] = exp((x[i] - m) / T)`` (``out`` may be ``x``); returns the sum (float64)."""
+    """``out[i] = exp((x[i] - m) / T)``; returns the sum (float64)."""
     total = 0.0
     for i in range(x.size):
         p = exp_nonpositive((x[i] - m) * inv_temperature)
@@ -157,12 +166,10 @@ def _first_index_of(x, value):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _kept_mass(p, x, start, cut_logit, cut_id):
-    """The mass of the kept tokens among ``p`` (token ids from ``start``; logits ``x``)."""
+def _sum(p):
     total = 0.0
     for i in range(p.size):
-        kept = x[i] > cut_logit or (x[i] == cut_logit and start + i <= cut_id)
-        total += p[i] if kept else np.float32(0.0)
+        total += p[i]
     return total
 
 
@@ -184,11 +191,11 @@ def _candidate_ids(p, threshold, count):
 
 @njit(cache=True)
 def _cut(x, p, candidates, total, top_k, top_p, min_p, vocab_size):
-    """The last kept token of the order (logit descending, lower id first among equal
-    logits) as ``(its logit, its id)``: top-k keeps the first ``top_k``, top-p the
-    shortest prefix of those whose mass reaches ``top_p`` of theirs, min-p those at
-    least ``min_p`` as likely as the first. ``candidates``: ids in id order that hold
-    the kept prefix."""
+    """The kept tokens' ids, in id order: the shortest of the prefixes each cut keeps of
+    the order (logit descending, lower id first among equal logits). Top-k keeps the
+    first ``top_k``, top-p the shortest prefix of those whose mass reaches ``top_p`` of
+    theirs, min-p those at least ``min_p`` as likely as the first. ``candidates``: ids
+    in id order that hold the kept prefix."""
     order = candidates[np.argsort(-x[candidates], kind="mergesort")]  # stable: ties by id
     k_on = 0 < top_k < vocab_size
     kept = min(order.size, top_k) if k_on else order.size
@@ -210,39 +217,50 @@ def _cut(x, p, candidates, total, top_k, top_p, min_p, vocab_size):
         while j < kept and p[order[j]] >= min_p:
             j += 1
         kept = j
-    last = order[kept - 1]
-    return x[last], last
+    return np.sort(order[:kept])
 
 
 @njit(cache=True)
-def _draw(p, x, cut_logit, cut_id, u):
-    """Inverse CDF in token order over the kept tokens; (token, log-probability)."""
-    mass = _kept_mass(p, x, 0, cut_logit, cut_id)
+def _draw(p, u):
+    """Inverse CDF in token order over every token; (token, log-probability)."""
+    mass = _sum(p)
     target = u * mass
     cumulative = 0.0
-    token = -1
+    token = p.size - 1  # rounding fallback: the last token that has a probability
     for start in range(0, p.size, _SCAN_BLOCK):
-        block_p, block_x = p[start:start + _SCAN_BLOCK], x[start:start + _SCAN_BLOCK]
-        block_mass = _kept_mass(block_p, block_x, start, cut_logit, cut_id)
-        if block_mass <= 0.0:
-            continue
+        block = p[start:start + _SCAN_BLOCK]
+        block_mass = _sum(block)
         if cumulative + block_mass <= target:
             cumulative += block_mass
-            token = start + block_p.size  # rounding fallback: the last kept token before here
             continue
-        for j in range(block_p.size):
-            kept = block_x[j] > cut_logit or (block_x[j] == cut_logit and start + j <= cut_id)
-            if kept and block_p[j] > 0.0:
-                cumulative += block_p[j]
+        for j in range(block.size):
+            if block[j] > 0.0:
+                cumulative += block[j]
                 token = start + j
                 if cumulative > target:
                     break
         break
-    token = min(max(token, 0), p.size - 1)
-    while token > 0 and not (p[token] > 0.0 and (x[token] > cut_logit or (
-            x[token] == cut_logit and token <= cut_id))):  # after a rounding fallback
+    while token > 0 and p[token] <= 0.0:
         token -= 1
     return token, math.log(p[token]) - math.log(mass)
+
+
+@njit(cache=True)
+def _draw_among(p, kept, u):
+    """Inverse CDF in token order over the ``kept`` ids (in id order); (token, log-probability)."""
+    mass = 0.0
+    for token in kept:
+        mass += p[token]
+    target = u * mass
+    cumulative = 0.0
+    chosen = kept[0]
+    for token in kept:
+        if p[token] > 0.0:
+            cumulative += p[token]
+            chosen = token
+            if cumulative > target:
+                break
+    return chosen, math.log(p[chosen]) - math.log(mass)
 
 
 @njit(cache=True)
@@ -276,11 +294,11 @@ def _process_row(x, row, bias_ids, bias_values, bias_offsets, token_bitmask, bit
 @njit(cache=True)
 def _support(x, p, temperature, top_k, top_p, min_p):
     """Write the unnormalised probabilities of processed logits ``x`` into ``p``; the
-    last kept token ``(logit, id)`` (see :func:`_cut`; every token when nothing cuts)."""
+    kept ids in id order (:func:`_cut`), none when nothing cuts (every token is kept)."""
     m = _row_max(x)
     total = _exp_into(x, m, np.float32(1.0) / temperature, p)
     if not (0 < top_k < x.size or top_p < 1.0 or min_p > 0.0):
-        return np.float32(-np.inf), x.size
+        return np.empty(0, np.int64)
     level_counts = np.empty(_NUM_LEVELS, np.int64)
     level_masses = np.empty(_NUM_LEVELS, np.float64)
     _level_stats(p, level_counts, level_masses)
@@ -302,11 +320,12 @@ def _sample_row(logits, row, temperature, top_p, top_k, min_p, repetition, prese
         m = _row_max(x)
         token = _first_index_of(x, m)
         out_tokens[row] = token
-        out_logprobs[row] = -math.log(_exp_into(x, m, np.float32(1.0), x))
+        out_logprobs[row] = -math.log(_exp_sum(x, m))
     else:
         p = probs[row]
-        cut_logit, cut_id = _support(x, p, temperature[row], top_k[row], top_p[row], min_p[row])
-        token, logprob = _draw(p, x, cut_logit, cut_id, uniform(seeds[row], steps[row]))
+        kept = _support(x, p, temperature[row], top_k[row], top_p[row], min_p[row])
+        u = uniform(seeds[row], steps[row])
+        token, logprob = _draw(p, u) if kept.size == 0 else _draw_among(p, kept, u)
         out_tokens[row] = token
         out_logprobs[row] = logprob
 
@@ -353,11 +372,16 @@ def _probs_rows(logits, temperature, top_p, top_k, min_p, out):
             p[:] = 0.0
             p[_first_index_of(x, _row_max(x))] = 1.0
         else:
-            cut_logit, cut_id = _support(x, p, temperature[row], top_k[row], top_p[row], min_p[row])
-            mass = _kept_mass(p, x, 0, cut_logit, cut_id)
-            for i in range(x.size):
-                kept = x[i] > cut_logit or (x[i] == cut_logit and i <= cut_id)
-                p[i] = p[i] / mass if kept else 0.0
+            kept = _support(x, p, temperature[row], top_k[row], top_p[row], min_p[row])
+            if kept.size == 0:
+                p /= _sum(p)
+            else:
+                mass = 0.0
+                for token in kept:
+                    mass += p[token]
+                values = p[kept] / mass
+                p[:] = 0.0
+                p[kept] = values
 
 
 # ---- launchers ----------------------------------------------------------------------------
