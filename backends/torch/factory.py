@@ -23,7 +23,7 @@ from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.primitive_caches import drop_duplicate_cache
 from lmserve.backends.torch.quantization_choice import choose_quantization
-from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers
+from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers, use_one_matmul
 from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device, set_threads, use_threads
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
@@ -32,6 +32,13 @@ from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, check
 from lmserve.backends.torch.weights import load_model, read_model_config
 from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS
 from lmserve.core.types import EngineRequest, SamplingParams
+
+
+#: With ``--batch-invariant``, quantized layers multiply every row count with their dense
+#: copy (True) or with the weight-only kernel (False). Measured (docs/performance.md, "Batch
+#: invariance"): the copy costs one stream 31% and 64 streams nothing; the kernel costs
+#: one stream 8% and 64 streams 38%. Users who ask for invariance run batches (evals, RL).
+INVARIANT_QUANTIZED_DENSE = True
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,9 @@ class EngineConfig:
     #: Run every step eagerly, op by op, instead of the compiled decode step (CPU) or the
     #: decode steps' CUDA graphs (GPU).
     enforce_eager: bool = False
+    #: A request's tokens do not depend on the other requests in its steps (``--batch-invariant``):
+    #: every row of a step is computed the same way whatever the batch (see docs/performance.md).
+    batch_invariant: bool = False
     #: Ranks the model is split over (``--tp``), on ``nnodes`` machines; this one is
     #: ``node_rank``; the group meets at ``master_addr:master_port`` (None: a free port, one node).
     tensor_parallel_size: int = 1
@@ -144,6 +154,8 @@ def load_engine_model(path: str | Path, config: EngineConfig,
     weights = f"{dtype_name} ({dtype_reason})"
     if quantization is not None:
         quantize_linear_layers(model, quantization, dtype)
+        if config.batch_invariant:
+            use_one_matmul(model, dense=INVARIANT_QUANTIZED_DENSE)
         for parameter in model.parameters():  # what stays unquantized: embeddings, norms
             parameter.data = parameter.data.to(dtype)
         weights = (f"{quantization} weights ({quantization_reason}), {dtype_name} activations and KV cache "
@@ -183,7 +195,7 @@ def build_runner(path: str | Path, config: EngineConfig, parallel: TensorParalle
                               sliding_window=model_config.sliding_window, step=CompiledDecodeStep(model))
     return ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window,
                        weights=weights, compile_decodes=not config.enforce_eager, parallel=parallel,
-                       decode_graphs=graphs)
+                       decode_graphs=graphs, batch_invariant=config.batch_invariant)
 
 
 def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
@@ -235,6 +247,7 @@ def build_engine(path: str | Path, config: EngineConfig,
         BlockManager(num_blocks, block_size, config.enable_prefix_caching),
         max_batch_size=config.max_batch_size,
         max_prefill_token_num=config.max_prefill_token_num,
+        batch_invariant=config.batch_invariant,
     )
     engine = LLMEngine(runner, scheduler, Sampler(), eos_token_ids=model_config.eos_token_ids,
                        max_model_len=max_model_len(config, model_config))

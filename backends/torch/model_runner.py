@@ -82,7 +82,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, device: torch.device,
                  sliding_window: int | None = None, decode_in_place: bool | None = None,
                  weights: str = "", compile_decodes: bool = False, parallel: TensorParallel = SINGLE,
-                 decode_graphs: DecodeGraphs | None = None):
+                 decode_graphs: DecodeGraphs | None = None, batch_invariant: bool = False):
         """``decode_in_place``: decodes attend by reading the cache in place (a
         Numba kernel) rather than gathering their contexts; default: on the CPU,
         for float32 and bfloat16 caches. ``weights`` says what the weights are
@@ -91,7 +91,10 @@ class ModelRunner:
         (:class:`~lmserve.backends.torch.compiled_step.CompiledDecodeStep`; needs ``decode_in_place``,
         and one rank). ``parallel``: this rank's place under tensor parallelism.
         ``decode_graphs``: steps of decodes only that fit them run through these
-        (:mod:`~lmserve.backends.torch.decode_graphs`; CUDA graphs, one rank)."""
+        (:mod:`~lmserve.backends.torch.decode_graphs`; CUDA graphs, one rank).
+        ``batch_invariant``: a step that mixes decodes and prefill chunks runs as two, so
+        that decodes always take the compiled step (or graphs) and prefills the eager model:
+        the two round differently, and which one a decode took would depend on its neighbours."""
         self.model = model
         self.weights = weights
         self.kv_cache = kv_cache
@@ -106,6 +109,7 @@ class ModelRunner:
         compile_decodes = compile_decodes and decode_in_place and not parallel.is_parallel
         self.decode_step = CompiledDecodeStep(model) if compile_decodes else None
         self.decode_graphs = None if parallel.is_parallel else decode_graphs
+        self.batch_invariant = batch_invariant
         self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
         self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * (kv_cache.num_blocks + 1)
 
@@ -122,6 +126,10 @@ class ModelRunner:
         """
         if self.parallel.failure is not None:  # the other ranks are gone or stuck: send them nothing
             raise RuntimeError(f"Tensor parallelism failed: {self.parallel.failure}")
+        if self.batch_invariant and self._decodes_step_apart():
+            num_decodes = _num_leading_decodes(scheduled)
+            if 0 < num_decodes < len(scheduled):
+                return self._run_apart(scheduled, sample_rows, fresh_blocks, num_decodes)
         if self.decode_graphs is not None and self._decodes_only_sampled(scheduled, sample_rows):
             logits = self._run_graphed(scheduled, fresh_blocks)
             if logits is not None:
@@ -148,6 +156,20 @@ class ModelRunner:
             exited = self.ranks.exit_within(1.0) if self.ranks is not None else None
             self.parallel.fail(exited or f"a step failed: {type(exc).__name__}: {exc}")
             raise
+
+    def _decodes_step_apart(self) -> bool:
+        """Whether steps of decodes only take another path than mixed steps (compiled or graphed)."""
+        return self.decode_step is not None or self.decode_graphs is not None
+
+    def _run_apart(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int], fresh_blocks: list[int],
+                   num_decodes: int) -> tuple[torch.Tensor, dict[int, list[TokenLogprob]]]:
+        """:meth:`run` of a mixed step as a step of its decodes, then one of its prefill chunks."""
+        decode_logits, decode_logprobs = self.run(scheduled[:num_decodes], [i for i in sample_rows if i < num_decodes],
+                                                  fresh_blocks)
+        prefill_logits, prefill_logprobs = self.run(scheduled[num_decodes:],
+                                                    [i - num_decodes for i in sample_rows if i >= num_decodes])
+        prompt_logprobs = decode_logprobs | {i + num_decodes: records for i, records in prefill_logprobs.items()}
+        return torch.cat([decode_logits, prefill_logits]), prompt_logprobs
 
     def capture_decode_graphs(self) -> None:
         """Capture the decode graphs (the engine's warm-up). Where the compiled step fails,

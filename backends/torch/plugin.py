@@ -42,6 +42,11 @@ def lmserve_add_cli_options(command, parser):
     group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                        help="Run every step op by op instead of compiling the decode step (CPU; "
                        "compiling takes about a minute at start-up, cached on disk for the next start).")
+    group.add_argument("--batch-invariant", action="store_true",
+                       help="A request's tokens do not depend on the other requests in the batch or its place "
+                       "among them (greedy and seeded): quantized layers multiply every step with their dense copy, "
+                       "prompts are chunked at fixed positions, mixed steps run their decodes apart. Costs "
+                       "throughput (docs/performance.md).")
     group.add_argument("--cpu-threads", type=int, default=None, metavar="N",
                        help="torch and Numba threads per rank on the CPU (default: the machine's cores shared "
                        "by its ranks).")
@@ -80,6 +85,7 @@ def lmserve_make_backend(config: ServeConfig, source: ModelSource):
         enable_prefix_caching=options.get("enable_prefix_caching", False),
         quantization=options.get("quantization", "auto"),
         enforce_eager=options.get("enforce_eager", False),
+        batch_invariant=options.get("batch_invariant", False),
         tensor_parallel_size=options.get("tp", 1),
         nnodes=options.get("nnodes", 1),
         node_rank=options.get("node_rank", 0),

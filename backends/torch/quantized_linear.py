@@ -23,13 +23,17 @@ kept in int8, as llama.cpp keeps it at 6 or 8 bits.
 The kernels serve up to :data:`DENSE_ABOVE_ROWS` rows a call (decode steps of a
 few streams); beyond that a layer multiplies with a dense copy of the weight its
 codes stand for, in the model's dtype: faster there, at the cost of the memory
-quantization would save.
+quantization would save. The two round differently, so a row's logits would depend
+on how many rows share its step; ``--batch-invariant`` makes every layer take one of
+them for any row count (:func:`use_one_matmul`).
 
 CPU only: on CUDA ``--quantization int8|int4`` is refused at start-up (``auto``
 chooses none there; :mod:`~lmserve.backends.torch.quantization_choice`).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -94,11 +98,12 @@ def _int4_matmul(rows: torch.Tensor, weight: torch.Tensor, scales_and_zeros: tor
 
 
 def _weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                        dense_weight: torch.Tensor, dense_packed: bool, out_features: int) -> torch.Tensor:
+                        dense_weight: torch.Tensor, dense_packed: bool, out_features: int,
+                        dense_above_rows: int) -> torch.Tensor:
     """``[N, in]`` -> ``[N, out]`` without the bias: the weight-only kernel for up
-    to :data:`DENSE_ABOVE_ROWS` rows, the dense copy of the same weight beyond.
+    to ``dense_above_rows`` rows, the dense copy of the same weight beyond.
     ``group_size`` 0 means int8 (``scales`` per row), else int4 groups."""
-    if x.shape[0] > DENSE_ABOVE_ROWS:
+    if x.shape[0] > dense_above_rows:
         if dense_packed:
             return packed_linear(x, dense_weight, None)
         return nn.functional.linear(x, dense_weight)
@@ -108,14 +113,15 @@ def _weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
 
 
 def _weight_only_linear_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                              dense_weight: torch.Tensor, dense_packed: bool, out_features: int) -> torch.Tensor:
+                              dense_weight: torch.Tensor, dense_packed: bool, out_features: int,
+                              dense_above_rows: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 
 # One operator for both kinds: which matmul runs depends on the rows, which the
 # compiled step does not know in advance (a branch in Python would compile one graph per side).
 define_op("weight_only_linear(Tensor x, Tensor weight, Tensor scales, int group_size, Tensor dense_weight, "
-          "bool dense_packed, int out_features) -> Tensor", _weight_only_linear, _weight_only_linear_shape)
+          "bool dense_packed, int out_features, int dense_above_rows) -> Tensor", _weight_only_linear, _weight_only_linear_shape)
 
 
 class WeightOnlyLinear(nn.Module):
@@ -127,6 +133,8 @@ class WeightOnlyLinear(nn.Module):
 
     #: Inputs per int4 scale and zero; 0 for int8 (one scale per row).
     group_size = 0
+    #: Inputs of more rows than this take the dense copy (:func:`use_one_matmul` sets it per layer).
+    dense_above_rows = DENSE_ABOVE_ROWS
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype | None):
         """``dtype``: the model's (the bias and the dense copy are kept in it; default: the layer's)."""
@@ -147,7 +155,8 @@ class WeightOnlyLinear(nn.Module):
         # A [T, in] input (the model's case) needs no reshape.
         rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         out = torch.ops.lmserve.weight_only_linear(rows, self.codes, self.scales, self.group_size,
-                                                   self.dense_weight, self.dense_packed, self.out_features)
+                                                   self.dense_weight, self.dense_packed, self.out_features,
+                                                   self.dense_above_rows)
         if self.bias is not None:
             out = out + self.bias
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
@@ -186,6 +195,18 @@ class Int4Linear(WeightOnlyLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def use_one_matmul(model: nn.Module, dense: bool) -> int:
+    """Make every quantized layer of ``model`` multiply inputs of any row count the same
+    way (``--batch-invariant``): with the dense copy if ``dense``, else with the weight-only
+    kernel. Either gives a row the same bits whatever the other rows (the kernels and the
+    packed oneDNN matmul compute each row alone); switching between them at
+    :data:`DENSE_ABOVE_ROWS` does not. Returns how many layers were set."""
+    layers = [module for module in model.modules() if isinstance(module, WeightOnlyLinear)]
+    for layer in layers:
+        layer.dense_above_rows = -1 if dense else sys.maxsize
+    return len(layers)
 
 
 def int4_fits(linear: nn.Linear) -> bool:

@@ -7,6 +7,12 @@ first come, first served: running sequences first (oldest first), then
 waiting ones while the batch, the prefill budget and the free blocks allow.
 When a running sequence needs a block and none is free, the newest running
 sequence is preempted: its blocks are freed and it waits to be recomputed.
+
+With ``batch_invariant`` a prompt is cut into chunks only at multiples of
+``max_prefill_token_num`` (its positions, not the budget left by the other
+sequences): a chunk that does not fit the step's budget waits for a later step
+rather than shrink. So a prompt is prefilled in the same chunks, attended the
+same way, whatever runs beside it.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_batch_size: int, max_prefill_token_num: int):
+    def __init__(self, block_manager: BlockManager, *, max_batch_size: int, max_prefill_token_num: int,
+                 batch_invariant: bool = False):
         if max_batch_size < 1 or max_prefill_token_num < 1:
             raise ValueError("max_batch_size and max_prefill_token_num must be at least 1")
         self.block_manager = block_manager
+        self.batch_invariant = batch_invariant
         self.max_batch_size = max_batch_size
         self.max_prefill_token_num = max_prefill_token_num
         self.waiting: list[Sequence] = []  # sorted by arrival
@@ -72,10 +80,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             is_decode = seq.num_uncomputed_tokens == 1
-            if not is_decode and budget == 0:
+            chunk = 1 if is_decode else self._chunk(seq, budget)
+            if not chunk:
                 continue
             while True:
-                n = self.block_manager.allocate(seq, 1 if is_decode else budget)
+                n = self.block_manager.allocate(seq, chunk)
                 if n:
                     break
                 victim = self.running[-1]
@@ -98,7 +107,8 @@ class Scheduler:
                 self.waiting.pop(0)
                 out.rejected.append((seq, reason))
                 continue
-            n = self.block_manager.allocate(seq, budget)
+            chunk = self._chunk(seq, budget)
+            n = chunk and self.block_manager.allocate(seq, chunk)
             if not n:
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.pop(0)
@@ -109,6 +119,15 @@ class Scheduler:
 
         out.scheduled = decodes + prefills
         return out
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """The most tokens ``seq``'s next prefill chunk may have this step (0: it waits).
+        Batch invariant: up to the next multiple of the prefill cap, whole or not at all."""
+        if not self.batch_invariant:
+            return budget
+        cap = self.max_prefill_token_num
+        chunk = min(seq.num_uncomputed_tokens, cap - seq.num_computed_tokens % cap)
+        return chunk if chunk <= budget else 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
