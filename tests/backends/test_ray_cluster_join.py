@@ -6,6 +6,7 @@ A module of its own: ``ray stop`` at the end stops every Ray process of this mac
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ def ray_env() -> dict:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, monkeypatch):
+    saved = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or saved.is_file()):  # a machine where Ray never saved one
+        monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))  # the head, the ingress and the client read it
     port = free_port()
     env = ray_env()
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
