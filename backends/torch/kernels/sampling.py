@@ -40,22 +40,31 @@ logit, or an equal logit and an id no greater).
 ``logits`` is used as scratch and holds garbage after a call.
 
 The code is split by side: the batch the host builds (:mod:`.sampling_batch`),
-the CPU kernel and its launchers (:mod:`.sampling_cpu`) and the CUDA kernel and
-its launcher (:mod:`.sampling_cuda`); import the public names from here.
+the CPU kernel (:mod:`.sampling_cpu`; its launchers are here) and the CUDA
+kernel with its launcher (:mod:`.sampling_cuda`, its block-wide cuts in
+:mod:`.sampling_cuda_cuts`); import the public names from here.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import cuda
 
-from lmserve.backends.torch.kernels.sampling_batch import SamplingBatch, SamplingWorkspace
+from lmserve.backends.torch.kernels.sampling_batch import (
+    SamplingBatch,
+    SamplingWorkspace,
+    _check_batch,
+    _host_logits,
+    _token_counts,
+)
 from lmserve.backends.torch.kernels.sampling_cpu import (
     PARALLEL_MIN_ROWS,
     PARALLEL_MIN_THREADS,
-    apply_penalties_cpu,
-    sample_cpu,
-    sampling_probs_cpu,
+    _penalize_rows,
+    _probs_rows,
+    _sample_rows_parallel,
+    _sample_rows_serial,
 )
 from lmserve.backends.torch.kernels.sampling_cuda import sample_cuda
 from lmserve.core.types import SamplingParams
@@ -71,6 +80,56 @@ __all__ = [
     "sampling_probs_cpu",
     "warm_up",
 ]
+
+
+# ---- the CPU kernel's launchers -----------------------------------------------------------
+
+
+def sample_cpu(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None = None, *,
+               parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sample one token per row of float32 ``logits`` ``[B, V]`` (numpy or a CPU tensor).
+
+    Returns ``(token_ids int64 [B], logprobs float32 [B])``. ``logits`` is
+    overwritten (scratch) when it is a C-contiguous writable float32 array.
+    ``parallel``: rows over Numba's threads; None does so from
+    ``PARALLEL_MIN_ROWS`` rows and ``PARALLEL_MIN_THREADS`` threads on.
+    """
+    logits = _host_logits(logits)
+    rows, vocab_size = logits.shape
+    _check_batch(batch, rows, vocab_size)
+    tokens = np.empty(rows, np.int64)
+    logprobs = np.empty(rows, np.float32)
+    if rows == 0:
+        return tokens, logprobs
+    counts = _token_counts(batch, rows, vocab_size, workspace, device=False)
+    if parallel is None:
+        parallel = rows >= PARALLEL_MIN_ROWS and numba.get_num_threads() >= PARALLEL_MIN_THREADS
+    kernel = _sample_rows_parallel if parallel else _sample_rows_serial
+    probs = (workspace or SamplingWorkspace()).get("probs", rows, vocab_size, np.float32, device=False)
+    kernel(logits, *batch.kernel_args(), counts, probs, tokens, logprobs)
+    return tokens, logprobs
+
+
+def apply_penalties_cpu(logits, batch: SamplingBatch,
+                        workspace: SamplingWorkspace | None = None) -> np.ndarray:
+    """Mask the tokens a row's constraint forbids (-inf), add the logit bias and apply
+    the penalties, in place (the first stage of sampling)."""
+    logits = _host_logits(logits)
+    _check_batch(batch, *logits.shape)
+    args = batch.kernel_args()
+    counts = _token_counts(batch, logits.shape[0], logits.shape[1], workspace, device=False)
+    _penalize_rows(logits, *args[4:7], *args[9:], counts)
+    return logits
+
+
+def sampling_probs_cpu(logits, batch: SamplingBatch,
+                       workspace: SamplingWorkspace | None = None) -> np.ndarray:
+    """The distribution each row's token is drawn from, float32 ``[B, V]`` (one-hot if greedy)."""
+    logits = apply_penalties_cpu(logits, batch, workspace)
+    args = batch.kernel_args()
+    out = np.empty(logits.shape, np.float32)
+    _probs_rows(logits, args[0], args[1], args[2], args[3], out)
+    return out
 
 
 def warm_up(use_cuda: bool | None = None) -> None:

@@ -1,5 +1,5 @@
 """The CPU sampling kernel (Numba ``@njit``): one row at a time, rows over
-Numba's threads in large batches. What it computes: :mod:`.sampling`.
+Numba's threads in large batches. What it computes, and its launchers: :mod:`.sampling`.
 
 It is the reference for its CUDA twin (:mod:`.sampling_cuda`), which compiles
 the two per-token rules written here once (:func:`_penalize`,
@@ -12,19 +12,11 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from lmserve.backends.torch.kernels.fastmath import FASTMATH, exp_nonpositive
 from lmserve.backends.torch.kernels.random import uniform
-from lmserve.backends.torch.kernels.sampling_batch import (
-    SamplingBatch,
-    SamplingWorkspace,
-    _check_batch,
-    _host_logits,
-    _token_counts,
-)
 
 # Probability levels (relative to the most likely token) for candidate sets.
 _LEVELS = np.exp(-np.array([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 18.0])).astype(np.float32)
@@ -382,53 +374,3 @@ def _probs_rows(logits, temperature, top_p, top_k, min_p, out):
                 values = p[kept] / mass
                 p[:] = 0.0
                 p[kept] = values
-
-
-# ---- launchers ----------------------------------------------------------------------------
-
-
-def sample_cpu(logits, batch: SamplingBatch, workspace: SamplingWorkspace | None = None, *,
-               parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Sample one token per row of float32 ``logits`` ``[B, V]`` (numpy or a CPU tensor).
-
-    Returns ``(token_ids int64 [B], logprobs float32 [B])``. ``logits`` is
-    overwritten (scratch) when it is a C-contiguous writable float32 array.
-    ``parallel``: rows over Numba's threads; None does so from
-    ``PARALLEL_MIN_ROWS`` rows and ``PARALLEL_MIN_THREADS`` threads on.
-    """
-    logits = _host_logits(logits)
-    rows, vocab_size = logits.shape
-    _check_batch(batch, rows, vocab_size)
-    tokens = np.empty(rows, np.int64)
-    logprobs = np.empty(rows, np.float32)
-    if rows == 0:
-        return tokens, logprobs
-    counts = _token_counts(batch, rows, vocab_size, workspace, device=False)
-    if parallel is None:
-        parallel = rows >= PARALLEL_MIN_ROWS and numba.get_num_threads() >= PARALLEL_MIN_THREADS
-    kernel = _sample_rows_parallel if parallel else _sample_rows_serial
-    probs = (workspace or SamplingWorkspace()).get("probs", rows, vocab_size, np.float32, device=False)
-    kernel(logits, *batch.kernel_args(), counts, probs, tokens, logprobs)
-    return tokens, logprobs
-
-
-def apply_penalties_cpu(logits, batch: SamplingBatch,
-                        workspace: SamplingWorkspace | None = None) -> np.ndarray:
-    """Mask the tokens a row's constraint forbids (-inf), add the logit bias and apply
-    the penalties, in place (the first stage of sampling)."""
-    logits = _host_logits(logits)
-    _check_batch(batch, *logits.shape)
-    args = batch.kernel_args()
-    counts = _token_counts(batch, logits.shape[0], logits.shape[1], workspace, device=False)
-    _penalize_rows(logits, *args[4:7], *args[9:], counts)
-    return logits
-
-
-def sampling_probs_cpu(logits, batch: SamplingBatch,
-                       workspace: SamplingWorkspace | None = None) -> np.ndarray:
-    """The distribution each row's token is drawn from, float32 ``[B, V]`` (one-hot if greedy)."""
-    logits = apply_penalties_cpu(logits, batch, workspace)
-    args = batch.kernel_args()
-    out = np.empty(logits.shape, np.float32)
-    _probs_rows(logits, args[0], args[1], args[2], args[3], out)
-    return out

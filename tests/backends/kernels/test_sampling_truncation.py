@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -187,12 +186,12 @@ def simulator_cases():
 def simulator_sweep() -> list[dict]:
     from numba import cuda
 
-    from lmserve.backends.torch.kernels import sampling_cuda
+    from lmserve.backends.torch.kernels import sampling_cuda, sampling_cuda_cuts
 
-    ranked_max = sampling_cuda._RANKED_MAX
+    ranked_max = sampling_cuda_cuts._RANKED_MAX
     results = []
     for seed, bisect, (logits, _, batch, _) in simulator_cases():
-        sampling_cuda._RANKED_MAX = 0 if bisect else ranked_max  # the simulator reads globals as it runs
+        sampling_cuda_cuts._RANKED_MAX = 0 if bisect else ranked_max  # the simulator reads globals as it runs
         tokens, logprobs = sampling_cuda.sample_cuda(cuda.to_device(logits.copy()), batch, threads=4 << seed % 2)
         results.append({"seed": seed, "tokens": tokens.tolist(), "logprobs": logprobs.tolist()})
     return results
