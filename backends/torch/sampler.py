@@ -1,8 +1,9 @@
 """The engine's sampler: one batched Numba kernel call per step.
 
 Randomness is counter-based: the draw for a request's n-th output token is a
-function of (its seed, n) only, so a seeded request gives the same tokens
-alone, in any batch, and after preemption. CPU logits go to the ``@njit``
+function of (its seed, n) only, so a seeded request's draws do not depend on
+its batch (its tokens do not either where its logits do not: ``--batch-invariant``).
+CPU logits go to the ``@njit``
 kernel, CUDA logits to the ``@cuda.jit`` twin.
 
 Rows with a structured-output constraint sample only the tokens it allows: the
