@@ -26,6 +26,7 @@ from lmserve.backends.torch.kernels.sampling_cuda_cuts import (
     _MIN,
     _SUM,
     _block_reduce,
+    _in_prefix,
     _order_key,
     _prefix_cut,
     _prefix_measure,
@@ -213,8 +214,7 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, repetit
     stop = begin + chunk if begin + chunk < vocab_size else vocab_size
     chunk_mass = 0.0
     for i in range(begin, stop):
-        key = _order_key(bits[i])
-        if key > cut_key or (key == cut_key and i <= cut_id):
+        if _in_prefix(_order_key(bits[i]), i, cut_key, cut_id):
             chunk_mass += p[i]
     fbuf[0, tid] = chunk_mass
     cuda.syncthreads()
@@ -235,8 +235,7 @@ def _sample_kernel(logits, logit_bits, temperature, top_p, top_k, min_p, repetit
         cumulative = prefix
         token = begin
         for i in range(begin, stop):
-            key = _order_key(bits[i])
-            if (key > cut_key or (key == cut_key and i <= cut_id)) and p[i] > 0.0:
+            if _in_prefix(_order_key(bits[i]), i, cut_key, cut_id) and p[i] > 0.0:
                 cumulative += p[i]
                 token = i
                 if cumulative > target:

@@ -62,8 +62,7 @@ def _in_prefix(key, token, last_key, last_id):
 
 
 @cuda.jit(device=True)
-def _ranked_cut(cand_p, cand_key, cand_id, n, bound_key, bound_id, goal, by_mass, vocab_size, fbuf,
-                ibuf):
+def _ranked_cut(cand_p, cand_key, cand_id, n, bound_key, bound_id, goal, by_mass, vocab_size, ibuf):
     """:func:`_prefix_cut` for a few candidates: each candidate's prefix measured directly
     (``n * n / threads`` work), then the first of the order whose prefix reaches the goal."""
     tid, threads = cuda.threadIdx.x, cuda.blockDim.x
@@ -102,7 +101,7 @@ def _prefix_measure(cand_p, cand_key, cand_id, n, bound_key, bound_id, key, last
     mass = 0.0
     for j in range(tid, n, threads):
         k, i = cand_key[j], cand_id[j]
-        if (k > bound_key or (k == bound_key and i <= bound_id)) and (k > key or (k == key and i <= last_id)):
+        if _in_prefix(k, i, bound_key, bound_id) and _in_prefix(k, i, key, last_id):
             count += 1
             mass += cand_p[j]
     if by_mass:
@@ -114,11 +113,11 @@ def _prefix_measure(cand_p, cand_key, cand_id, n, bound_key, bound_id, key, last
 def _prefix_cut(cand_p, cand_key, cand_id, n, bound_key, bound_id, goal, by_mass, vocab_size, fbuf,
                 ibuf):
     """The shortest prefix of the order inside the bound whose count (or mass) reaches
-    ``goal``, as its last token ``(key, id)``; the whole bound must reach it. Bisects on
-    the key, then on the id among its ties: about 50 block reductions whatever ``n``."""
+    ``goal``, as its last token ``(key, id)``; the whole bound must reach it. Up to
+    :data:`_RANKED_MAX` candidates, :func:`_ranked_cut`; beyond, it bisects on the key,
+    then on the id among its ties: about 50 block reductions whatever ``n``."""
     if n <= _RANKED_MAX:
-        return _ranked_cut(cand_p, cand_key, cand_id, n, bound_key, bound_id, goal, by_mass, vocab_size,
-                           fbuf, ibuf)
+        return _ranked_cut(cand_p, cand_key, cand_id, n, bound_key, bound_id, goal, by_mass, vocab_size, ibuf)
     low, high = bound_key, _KEY_END  # the last key: the largest whose prefix reaches the goal
     while high - low > 1:
         mid = (low + high) // 2
