@@ -197,6 +197,10 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--allow-headers", nargs="+", default=list(HTTPConfig.allow_headers), metavar="HEADER",
                           help="Request headers allowed by CORS.")
     security.add_argument("--allow-credentials", action="store_true", help="Allow credentials (cookies) with CORS.")
+    security.add_argument("--special-tokens-in-messages", action="store_true",
+                          help="Tokenize special tokens typed in messages (e.g. '<|im_start|>') as control "
+                          "tokens (the old behaviour). Default: a message's text is data, its special tokens are "
+                          "encoded as plain text; only the chat template's own markers are control tokens.")
 
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N",
@@ -208,6 +212,19 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
                         help="Largest request body; larger ones get 413.")
     limits.add_argument("--session-ttl", type=float, default=ServeConfig.session_ttl, metavar="SECONDS",
                         help="Idle interactive sessions are ended after this many seconds (0: never).")
+    limits.add_argument("--max-sessions-per-client", type=int, default=HTTPConfig.max_sessions_per_client,
+                        metavar="N", help="Live interactive sessions one client may hold (a client: its API key, "
+                        "or its address without keys); one more gets 429 (0: unlimited).")
+    limits.add_argument("--max-session-tokens-per-client", type=int,
+                        default=HTTPConfig.max_session_tokens_per_client, metavar="TOKENS",
+                        help="Tokens of history one client's live sessions may hold together; a turn past it "
+                        "gets 429 (0: unlimited).")
+    limits.add_argument("--request-timeout", type=float, default=HTTPConfig.request_timeout, metavar="SECONDS",
+                        help="Seconds a client may take to send a request's headers, and the most seconds "
+                        "between two pieces of its body; a slower connection is closed.")
+    limits.add_argument("--response-timeout", type=float, default=HTTPConfig.response_timeout, metavar="SECONDS",
+                        help="Seconds a request may run, a stream included; past it the request is aborted "
+                        "and a stream ends with an error event (0: no limit).")
 
 
 def _add_chat_template_option(parser) -> None:

@@ -38,6 +38,17 @@ class HTTPConfig:
     swagger_ui_cdn: bool = False
     #: Seconds in-flight requests may run on after SIGTERM before they are aborted.
     shutdown_timeout: float = 30.0
+    #: Live interactive sessions one client may hold (a client: its API key, or its address
+    #: without keys); 0: unlimited.
+    max_sessions_per_client: int = 256
+    #: Tokens of history (kept KV) one client's live sessions may hold together; 0: unlimited.
+    max_session_tokens_per_client: int = 0
+    #: Seconds a client may take to send a request's headers, and the most seconds between
+    #: two pieces of its body; a slower connection is closed.
+    request_timeout: float = 30.0
+    #: Seconds a response may take, from its request to its last byte (a stream included);
+    #: past it the request is aborted (a stream ends with an error event). 0: no limit.
+    response_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         keys = tuple(self.api_keys)
@@ -64,6 +75,17 @@ class HTTPConfig:
         object.__setattr__(self, "allow_headers", tuple(header.lower() for header in self.allow_headers))
         if not self.shutdown_timeout >= 0:  # also refuses NaN
             raise ValueError(f"--shutdown-timeout must be at least 0 seconds, got {self.shutdown_timeout}.")
+        if self.max_sessions_per_client < 0:
+            raise ValueError(f"--max-sessions-per-client must be at least 0 (0: unlimited), "
+                             f"got {self.max_sessions_per_client}.")
+        if self.max_session_tokens_per_client < 0:
+            raise ValueError(f"--max-session-tokens-per-client must be at least 0 (0: unlimited), "
+                             f"got {self.max_session_tokens_per_client}.")
+        if not self.request_timeout > 0:
+            raise ValueError(f"--request-timeout must be more than 0 seconds, got {self.request_timeout}.")
+        if not self.response_timeout >= 0:
+            raise ValueError(f"--response-timeout must be at least 0 seconds (0: no limit), "
+                             f"got {self.response_timeout}.")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> HTTPConfig:
