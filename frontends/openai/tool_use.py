@@ -3,7 +3,8 @@ what constrains the output, and how each choice's text is read back as calls.
 
 - ``auto`` (the default with tools): the template renders the tools, the model
   answers as it was trained to, and the server's tool parser
-  (``--tool-call-parser``, else the one that fits the template) finds the calls.
+  (``--tool-call-parser``, else the one that fits the template) finds the calls;
+  only calls to declared functions are calls (:mod:`~lmserve.core.declared_tool_calls`).
 - ``required``: the output is constrained to a JSON array of calls
   ``[{"name": ..., "parameters": {...}}]`` (one call unless
   ``parallel_tool_calls``), each call's parameters valid against its tool's
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lmserve.core.declared_tool_calls import DeclaredToolCalls
 from lmserve.core.structured_output import OutputGrammar
 from lmserve.core.tool_calls import ParsedOutput, ToolCall, ToolCallDelta, ToolParser, new_tool_call_id
 from lmserve.frontends.openai.errors import APIError
@@ -78,7 +80,8 @@ def tool_use(body: ChatCompletionRequest, default_parser: type[ToolParser] | Non
                        lambda: NamedFunctionParser(name))
     if default_parser is None:
         raise APIError(400, "This server has no tool-call parser.", "tools")
-    return ToolUse(template_tools, None, default_parser, default_parser.needs_special_tokens)
+    return ToolUse(template_tools, None, lambda: DeclaredToolCalls(default_parser(), names),
+                   default_parser.needs_special_tokens)
 
 
 def calls_schema(tools: list[Tool], *, parallel: bool) -> dict:
