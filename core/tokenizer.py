@@ -192,6 +192,11 @@ class Tokenizer:
             ids += self._encode_ordinary(text[start:])
         return ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids for ``text`` as plain text: added tokens written in it are not
+        matched (``<|im_start|>`` is ``<``, ``|``, ``im``, ...). No BOS."""
+        return self._encode_ordinary(text)
+
     def _encode_ordinary(self, text: str) -> list[int]:
         if self._normalizer is not None:
             text = self._normalizer(text)

@@ -15,16 +15,19 @@ with its default, extra keyword arguments under a literal ``kwargs`` key, as
 LMDeploy's client sends them; servers ignore unknown keys.
 
 Interactive sessions (``/v1/chat/interactive``) keep a conversation's history
-on the server under a ``session_id``::
+on the server under a ``session_id``; :meth:`APIClient.new_session` gets one
+nobody else can guess (lmserve makes it; another server: a random one)::
 
-    for text, tokens, finish_reason in api_client.chat("Hello!", session_id=1, stream=True):
+    session_id = api_client.new_session()
+    for text, tokens, finish_reason in api_client.chat("Hello!", session_id=session_id, stream=True):
         print(text, end="", flush=True)
-    api_client.end_session(1)
+    api_client.end_session(session_id)
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import warnings
 from functools import cached_property
 from typing import Any, Iterator
@@ -33,6 +36,13 @@ import httpx
 
 #: Generation can take long; connecting should not.
 _TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+#: Session ids lie in [1, SESSION_ID_BOUND): 53 bits, exact as JavaScript numbers.
+SESSION_ID_BOUND = 2**53
+
+
+def random_session_id() -> int:
+    """A session id nobody can guess, for a server that makes none (LMDeploy's)."""
+    return 1 + secrets.randbelow(SESSION_ID_BOUND - 1)
 
 
 class APIClient:
@@ -125,6 +135,26 @@ class APIClient:
             if is_session_full(output):
                 warnings.warn(f"Session {session_id} is full: end it (end_session) to start again.", stacklevel=2)
             yield output["text"], output["tokens"], output["finish_reason"]
+
+    def new_session(self) -> int:
+        """A new interactive session's id, one nobody else can guess: reserved by the
+        server (lmserve's ``POST /v1/sessions``), or random from a server without that
+        route (a 404: LMDeploy's). Its error (e.g. 429: too many sessions) is raised as
+        :class:`APIError`; a server that cannot be reached as ``httpx.TransportError``."""
+        response = self._client.post(self.api_server_url + "/v1/sessions")
+        if response.status_code == 404:
+            return random_session_id()
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            body = {"code": response.status_code}
+        session_id = body.get("session_id")
+        if response.status_code != 200 or not isinstance(session_id, int):
+            message = error_message(body) or f"POST /v1/sessions answered {response.status_code} without a session_id."
+            raise APIError(message, body)
+        return session_id
 
     def end_session(self, session_id: int) -> dict:
         """End the session on the server, dropping its history; the server's reply (or error body)."""

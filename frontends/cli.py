@@ -138,8 +138,9 @@ def _add_api_key_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_session_id_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--session-id", type=int, default=1, metavar="N",
-                        help="The interactive session to chat in (its history is kept on the server).")
+    parser.add_argument("--session-id", type=int, default=None, metavar="N",
+                        help="The interactive session to chat in (its history is kept on the server); "
+                        "default: a new one whose id the server makes, so nobody else can guess it.")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -369,8 +370,8 @@ def _serve_gradio(args: argparse.Namespace) -> int:
     return serve_webui(args.url, server_name=args.server_name, server_port=args.server_port, api_key=args.api_key)
 
 
-def _check_session_id(session_id: int) -> None:
-    if session_id < 0:
+def _check_session_id(session_id: int | None) -> None:
+    if session_id is not None and session_id < 0:
         raise ValueError(f"--session-id must be >= 0 (-1 is a one-shot request, kept nowhere), got {session_id}.")
 
 

@@ -5,7 +5,9 @@ empty one make one prompt; ``end`` ends the session (its history is dropped on
 the server) and the next prompt starts a fresh one under the same id; ``exit``
 or the end of the input ends it and quits. Unlike LMDeploy's, Ctrl-C during a
 reply cancels that turn on the server and returns to the prompt, and a server
-that cannot be reached is one line, not a traceback.
+that cannot be reached is one line, not a traceback. Without ``--session-id`` the
+session's id is one nobody else can guess (:meth:`APIClient.new_session`), so two
+people chatting with one server never share a conversation.
 """
 
 from __future__ import annotations
@@ -15,22 +17,33 @@ from typing import Any, TextIO
 
 import httpx
 
-from lmserve.frontends.api_client import APIClient, error_message, is_session_full, unreachable
+from lmserve.frontends.api_client import APIClient, APIError, error_message, is_session_full, unreachable
 
 PROMPT = "\ndouble enter to end input >>> "
 #: The most tokens of one reply, as LMDeploy's terminal client asks.
 REPLY_TOKENS = 512
 
 
-def chat_in_terminal(api_client: APIClient, session_id: int, stdin: TextIO, stdout: TextIO,
+def chat_in_terminal(api_client: APIClient, session_id: int | None, stdin: TextIO, stdout: TextIO,
                      where: str | None = None, generation: Mapping[str, Any] | None = None) -> int:
-    """Chat until ``exit`` or the end of ``stdin``; the exit status (1 when the session could not be ended).
+    """Chat until ``exit`` or the end of ``stdin``; the exit status (1 when the session could not be
+    opened or ended).
 
+    ``session_id``: the session to chat in; None: a new one, its id from the server.
     ``where``: what the greeting names as the other side (default: the server's URL).
     ``generation``: arguments of every turn's request (``temperature``, ``top_p``, ``top_k``,
     ``repetition_penalty``, ``request_output_len``); the rest are the client's defaults.
     """
     generation = {"request_output_len": REPLY_TOKENS, **(generation or {})}
+    if session_id is None:
+        try:
+            session_id = api_client.new_session()
+        except APIError as exc:
+            stdout.write(f"error: cannot open a session: {exc}\n")
+            return 1
+        except httpx.TransportError as exc:
+            _say_unreachable(api_client, exc, stdout)
+            return 1
     stdout.write(f"Session {session_id} with {where or api_client.api_server_url}. An empty line sends what you typed; "
                  "`end` starts a new session, `exit` (or Ctrl-D) quits.\n")
     while True:

@@ -5,7 +5,9 @@ interactive session of its own (``/v1/chat/interactive``), so the server keeps t
 conversation and its KV cache and each turn sends only the new message. The reply
 streams in; the sliders set each turn's max new tokens, temperature and top_p;
 Cancel stops the running turn on the server (what was generated stays), Reset ends
-the session (its history is dropped on the server) and clears the page. A closed
+the session (its history is dropped on the server) and clears the page. A tab's
+session id is one nobody else can guess (the server makes it: ``POST /v1/sessions``),
+so another page on the same server cannot reach its conversation. A closed
 tab's session is ended when gradio lets its state go. The server's errors (a turn
 while another runs: 409; a full session) show in the page.
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-import secrets
 from collections.abc import Iterator
 
 # Before gradio is imported: it would otherwise send usage statistics out.
@@ -29,9 +30,11 @@ import httpx  # noqa: E402
 
 from lmserve.frontends.api_client import (  # noqa: E402
     APIClient,
+    APIError,
     error_message,
     is_session_full,
     no_models_listed,
+    random_session_id,
     unreachable,
 )
 
@@ -43,11 +46,6 @@ SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
 
 Chat = list[dict]  # gradio's chat history: {"role": "user" | "assistant", "content": str} messages
-
-
-def new_session_id() -> int:
-    """A session id for a new tab: random, so tabs (and other pages on the same server) do not meet."""
-    return 1 + secrets.randbelow(2**31 - 2)
 
 
 class WebChat:
@@ -101,8 +99,13 @@ class WebChat:
         return [], "", self._request(lambda: self.api_client.end_session(session_id), "New session.")
 
     def open_tab(self) -> tuple[int, str]:
-        """A new tab's session id, and its label."""
-        session_id = new_session_id()
+        """A new tab's session id, and its label: an id the server reserved, or (when it
+        would not: no such route, too many sessions, unreachable) a random one, whose
+        first turn then shows the server's error."""
+        try:
+            session_id = self.api_client.new_session()
+        except (APIError, httpx.TransportError):
+            session_id = random_session_id()
         return session_id, f"Session {session_id}"
 
     def end(self, session_id: int | None) -> None:

@@ -1,4 +1,5 @@
-"""The body of ``POST /v1/chat/interactive`` and its reply, as LMDeploy 0.9 defined them."""
+"""The body of ``POST /v1/chat/interactive`` and its reply, as LMDeploy 0.9 defined them;
+the reply of ``POST /v1/sessions`` (lmserve's)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,10 @@ class InteractiveResponse(Response):
                                 "turn's input and output tokens.")
     finish_reason: Literal["stop", "length", "abort", "error"] | None
     error: str | None = Field(None, description="Why the turn failed, with finish_reason error.")
+
+
+class SessionCreated(Response):
+    """The reply of ``POST /v1/sessions``."""
+
+    session_id: int = Field(description="The new session's id: random in [1, 2^53), unused. Send it as the "
+                            "`session_id` of `/v1/chat/interactive` turns.")

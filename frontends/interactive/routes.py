@@ -18,6 +18,14 @@ prompt, no second BOS.
 - A second request while a turn runs gets a 409. A turn that would pass the
   session length gets ``finish_reason: "length"`` with what fitted (nothing,
   when the input itself does not fit).
+- With ``--api-keys`` a session belongs to the key that opened it: another key's
+  turn on the same ``session_id`` opens a session of its own, and its cancel or
+  end is a 404, as for an id nobody holds (without keys both answer 200, as
+  LMDeploy's do). ``POST /v1/sessions`` (:mod:`.sessions_route`) opens one
+  under an id the server chose.
+- A turn that would open more sessions than ``--max-sessions-per-client``, or
+  pass ``--max-session-tokens-per-client``, gets a 429; a reply stops (``length``)
+  where the token limit leaves no more room.
 
 A stream is one JSON object per line (no ``data:`` prefix, no ``[DONE]``), as
 LMDeploy's clients read it; ``text`` is the new text of each line.
@@ -30,10 +38,19 @@ from sanic.response import json as json_response
 
 from lmserve.core import hookimpl
 from lmserve.core.chat_template import render_continuation
-from lmserve.core.sessions import Session, SessionBusyError
+from lmserve.core.sessions import Session, SessionBusyError, SessionLimitError, SessionLimits
 from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from lmserve.core.validation import context_room
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
+from lmserve.frontends.interactive.sessions_route import (
+    no_such_session,
+    register_session_routes,
+    request_client,
+    session_limits,
+    too_many,
+)
+from lmserve.frontends.openai.auth import request_owner
+from lmserve.frontends.openai.chat_prompt import chat_prompt_ids
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.limits import admitted
 from lmserve.frontends.openai.openapi import RouteDoc
@@ -53,18 +70,23 @@ NDJSON = "application/x-ndjson; charset=utf-8"
 #: The route's entry in /openapi.json.
 CHAT_INTERACTIVE_DOC = RouteDoc(
     "A turn of an interactive chat (LMDeploy)", "Interactive", InteractiveRequest, InteractiveResponse,
-    line_stream=InteractiveResponse, errors=(400, 409, 413, 500, 503), admitted=True,
+    line_stream=InteractiveResponse, errors=(400, 404, 409, 413, 429, 500, 503), admitted=True,
     description="The server keeps the conversation of `session_id` (its KV cache too), so each turn "
     "sends only its new message. With `stream: true` the answer is one `InteractiveResponse` JSON "
     "object per line (`text` is the new text). End a session with `prompt: \"\"`, "
     "`request_output_len: 0`, `interactive_mode: false`; stop a running turn with `cancel: true`. "
-    "A turn on a session whose previous turn still runs gets a 409.",
+    "A turn on a session whose previous turn still runs gets a 409. With `--api-keys` a session belongs to "
+    "the key that opened it: another key's turn with the same `session_id` opens a session of its own, and "
+    "its cancel or end is a 404. A turn that would open more sessions than `--max-sessions-per-client`, or "
+    "pass `--max-session-tokens-per-client`, gets a 429.",
     example={"prompt": "Hello! How are you?", "session_id": 1, "interactive_mode": True},
 )
 
 
 @hookimpl
 def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
+    limits = session_limits(state)
+
     async def chat_interactive(request: Request):
         body = parse_body(request, InteractiveRequest)
         if body.image_url is not None:
@@ -73,34 +95,50 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
         if body.adapter_name is not None:
             raise APIError(400, "This server has no LoRA adapters.", "adapter_name")
         sessions = state.bus.sessions
+        owner = request_owner(request)
         if body.cancel:
             if body.session_id == -1:
                 raise APIError(400, "Set the session_id of the turn to cancel.", "session_id")
-            if sessions.cancel(body.session_id):
-                await sessions.wait_idle(body.session_id)
+            _check_held(state, owner, body.session_id)
+            if sessions.cancel(body.session_id, owner=owner):
+                await sessions.wait_idle(body.session_id, owner=owner)
             return _single_reply(body, _reply(finish_reason="stop"))
         if body.prompt == "" and body.request_output_len == 0 and not body.interactive_mode:
-            if sessions.end(body.session_id):
-                await sessions.wait_idle(body.session_id)  # a running turn winds down first
+            if body.session_id != -1:
+                _check_held(state, owner, body.session_id)
+            if sessions.end(body.session_id, owner=owner):
+                await sessions.wait_idle(body.session_id, owner=owner)  # a running turn winds down first
             return _single_reply(body, _reply(finish_reason="stop"))
         # Cancels and ends above never wait for admission; turns do (_turn is admitted).
-        return await _turn(request, state, body)
+        return await _turn(request, state, body, limits)
 
     app.add_route(chat_interactive, "/v1/chat/interactive", methods=["POST"], name="chat_interactive",
                   ctx_doc=CHAT_INTERACTIVE_DOC)
+    register_session_routes(app, state)
+
+
+def _check_held(state: ServerState, owner: str | None, session_id: int) -> None:
+    """A 404 when the caller's key holds no session ``session_id`` (another key's is none of its
+    business). Without keys nothing is refused: LMDeploy answers 200 to an unknown session."""
+    if owner is not None and state.bus.sessions.get(session_id, owner=owner) is None:
+        raise no_such_session(session_id)
 
 
 @admitted
-async def _turn(request: Request, state: ServerState, body: InteractiveRequest):
+async def _turn(request: Request, state: ServerState, body: InteractiveRequest, limits: SessionLimits):
     """A turn: it waits for an admission slot and holds it while it generates."""
     sessions = state.bus.sessions
     if body.session_id == -1:
         session = None
     else:
         try:
-            session = sessions.begin_turn(body.session_id)
+            session = sessions.begin_turn(body.session_id, owner=request_owner(request),
+                                          client=request_client(request), keep=body.interactive_mode,
+                                          limits=limits)
         except SessionBusyError as exc:
             raise APIError(409, str(exc), "session_id") from exc
+        except SessionLimitError as exc:
+            raise too_many(exc) from exc
     try:
         history = session.history_tokens if session is not None else 0
         input_ids = _render_turn(state, session, body.prompt)
@@ -108,17 +146,23 @@ async def _turn(request: Request, state: ServerState, body: InteractiveRequest):
         if body.request_output_len is not None and body.request_output_len < 0:
             raise APIError(400, f"request_output_len must be at least 0, got {body.request_output_len}.",
                            "request_output_len")
-        if room <= 0 or body.request_output_len == 0:
+        reply_room = room if body.request_output_len is None else min(body.request_output_len, room)
+        if session is not None and room > 0:
+            try:  # the client's token limit: a 429, or less room for the reply
+                reply_room = sessions.reserve_tokens(session, len(input_ids), reply_room, limits)
+            except SessionLimitError as exc:
+                raise too_many(exc) from exc
+        if room <= 0 or reply_room <= 0:
             if session is not None:
-                if room > 0 and body.interactive_mode:  # priming: the input joins the history
-                    session.token_ids.extend(input_ids)
+                if room > 0 and body.request_output_len == 0 and body.interactive_mode:
+                    session.token_ids.extend(input_ids)  # priming: the input joins the history
                     session.closing_token_id = None
                 sessions.abandon_turn(session)
                 if not body.interactive_mode:
-                    sessions.end(session.session_id)
+                    sessions.end(session.session_id, owner=session.owner)
             return _single_reply(body, _reply(input_tokens=len(input_ids), history_tokens=history,
                                               finish_reason="length"))
-        params = _sampling_params(state, body, min(body.request_output_len or room, room))
+        params = _sampling_params(state, body, reply_room)
         stop = with_template_stop_strings(state, checked_stop_strings(body.stop), ignore_eos=body.ignore_eos)
         grammar = output_grammar(body.response_format)
         await compile_off_the_loop(state, grammar, "response_format")
@@ -147,19 +191,23 @@ def _render_turn(state: ServerState, session: Session | None, prompt) -> list[in
     else:
         messages = [{"role": m.role, "content": m.text()} for m in prompt]
     if session is None or not session.token_ids:
-        return state.tokenizer.encode(state.chat_template.render(messages, add_generation_prompt=True),
-                                      add_bos=False)
-    try:
-        text = render_continuation(state.chat_template, messages)
-    except ValueError as exc:
-        raise APIError(400, str(exc), "prompt") from exc
-    if session.closing_token_id is not None:
-        # The reply ended on its stop token: the end-of-turn mark the template
-        # writes after a reply is already in the history.
-        closing = state.tokenizer.decode([session.closing_token_id])
-        if closing and text.startswith(closing):
-            text = text[len(closing):]
-    return state.tokenizer.encode(text, add_bos=False)
+        return chat_prompt_ids(state, messages,
+                               lambda messages: state.chat_template.render(messages, add_generation_prompt=True))
+
+    def continuation(messages: list[dict]) -> str:
+        try:
+            text = render_continuation(state.chat_template, messages)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "prompt") from exc
+        if session.closing_token_id is not None:
+            # The reply ended on its stop token: the end-of-turn mark the template
+            # writes after a reply is already in the history.
+            closing = state.tokenizer.decode([session.closing_token_id])
+            if closing and text.startswith(closing):
+                text = text[len(closing):]
+        return text
+
+    return chat_prompt_ids(state, messages, continuation)
 
 
 def _sampling_params(state: ServerState, body: InteractiveRequest, max_tokens: int) -> SamplingParams:

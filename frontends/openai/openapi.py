@@ -109,9 +109,10 @@ ROUTE_DOCS: dict[str, RouteDoc] = {
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request; `param` names the field at fault.",
     401: "Missing or wrong API key.",
-    404: "No such model (or route).",
+    404: "No such model, session (of this API key), or route.",
     409: "The session has a turn running already.",
     413: "The body is too large.",
+    429: "A per-client limit: live interactive sessions, or their tokens.",
     500: "The engine failed the request.",
     503: "The engine is not running or the server is full.",
 }

@@ -15,6 +15,8 @@ from sanic.response import json as json_response
 from lmserve.core import hookimpl
 from lmserve.core.chat_template import render_chat
 from lmserve.core.validation import check_token_ids
+from lmserve.frontends.openai.auth import request_owner
+from lmserve.frontends.openai.chat_prompt import chat_prompt_ids
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.generation import Generation
 from lmserve.frontends.openai.limits import admitted
@@ -55,16 +57,15 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
     async def chat_completions(request: Request):
         body = parse_body(request, ChatCompletionRequest)
         check_model(state, body.model)
-        _check_session_free(state, body.session_id)
+        _check_session_free(state, request, body.session_id)
         tools = tool_use(body, state.tool_parser, state.json_tool_parser)
         if isinstance(body.messages, str):  # a raw prompt
             prompt_ids = state.tokenizer.encode(body.messages)
         elif not body.do_preprocess:  # LMDeploy: the messages' texts, no template
             prompt_ids = state.tokenizer.encode("".join(m.text() for m in body.messages))
         else:
-            prompt = render_chat(state.chat_template, [m.for_template() for m in body.messages],
-                                 add_generation_prompt=True, tools=tools.template_tools)
-            prompt_ids = state.tokenizer.encode(prompt, add_bos=False)
+            prompt_ids = chat_prompt_ids(state, [m.for_template() for m in body.messages], lambda messages: render_chat(
+                state.chat_template, messages, add_generation_prompt=True, tools=tools.template_tools))
         await compile_off_the_loop(state, *request_grammar(body.response_format, tools))
         return await Generation(state, body, [prompt_ids], chat=True, tools=tools).respond(request)
 
@@ -72,7 +73,7 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
     async def completions(request: Request):
         body = parse_body(request, CompletionRequest)
         check_model(state, body.model)
-        _check_session_free(state, body.session_id)
+        _check_session_free(state, request, body.session_id)
         prompts = _completion_prompts(state, body.prompt)
         echo_texts = None
         if body.echo:
@@ -91,8 +92,10 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
 # ------------------------------------------------------------------------ helpers
 
 
-def _check_session_free(state: ServerState, session_id: int | None) -> None:
-    if session_id is not None and state.bus.sessions.is_live(session_id):
+def _check_session_free(state: ServerState, request: Request, session_id: int | None) -> None:
+    """A 409 when ``session_id`` is a live interactive session of the caller (with API keys, only
+    its own key's: another key's sessions are none of its business, not even whether they exist)."""
+    if session_id is not None and state.bus.sessions.is_live(session_id, owner=request_owner(request)):
         raise APIError(409, f"session_id {session_id} is a live interactive session: continue it through "
                        "/v1/chat/interactive, end it there, or use another session_id.", "session_id")
 

@@ -6,6 +6,7 @@ from sanic import Request, Sanic
 from sanic.response import json as json_response
 
 from lmserve.core.validation import check_token_ids
+from lmserve.frontends.openai.chat_prompt import chat_prompt_ids
 from lmserve.frontends.openai.errors import APIError
 from lmserve.frontends.openai.parsing import parse_body
 from lmserve.frontends.openai.protocol import DetokenizeRequest, EncodeRequest, TokenizeRequest
@@ -16,8 +17,9 @@ from lmserve.frontends.openai.state import ServerState
 def register_tokenization_routes(app: Sanic, state: ServerState) -> None:
     tokenizer = state.tokenizer
 
-    def render_user_turn(text: str) -> str:
-        return state.chat_template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+    def user_turn_ids(text: str) -> list[int]:
+        return chat_prompt_ids(state, [{"role": "user", "content": text}],
+                               lambda messages: state.chat_template.render(messages, add_generation_prompt=True))
 
     async def encode(request: Request):
         body = parse_body(request, EncodeRequest)
@@ -25,7 +27,7 @@ def register_tokenization_routes(app: Sanic, state: ServerState) -> None:
         ids = []
         for text in texts:
             if body.do_preprocess:  # the template spells out BOS itself where the model wants one
-                ids.append(tokenizer.encode(render_user_turn(text), add_bos=False))
+                ids.append(user_turn_ids(text))
             else:
                 ids.append(tokenizer.encode(text, add_bos=body.add_bos))
         if isinstance(body.input, str):
@@ -40,8 +42,8 @@ def register_tokenization_routes(app: Sanic, state: ServerState) -> None:
             raise APIError(400, "Send exactly one of prompt and messages.", "prompt")
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt = state.chat_template.render(messages, add_generation_prompt=body.add_generation_prompt)
-            ids = tokenizer.encode(prompt, add_bos=False)
+            ids = chat_prompt_ids(state, messages, lambda messages: state.chat_template.render(
+                messages, add_generation_prompt=body.add_generation_prompt))
         else:
             ids = tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
         return json_response({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids})

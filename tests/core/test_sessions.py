@@ -1,11 +1,19 @@
 """The session rules, against a fake bus: history, busy, refusals, endings, the TTL."""
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
 
-from lmserve.core.sessions import SessionBusyError, SessionManager
+from lmserve.core.sessions import (
+    NO_LIMITS,
+    RESERVED_ID_BOUND,
+    SessionBusyError,
+    SessionLimitError,
+    SessionLimits,
+    SessionManager,
+)
 from lmserve.core.types import (
     FinishReason,
     GenerationOutput,
@@ -48,9 +56,9 @@ def output(ids, reason=None):
     return GenerationOutput("r", "", tuple(ids), Usage(0, 0), reason)
 
 
-def run(sessions, session_id, new_ids, keep=True, **kwargs):
+def run(sessions, session_id, new_ids, keep=True, owner=None, client=None, limits=NO_LIMITS, **kwargs):
     async def go():
-        session = sessions.begin_turn(session_id)
+        session = sessions.begin_turn(session_id, owner=owner, client=client, keep=keep, limits=limits)
         return [out async for out in sessions.run_turn(session, new_ids, PARAMS, keep=keep, **kwargs)]
 
     return asyncio.run(go())
@@ -183,3 +191,83 @@ def test_a_failed_turn_of_a_kept_session_is_an_error_output_not_a_loss():
     bus.outputs = [output([], FinishReason.ERROR)]
     assert run(sessions, 1, [6])[-1].finish_reason is FinishReason.ERROR
     assert sessions.get(1).token_ids == [5, 7], "a failed turn leaves the history"
+
+
+# ------------------------------------------------------------------ owners and limits
+
+
+def test_two_owners_sessions_of_one_id_are_two_sessions_with_separate_kv():
+    bus = FakeBus([output([7], FinishReason.STOP)])
+    sessions = SessionManager(bus)
+    run(sessions, 31337, [5, 6], owner="key-1")
+    run(sessions, 31337, [9], owner="key-2")
+    assert sessions.get(31337, owner="key-1").token_ids == [5, 6, 7]
+    assert sessions.get(31337, owner="key-2").token_ids == [9, 7], "key-2 started afresh"
+    assert bus.requests[1].prompt_token_ids == (9,)
+    assert [request.session_key for request in bus.requests] == ["session-key-1-31337", "session-key-2-31337"]
+    assert sessions.get(31337) is None and not sessions.is_live(31337), "the keyless namespace is another"
+    assert not sessions.cancel(31337, owner="key-3") and not sessions.end(31337, owner="key-3")
+    assert sessions.end(31337, owner="key-2") and bus.released == ["session-key-2-31337"]
+    assert sessions.get(31337, owner="key-1").token_ids == [5, 6, 7]
+
+
+def test_a_client_opens_no_more_sessions_than_its_limit_and_ending_one_makes_room():
+    sessions = SessionManager(FakeBus([output([7], FinishReason.STOP)]))
+    limits = SessionLimits(max_sessions=2)
+    run(sessions, 1, [5], client="a", limits=limits)
+    run(sessions, 2, [5], client="a", limits=limits)
+    with pytest.raises(SessionLimitError, match="--max-sessions-per-client"):
+        run(sessions, 3, [5], client="a", limits=limits)
+    assert sessions.get(3) is None, "the refused session was not opened"
+    with pytest.raises(SessionLimitError):
+        sessions.reserve(client="a", limits=limits)
+    run(sessions, 1, [6], client="a", limits=limits)  # a live session goes on
+    run(sessions, 3, [5], keep=False, client="a", limits=limits)  # ends after its turn: opens nothing
+    run(sessions, 4, [5], client="b", limits=limits)  # another client's room is its own
+    sessions.end(2)
+    run(sessions, 3, [5], client="a", limits=limits)
+    assert sessions.num_sessions("a") == 2 and sessions.num_sessions("b") == 1
+
+
+def test_a_running_turn_that_keeps_its_new_session_counts_one_that_ends_it_does_not():
+    sessions = SessionManager(FakeBus())
+    limits = SessionLimits(max_sessions=1)
+    sessions.begin_turn(1, client="a", keep=False, limits=limits)
+    assert sessions.num_sessions("a") == 0
+    sessions.begin_turn(2, client="a", keep=True, limits=limits)
+    assert sessions.num_sessions("a") == 1
+    with pytest.raises(SessionLimitError):
+        sessions.begin_turn(3, client="a", limits=limits)
+
+
+def test_a_reserved_session_has_an_unguessable_id_lives_empty_and_ends_with_the_ttl():
+    bus = FakeBus([output([], FinishReason.ERROR)])
+    sessions = SessionManager(bus, ttl_s=10)
+    reserved = [sessions.reserve(owner="key-1", client="key-1") for _ in range(20)]
+    ids = {session.session_id for session in reserved}
+    assert len(ids) == 20 and all(0 < session_id < RESERVED_ID_BOUND for session_id in ids)
+    first = reserved[0].session_id
+    assert sessions.is_live(first, owner="key-1") and not sessions.is_live(first, owner="key-2")
+    assert sessions.num_sessions("key-1") == 20
+    run(sessions, first, [5], owner="key-1")  # a failed first turn: still reserved
+    sessions.abandon_turn(sessions.begin_turn(first, owner="key-1"))
+    assert sessions.get(first, owner="key-1") is not None
+    assert len(sessions.end_idle(time.monotonic() + 11)) == 20 and len(sessions) == 0
+
+
+def test_the_token_limit_counts_history_and_running_turns_and_cuts_the_reply():
+    sessions = SessionManager(FakeBus([output([7, 8], FinishReason.LENGTH)]))
+    limits = SessionLimits(max_tokens=10)
+    run(sessions, 1, [1, 2, 3], client="a")  # 5 tokens of history
+    second = sessions.begin_turn(2, client="a")
+    assert sessions.reserve_tokens(second, 2, 100, limits) == 3, "the reply gets what the limit leaves"
+    assert sessions.num_tokens("a") == 10
+    third = sessions.begin_turn(3, client="a")
+    with pytest.raises(SessionLimitError, match="--max-session-tokens-per-client"):
+        sessions.reserve_tokens(third, 1, 0, limits)
+    sessions.abandon_turn(third)
+    sessions.abandon_turn(second)
+    assert sessions.num_tokens("a") == 5, "a turn done holds no room"
+    assert sessions.reserve_tokens(sessions.begin_turn(1, client="a"), 5, 100, limits) == 0
+    assert sessions.reserve_tokens(sessions.begin_turn(4, client="b"), 2, 100, limits) == 8, "per client"
+

@@ -220,3 +220,24 @@ def test_a_busy_session_is_a_409(api_client):
 def test_chat_needs_a_session():
     with pytest.raises(AssertionError):
         next(APIClient(f"http://127.0.0.1:{free_port()}").chat("hi", session_id=-1))
+
+
+def test_new_session_is_an_id_the_server_reserved(api_client):
+    ids = {api_client.new_session() for _ in range(3)}
+    assert len(ids) == 3 and all(0 < session_id < 2**53 for session_id in ids)
+    for session_id in ids:
+        assert api_client.end_session(session_id) == ZERO_REPLY
+
+
+@pytest.mark.parametrize("status, raises", [(404, False), (429, True), (401, True)])
+def test_new_session_is_random_from_a_server_without_the_route_and_raises_its_errors(status, raises):
+    body = {"error": {"message": "no", "code": status}, "code": status} if raises else {"detail": "Not Found"}
+    client = APIClient("http://server")
+    client._client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(status, json=body)))
+    if raises:
+        with pytest.raises(APIError) as error:
+            client.new_session()
+        assert error.value.code == status and str(error.value) == "no"
+    else:
+        assert len({client.new_session() for _ in range(10)}) == 10
+

@@ -78,6 +78,7 @@ SCENARIOS: dict[str, list[dict | None]] = {
         {"prompt": "", "session_id": 7, "cancel": True},
         {"prompt": "", "session_id": 7, "request_output_len": 0, "interactive_mode": False},
     ],
+    "create_session": [None],
 }
 
 #: Half the schema-valid chat / completions requests are made realistic: the generated

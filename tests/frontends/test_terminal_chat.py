@@ -5,6 +5,7 @@ Also the server's flag for sessions, ``--session-ttl``.
 
 import io
 import os
+import re
 import select
 import subprocess
 import time
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import LMSERVE, LiveServer, free_port
-from lmserve.frontends.api_client import APIClient
+from lmserve.frontends.api_client import APIClient, APIError
 from lmserve.core.plugins import create_plugin_manager
 from lmserve.frontends.cli import build_parser, main
 from lmserve.frontends.terminal_chat import PROMPT, chat_in_terminal, read_prompt
@@ -48,6 +49,14 @@ class FakeClient:
     def cancel(self, session_id):
         self.calls.append(("cancel", session_id))
         return ZERO_REPLY
+
+    def new_session(self):
+        self.calls.append(("new",))
+        if isinstance(self.new_session_reply, BaseException):
+            raise self.new_session_reply
+        return self.new_session_reply
+
+    new_session_reply = 2**52 + 7
 
 
 def delta(text, tokens, finish_reason=None):
@@ -111,6 +120,24 @@ def test_errors_and_lost_connections_are_one_line_and_the_chat_goes_on():
     assert "error: Session 1 is busy.\n" in out and "x\nerror: The engine failed this turn.\n" in out
     assert "error: cannot reach http://fake: Connection refused\n" in out
     assert "Traceback" not in out
+
+
+def test_without_a_session_id_the_chat_asks_the_server_for_one():
+    client = FakeClient([delta("ok", 1, "stop")])
+    status, out = chat(client, "hi\n\n", session_id=None)
+    assert status == 0 and f"Session {2**52 + 7} with" in out
+    assert client.calls == [("new",), ("turn", "hi", 2**52 + 7, True, True), ("end", 2**52 + 7)]
+
+
+@pytest.mark.parametrize("error, shown", [
+    (APIError("Too many sessions.", {"code": 429}), "error: cannot open a session: Too many sessions.\n"),
+    (httpx.ConnectError("Connection refused"), "error: cannot reach http://fake: Connection refused\n"),
+])
+def test_a_session_the_server_will_not_open_exits_1_in_one_line(error, shown):
+    client = FakeClient()
+    client.new_session_reply = error
+    status, out = chat(client, "hi\n\n", session_id=None)
+    assert status == 1 and out.endswith(shown) and client.calls == [("new",)]
 
 
 def test_exit_fails_when_the_session_cannot_be_ended():
@@ -184,6 +211,23 @@ def test_the_command_chats_end_drops_the_history_and_exit_ends_the_session(serve
             terminal.type("exit\n\n")
             assert terminal.close() == 0
             assert history_tokens(api_client, 21, keep=False) == 0
+    finally:
+        terminal.process.kill()
+
+
+def test_the_command_without_a_session_id_chats_in_a_session_the_server_made(server):
+    terminal = Terminal(server.base_url)
+    try:
+        greeting = terminal.read_until(PROMPT)
+        session_id = int(re.search(r"Session (\d+) with", greeting).group(1))
+        assert 2**20 < session_id < 2**53, "an id nobody would guess"
+        terminal.type("Hello\n\n")
+        terminal.read_until(PROMPT)
+        with APIClient(server.base_url) as api_client:
+            assert history_tokens(api_client, session_id, keep=True) > 0, "the chat's turn is kept under that id"
+            terminal.type("exit\n\n")
+            assert terminal.close() == 0
+            assert history_tokens(api_client, session_id, keep=False) == 0
     finally:
         terminal.process.kill()
 

@@ -3,6 +3,7 @@ is driven in Chromium by test_webui_browser.py."""
 
 import threading
 
+import httpx
 import pytest
 
 from conftest import LiveServer, free_port
@@ -82,11 +83,24 @@ def test_an_unreachable_server_is_one_line_in_the_page():
         assert chat.reset(1)[2].startswith("Error: cannot reach")
 
 
-def test_each_tab_gets_a_session_of_its_own(web_chat):
+def test_each_tab_gets_a_session_of_its_own_that_the_server_made(web_chat, tiny_server):
     ids = {web_chat.open_tab()[0] for _ in range(50)}
-    assert len(ids) == 50 and all(0 < session_id < 2**31 for session_id in ids)
+    assert len(ids) == 50 and all(0 < session_id < 2**53 for session_id in ids)
     session_id, label = web_chat.open_tab()
     assert label == f"Session {session_id}"
+    taken = httpx.post(tiny_server.base_url + "/v1/chat/completions", json={  # reserved: no other API takes it
+        "model": "tiny", "messages": "x", "max_tokens": 1, "session_id": session_id})
+    assert taken.status_code == 409
+    for closed in [*ids, session_id]:
+        web_chat.end(closed)
+
+
+def test_a_tab_on_a_server_that_makes_no_ids_gets_a_random_one():
+    """LMDeploy's server has no ``POST /v1/sessions``: its 404 means "choose one yourself"."""
+    api_client = APIClient("http://server")
+    api_client._client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(404)))
+    ids = {webui.WebChat(api_client).open_tab()[0] for _ in range(20)}
+    assert len(ids) == 20 and all(0 < session_id < 2**53 for session_id in ids)
 
 
 def test_the_command_fails_in_one_line_without_a_server(capsys):
