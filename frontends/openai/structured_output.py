@@ -5,18 +5,25 @@ A new grammar is compiled off the event loop (:func:`compile_off_the_loop`, from
 the routes, before the request's choices are built): a large schema may take a
 while, and every stream would wait on it. Later constraints of the same grammar
 come from the compiler's cache.
+
+A grammar over the grammar engine's limits (see :mod:`lmserve.core.structured_output`:
+lexer work and states, grammar size, source length) is a 400 naming the parameter
+that asked for it, ``response_format`` or ``tools``, with the limit it reached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from lmserve.core.structured_output import OutputGrammar, TokenConstraint
+from lmserve.core.structured_output import LOGGED_ERROR_CHARS, OutputGrammar, TokenConstraint
 from lmserve.core.types import InvalidRequestError
 from lmserve.frontends.openai.errors import APIError
 from lmserve.frontends.openai.protocol import ResponseFormat
 from lmserve.frontends.openai.state import ServerState
 from lmserve.frontends.openai.tool_use import ToolUse
+
+logger = logging.getLogger(__name__)
 
 
 def output_grammar(response_format: ResponseFormat | None) -> OutputGrammar | None:
@@ -42,11 +49,20 @@ def request_grammar(response_format: ResponseFormat | None,
 
 
 def output_constraint(state: ServerState, grammar: OutputGrammar, param: str) -> TokenConstraint:
-    """A fresh constraint for one choice; a 400 naming ``param`` for an invalid grammar."""
+    """A fresh constraint for one choice; a 400 naming ``param`` for a grammar that
+    is invalid or over the grammar engine's limits, and for anything else compiling
+    it raised (the client's grammar is all that varies: it is never a 500)."""
     try:
         return state.grammars.constraint(grammar)
     except InvalidRequestError as exc:
-        raise APIError(400, exc.message.replace("response_format", param), param) from exc
+        message = exc.message
+        if message.startswith("response_format"):
+            message = param + message.removeprefix("response_format")
+        raise APIError(400, message, param) from exc
+    except Exception as exc:
+        logger.warning("Compiling a %s grammar for %s failed: %s: %s", grammar.kind, param, type(exc).__name__,
+                       str(exc)[:LOGGED_ERROR_CHARS])
+        raise APIError(400, f"{param}: this server could not compile the grammar.", param) from None
 
 
 async def compile_off_the_loop(state: ServerState, grammar: OutputGrammar | None, param: str) -> None:

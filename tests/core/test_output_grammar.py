@@ -1,6 +1,7 @@
 """The grammar compiler and its constraints over the tiny tokenizer: the masks
 they write, the tokens they accept, when they end, errors naming response_format,
-and the per-format cache."""
+and the per-format cache, bounded by count and by bytes (the limits on hostile
+formats: tests/security/test_grammar_limits.py)."""
 
 import json
 import re
@@ -8,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from lmserve.core.structured_output import GrammarCompiler, OutputGrammar, TokenConstraint
+from lmserve.core.structured_output import GrammarCache, GrammarCompiler, OutputGrammar, TokenConstraint
 from lmserve.core.types import InvalidRequestError
 from lmserve.plugins.tokenizer_files import tokenizer_from_path
 from tiny_tokenizer import write_tiny_tokenizer
@@ -94,6 +95,45 @@ def test_the_cache_keeps_the_most_recent_formats(tokenizer):
     for grammar in grammars:
         compiler.constraint(grammar)
     assert [compiler.is_compiled(g) for g in grammars] == [False, True, True]
+
+
+def test_the_cache_is_bounded_by_bytes_least_recently_used_first():
+    cache = GrammarCache(max_entries=100, max_bytes=100)
+    assert cache.put("a", "A", 40) == 0 and cache.put("b", "B", 40) == 0
+    assert cache.get("a") == "A"  # now "b" is the least recently used
+    assert cache.put("c", "C", 40) == 40
+    assert cache.keys() == ["a", "c"] and cache.num_bytes == 80
+    assert cache.put("d", "D", 90) == 80  # both others go to make room
+    assert cache.keys() == ["d"] and cache.num_bytes == 90
+
+
+def test_the_cache_is_bounded_by_count_too_and_keeps_nothing_over_its_budget():
+    cache = GrammarCache(max_entries=2, max_bytes=1000)
+    for key in "abc":
+        cache.put(key, key.upper(), 1)
+    assert cache.keys() == ["b", "c"] and cache.num_bytes == 2
+    assert cache.put("huge", "H", 1001) == 0  # larger than the whole budget: not kept, nothing evicted
+    assert "huge" not in cache and cache.keys() == ["b", "c"]
+    cache.put("b", "B2", 5)  # a new value for a key replaces it and its size
+    assert cache.get("b") == "B2" and cache.num_bytes == 6
+    cache.pop("b")
+    assert cache.keys() == ["c"] and cache.num_bytes == 1
+
+
+def test_the_compiler_charges_each_grammar_at_least_its_size_floor(tokenizer):
+    compiler = GrammarCompiler(tokenizer)
+    compiler.constraint(OutputGrammar.regex("ab"))
+    small = compiler.cache.num_bytes
+    words = "|".join(f"w{i}" for i in range(2000))
+    compiler.constraint(OutputGrammar.regex(words))
+    assert small >= 64 * 1024
+    assert compiler.cache.num_bytes - small >= 64 * len(words)  # the text alone is ~13 KB
+
+
+def test_a_grammar_budget_smaller_than_one_grammar_keeps_none_and_still_compiles(tokenizer):
+    tight = GrammarCompiler(tokenizer, cache_bytes=1024)
+    assert tight.constraint(OutputGrammar.regex("a+")).accept(tokenizer.encode("a")[0])
+    assert not tight.is_compiled(OutputGrammar.regex("a+")) and tight.cache.num_bytes == 0
 
 
 def test_json_object_means_any_object(compiler, tokenizer):
