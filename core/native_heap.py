@@ -67,6 +67,11 @@ def heap_bytes_in_use() -> int | None:
     return info.uordblks + info.hblkhd
 
 
+def can_give_back_free_heap() -> bool:
+    """Whether :func:`give_back_free_heap` does anything here (glibc)."""
+    return _malloc_trim() is not None
+
+
 def give_back_free_heap() -> bool:
     """Return the free pages of every arena to the operating system (``malloc_trim(0)``:
     a few milliseconds); False where the C library cannot."""

@@ -11,24 +11,15 @@ macOS), nothing runs.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
+
+from lmserve.core.native_heap import can_give_back_free_heap, give_back_free_heap
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between trims (each runs on its own thread, not the engine's).
 TRIM_INTERVAL_S = 30.0
-
-
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 class MemoryTrimmer:
@@ -38,12 +29,11 @@ class MemoryTrimmer:
         self.interval_s = interval_s
         self.trims = 0
         self._stop = threading.Event()
-        self._trim = _malloc_trim()
         self._thread = threading.Thread(target=self._run, name="lmserve-memory-trim", daemon=True)
 
     @property
     def available(self) -> bool:
-        return self._trim is not None
+        return can_give_back_free_heap()
 
     def start(self) -> None:
         if self.available:
@@ -54,5 +44,5 @@ class MemoryTrimmer:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._trim(0)
+            give_back_free_heap()
             self.trims += 1
