@@ -91,7 +91,8 @@ class RequestBus:
         self._observe("lmserve_request_started", request=request)
         try:
             self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, request.sampling_params,
-                                              request.session_key, request.keep_kv, request.constraint))
+                                              request.session_key, request.keep_kv, request.constraint,
+                                              request.group_id))
             while not stream.finished:
                 engine_output = await queue.get()
                 output = stream.push(engine_output)

@@ -170,6 +170,8 @@ class GenerationRequest:
     #: Structured output: the grammar state this generation's tokens must follow
     #: (one per generation: it is stateful). See :mod:`lmserve.core.structured_output`.
     constraint: TokenConstraint | None = field(default=None, compare=False)
+    #: The choices of one API request share it: see :class:`EngineRequest`.
+    group_id: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
@@ -198,6 +200,10 @@ class EngineRequest:
     #: Only tokens this allows are sampled; it follows each sampled token (see
     #: :mod:`lmserve.core.structured_output`). The request ends when it is finished.
     constraint: TokenConstraint | None = field(default=None, compare=False)
+    #: The generations of one API request (its choices and prompts) share it; the
+    #: scheduler shares the batch and the prefill budget fairly among groups, not
+    #: among generations. None: the request is a group of its own.
+    group_id: str | None = None
 
 
 @dataclass(frozen=True)

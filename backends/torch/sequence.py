@@ -43,6 +43,9 @@ class Sequence:
     num_preemptions: int = 0
     #: With ``prompt_logprobs``: one per prompt token computed so far (None for the first).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    #: Its prefill waited in the last step while other requests' chunks took the budget:
+    #: it goes first in the next (see :mod:`~lmserve.backends.torch.scheduler`).
+    prefill_deferred: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -53,6 +56,12 @@ class Sequence:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def group_id(self) -> str:
+        """The request it belongs to: the choices and prompts of one API request share it,
+        and the scheduler is fair among groups. A request without one is its own group."""
+        return self.request.group_id or self.request.request_id
 
     @property
     def sampling_params(self) -> SamplingParams:

@@ -33,6 +33,8 @@ LMDeploy's clients read it; ``text`` is the new text of each line.
 
 from __future__ import annotations
 
+import asyncio
+
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import json as json_response
 
@@ -51,6 +53,7 @@ from lmserve.frontends.interactive.sessions_route import (
 )
 from lmserve.frontends.openai.auth import request_owner
 from lmserve.frontends.openai.chat_prompt import chat_prompt_ids
+from lmserve.frontends.openai.cuts import end_cut_stream
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.limits import admitted
 from lmserve.frontends.openai.openapi import RouteDoc
@@ -70,7 +73,7 @@ NDJSON = "application/x-ndjson; charset=utf-8"
 #: The route's entry in /openapi.json.
 CHAT_INTERACTIVE_DOC = RouteDoc(
     "A turn of an interactive chat (LMDeploy)", "Interactive", InteractiveRequest, InteractiveResponse,
-    line_stream=InteractiveResponse, errors=(400, 404, 409, 413, 429, 500, 503), admitted=True,
+    line_stream=InteractiveResponse, errors=(400, 404, 408, 409, 413, 429, 500, 503, 504), admitted=True,
     description="The server keeps the conversation of `session_id` (its KV cache too), so each turn "
     "sends only its new message. With `stream: true` the answer is one `InteractiveResponse` JSON "
     "object per line (`text` is the new text). End a session with `prompt: \"\"`, "
@@ -265,15 +268,20 @@ async def _stream(request: Request, outputs, counts: dict):
         await outputs.aclose()
         raise
     response = await request.respond(content_type=NDJSON, headers={"Cache-Control": "no-cache"})
+    tokens = 0
     try:
         async for out in _prepend(first, outputs):
             error = None
             if out.finish_reason is FinishReason.ERROR:
                 error = out.error or "The engine failed this turn."
-            line = _reply(out.text, out.usage.completion_tokens, finish_reason=_finish_name(out), error=error,
-                          **counts)
+            tokens = out.usage.completion_tokens
+            line = _reply(out.text, tokens, finish_reason=_finish_name(out), error=error, **counts)
             await response.send(_line(line))
         await response.eof()
+    except asyncio.CancelledError:  # the server may have cut the turn (response timeout, shutdown): say why
+        await end_cut_stream(request, lambda error: _line(_reply(
+            tokens=tokens, finish_reason="error", error=error.message, **counts)))
+        raise
     finally:
         await outputs.aclose()  # a client gone: the turn stops (and keeps what it sent)
 

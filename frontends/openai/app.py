@@ -19,12 +19,14 @@ from lmserve.core.tool_calls import choose_tool_parser
 from lmserve.core.types import BackendUnavailableError, InvalidRequestError, SessionLostError
 from lmserve.frontends.openai.auth import setup_auth
 from lmserve.frontends.openai.cors import setup_cors
+from lmserve.frontends.openai.cuts import setup_cuts
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.http_config import HTTPConfig
 from lmserve.frontends.openai.limits import refuse_generation_flags, setup_limits
 from lmserve.frontends.openai.openapi import setup_openapi
 from lmserve.frontends.openai.shutdown import setup_graceful_shutdown
 from lmserve.frontends.openai.state import ServerState
+from lmserve.frontends.openai.timeouts import TimedSanic, setup_timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +89,13 @@ def create_app(state: ServerState, pm: pluggy.PluginManager, announce: bool = Tr
 
     Request middleware runs in this order: CORS preflight, API key, then the
     route; a generation route (declared with :func:`~lmserve.frontends.openai.limits.admitted`)
-    goes through the admission queue.
+    goes through the admission queue. Connections are held to the request and response
+    timeouts (timeouts.py); a request cut by the response timeout or by shutdown ends
+    with an error its client can read (cuts.py).
     """
     config = HTTPConfig.from_options(state.config.options)
     # lmserve configures logging itself (--log-level); Sanic would add its own handlers.
-    app = Sanic("lmserve", configure_logging=False)
+    app = TimedSanic("lmserve", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     # Sanic answers 503 when a handler has sent nothing for RESPONSE_TIMEOUT (60 s): a
     # long non-streaming generation sends nothing until it is done.
@@ -99,6 +103,8 @@ def create_app(state: ServerState, pm: pluggy.PluginManager, announce: bool = Tr
     app.ctx.state = state
     _setup_errors(app)
     _setup_lifecycle(app, state, pm, announce)
+    setup_cuts(app)
+    setup_timeouts(app, config)
     setup_graceful_shutdown(app, config.shutdown_timeout)
     setup_cors(app, config)
     setup_auth(app, config.api_keys)

@@ -28,6 +28,7 @@ from lmserve.core.types import (
 )
 from lmserve.core.tool_calls import ToolCall, ToolCallDelta, ToolParser
 from lmserve.core.validation import check_context_room, check_token_ids
+from lmserve.frontends.openai.cuts import end_cut_stream
 from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.logprobs import LogprobsFormatter
 from lmserve.frontends.openai.sampling import (
@@ -36,7 +37,7 @@ from lmserve.frontends.openai.sampling import (
     with_template_stop_strings,
     with_template_stop_token_ids,
 )
-from lmserve.frontends.openai.sse import SSE_CONTENT_TYPE, SSE_DONE, sse_error, sse_event
+from lmserve.frontends.openai.sse import SSE_CONTENT_TYPE, SSE_DONE, sse_cut_ending, sse_error, sse_event
 from lmserve.frontends.openai.structured_output import output_constraint, request_grammar
 from lmserve.frontends.openai.tool_use import ToolUse
 from lmserve.frontends.openai.state import ServerState
@@ -125,7 +126,7 @@ class Generation:
                 constraint = None if grammar is None else output_constraint(state, grammar, grammar_param)
                 request = GenerationRequest(tuple(prompt), params, stop=stop,
                                             include_stop_str_in_output=body.include_stop_str_in_output,
-                                            constraint=constraint)
+                                            constraint=constraint, group_id=self.id)
                 echo = echo_texts[prompt_index] if echo_texts else ""
                 parser = self.tools.new_parser() if self.tools.new_parser else None
                 choices.append(Choice(prompt_index * body.n + number, request, echo, parser))
@@ -289,6 +290,9 @@ class Generation:
                     }))
             await response.send(SSE_DONE)
             await response.eof()
+        except asyncio.CancelledError:  # the server may have cut the request: the stream says why
+            await end_cut_stream(request, sse_cut_ending)
+            raise
         finally:  # a client gone, an error: stop every choice (their generators abort)
             for task in tasks:
                 task.cancel()

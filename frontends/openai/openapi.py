@@ -72,7 +72,7 @@ class RouteDoc:
 
 
 #: 409: a ``session_id`` of a live interactive session.
-_GENERATION_ERRORS = (400, 404, 409, 413, 500, 503)
+_GENERATION_ERRORS = (400, 404, 408, 409, 413, 500, 503, 504)
 
 #: The docs of this package's routes, by route name; any other route declares its own (``ctx_doc``).
 ROUTE_DOCS: dict[str, RouteDoc] = {
@@ -110,11 +110,13 @@ _ERROR_DESCRIPTIONS = {
     400: "Invalid request; `param` names the field at fault.",
     401: "Missing or wrong API key.",
     404: "No such model, session (of this API key), or route.",
+    408: "The client sent its headers or body too slowly (--request-timeout).",
     409: "The session has a turn running already.",
     413: "The body is too large.",
     429: "A per-client limit: live interactive sessions, or their tokens.",
     500: "The engine failed the request.",
-    503: "The engine is not running or the server is full.",
+    503: "The engine is not running, the server is full, or it is shutting down.",
+    504: "The response took longer than --response-timeout.",
 }
 
 

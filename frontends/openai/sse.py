@@ -2,7 +2,8 @@
 
 Each event is ``data: <compact JSON>`` and a blank line; a stream ends with
 ``data: [DONE]``. An error after streaming began is an event carrying the error
-body (errors.py), since the status line has already gone out.
+body (errors.py), since the status line has already gone out; so is the reason
+a stream was cut (the response timeout, shutdown: :func:`sse_cut_ending`).
 
 SSE separates lines with CR and LF only, but many clients split with Python's
 ``str.splitlines`` (``requests``' ``iter_lines(decode_unicode=True)``), which also breaks
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from lmserve.frontends.openai.errors import error_body
+from lmserve.frontends.openai.errors import APIError, error_body
 
 #: What a streaming route declares; the charset keeps clients from guessing Latin-1.
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
@@ -44,3 +45,8 @@ def sse_event(payload: dict) -> str:
 def sse_error(status: int, message: str, param: str | None = None) -> str:
     """An error sent as a stream event, after streaming began."""
     return sse_event(error_body(status, message, param))
+
+
+def sse_cut_ending(error: APIError) -> str:
+    """The end of a stream the server cut: the reason as an error event, then ``[DONE]``."""
+    return sse_error(error.status, error.message, error.param) + SSE_DONE

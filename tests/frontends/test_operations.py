@@ -19,7 +19,7 @@ from sanic import Sanic
 from lmserve.core.plugins import PluginError
 from lmserve.frontends.cli import main
 from lmserve.frontends.openai.cors import CORSPolicy
-from lmserve.frontends.openai.limits import AdmissionQueue, admitted, refuse_generation_flags
+from lmserve.frontends.openai.limits import AdmissionQueue, admitted, refuse_generation_flags, request_weight
 
 KEYS = ("key-one", "key-two")
 ORIGIN = "https://app.example.com"
@@ -264,11 +264,12 @@ def test_every_generation_route_is_admitted_and_interactive_ends_never_wait(serv
             refused = httpx.post(server.base_url + path, json=body, headers=AUTH, timeout=30)
             assert_error(refused, 503)
             assert refused.headers["retry-after"] == "1", path
-        # Cancels and ends of interactive sessions never wait for admission.
+        # Cancels and ends of interactive sessions never wait for admission (with API keys, one
+        # of a session the key does not hold is a 404, answered at once like the rest).
         for body in [{"prompt": "", "session_id": 5, "request_output_len": 0, "interactive_mode": False},
                      {"prompt": "", "session_id": 5, "cancel": True}]:
             reply = httpx.post(server.base_url + "/v1/chat/interactive", json=body, headers=AUTH, timeout=30)
-            assert reply.status_code == 200 and reply.json()["finish_reason"] == "stop", reply.text
+            assert reply.status_code == 404 and reply.json()["message"] == "No session 5.", reply.text
     finally:
         running.close()
         if waiting is not None:
@@ -279,7 +280,7 @@ def test_every_generation_route_is_admitted_and_interactive_ends_never_wait(serv
 
 def test_an_admitted_handler_holds_its_slot_until_it_returns():
     queue = AdmissionQueue(max_running=1, max_waiting=0)
-    request = SimpleNamespace(app=SimpleNamespace(ctx=SimpleNamespace(admission=queue)))
+    request = SimpleNamespace(app=SimpleNamespace(ctx=SimpleNamespace(admission=queue)), body=b"{}")
 
     @admitted
     async def handler(request, name):
@@ -337,6 +338,61 @@ def test_admission_queue_hands_slots_over_in_order():
         assert queue.num_running == 0 and queue.num_waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_admission_weighs_a_request_by_its_choices_and_nobody_overtakes_a_heavy_head():
+    async def scenario():
+        queue = AdmissionQueue(max_running=4, max_waiting=4)
+        assert await queue.acquire(3)
+        heavy = asyncio.create_task(queue.acquire(2))  # 3 + 2 > 4: it waits
+        light = asyncio.create_task(queue.acquire(1))  # would fit, but may not pass the heavy one
+        await asyncio.sleep(0)
+        assert not heavy.done() and not light.done() and queue.num_waiting == 2
+        queue.release(3)
+        assert await heavy and await light
+        assert queue.num_running == 2 and queue.num_running_weight == 3
+        # A heavy waiter that leaves lets the lighter ones behind it in.
+        blocker = asyncio.create_task(queue.acquire(4))
+        behind = asyncio.create_task(queue.acquire(1))
+        await asyncio.sleep(0)
+        assert not behind.done()
+        blocker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocker
+        assert await behind and queue.num_running_weight == 4
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("body", "weight"), [
+    ({"messages": [{"role": "user", "content": "x"}]}, 1),
+    ({"messages": [], "n": 64}, 64),
+    ({"prompt": ["a", "b", "c"], "n": 2}, 6),
+    ({"prompt": [[1, 2], [3]]}, 2),
+    ({"prompt": [1, 2, 3], "n": 3}, 3),  # one prompt of token ids
+    ({"prompt": "x", "n": "lots"}, 1),  # invalid: the handler says so
+    ([1, 2], 1),
+])
+def test_a_request_weighs_its_choices_times_its_prompts(body, weight):
+    assert request_weight(body) == weight
+
+
+def test_a_request_heavier_than_the_whole_budget_is_a_400_naming_n():
+    queue = AdmissionQueue(max_running=8, max_waiting=0)
+    ran = []
+
+    @admitted
+    async def handler(request):
+        ran.append(request)
+
+    def request(body):
+        return SimpleNamespace(app=SimpleNamespace(ctx=SimpleNamespace(admission=queue)), body=json.dumps(body).encode())
+
+    reply = asyncio.run(handler(request({"prompt": "x", "n": 9})))
+    assert reply.status == 400 and json.loads(reply.body)["error"]["param"] == "n"
+    assert "9 generations" in json.loads(reply.body)["error"]["message"]
+    asyncio.run(handler(request({"prompt": ["x"] * 4, "n": 2})))  # exactly the budget: runs
+    assert len(ran) == 1 and queue.num_running == 0 and queue.num_running_weight == 0
 
 
 def test_without_a_limit_everyone_is_admitted():

@@ -1,5 +1,6 @@
 """SIGTERM: the server stops accepting, lets in-flight requests finish for up to
---shutdown-timeout seconds, aborts the rest and exits with status 0."""
+--shutdown-timeout seconds, cuts the rest (a stream ends with an error event and
+``[DONE]``) and exits with status 0."""
 
 import json
 import signal
@@ -81,7 +82,9 @@ def test_sigterm_aborts_what_outlasts_the_timeout(long_model_dir):
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         rest, closed = read_to_close(sock, timeout=30)
-        assert b"data: [DONE]" not in rest  # cut off, not finished
+        assert b'"usage":{' not in rest  # cut off, not finished...
+        # ...and told so: an error event, [DONE], and the chunked body's last chunk.
+        assert rest.endswith(b'"code":503}\n\ndata: [DONE]\n\n\r\n0\r\n\r\n'), rest[-400:]
         assert 0.9 < closed - signalled < 10
         assert server.process.wait(timeout=30) == 0
         assert "Task was destroyed but it is pending" not in server.log()
