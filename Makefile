@@ -27,7 +27,7 @@ serve: $(VENV)/.installed
 	$(BIN)/lmserve serve api_server $(MODEL) --server-port $(PORT)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

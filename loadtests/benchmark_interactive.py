@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import closing, contextmanager
 
 import httpx
+
+from local_server import local_server  # loadtests/, the script's own folder
 
 TOPIC = ("The history of computing is longer than the history of computing hardware and modern computing "
          "technology, and includes methods for pen and paper. ")
@@ -136,33 +134,8 @@ def _end(client: httpx.Client) -> None:
                                               "interactive_mode": False}).raise_for_status()
 
 
-@contextmanager
 def _server(url: str | None, model: str):
-    if url:
-        yield url.rstrip("/")
-        return
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "lmserve.frontends.cli", "serve", "api_server", model,
-                                "--server-name", "127.0.0.1", "--server-port", str(port), "--session-len", "4096"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    return local_server(url, model, ["--session-len", "4096"], start_timeout_s=300, stop_timeout_s=30)
 
 
 if __name__ == "__main__":

@@ -32,16 +32,14 @@ import asyncio
 import importlib.metadata
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import time
-from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from local_server import local_server  # loadtests/, the script's own folder
 
 CHATS = ["Say hi.", "Name a color.", "Count to three.", "Name a fruit.", "What is 2+2?", "Name a planet."]
 FLOOD_PROMPT = "Write a very long story about a lighthouse keeper."
@@ -189,33 +187,8 @@ def report(result: dict, args) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
 def server(url: str | None, server_args: list[str]):
-    if url:
-        yield url.rstrip("/")
-        return
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "lmserve.frontends.cli", "serve", "api_server", str(shipped_gguf()),
-               "--server-name", "127.0.0.1", "--server-port", str(port), *server_args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    return local_server(url, str(shipped_gguf()), server_args)
 
 
 def main(argv: list[str] | None = None) -> int:

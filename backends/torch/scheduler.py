@@ -16,10 +16,13 @@ group of sequences (an API request's choices and prompts share a
   blocks and resume when rows free up). So a one-sequence chat that arrives
   while ``n: 128`` fills the batch runs in the next step, at the cost of one of
   the big request's rows, with nothing recomputed.
-- Starts. A step that starts sequences runs only prefills (the running
-  decodes wait one step), unless the step before did: a newcomer's first token
-  then waits for the step in flight and one short step, not for a full step of
-  the whole batch; decodes still run at least every other step.
+- Starts. While a request holds more rows than its fair share, a step that
+  starts sequences runs only prefills (the running decodes wait one step),
+  unless the step before did: a newcomer's first token then waits for the step
+  in flight and one short step, not for a full step of the whole batch; decodes
+  still run at least every other step. Among requests within their shares
+  (many users of one or a few rows each) starts join the decode step, as before:
+  no throughput is lost where nobody hogs the batch.
 - Prefill budget. ``max_prefill_token_num`` is shared among the requests with
   tokens to prefill: the one with the fewest tokens first, each taking at most
   an equal part of what is left (what it leaves goes to the next), so a short
@@ -112,8 +115,9 @@ class Scheduler:
                 wanting_prefill.append(seq)
             else:
                 decoding.append(seq)
-        # A step that starts sequences runs only prefills, unless the last one did.
-        starts_alone = bool(starting) and not self._last_started_alone
+        # A step that starts sequences beside a request holding more than its share of
+        # the batch runs only prefills, unless the last one did.
+        starts_alone = bool(starting) and not self._last_started_alone and self._crowded()
         decodes = [] if starts_alone else self._decode(decoding, scheduled, out)
         self._memory_full = False
         prefills = self._prefill(wanting_prefill, is_starting, scheduled, out)
@@ -158,6 +162,11 @@ class Scheduler:
                 room -= 1
                 rows[seq.group_id] += 1
         return starting
+
+    def _crowded(self) -> bool:
+        """Whether a request holds more rows than its fair share (one hogs the batch)."""
+        rows = collections.Counter(seq.group_id for seq in self.running)
+        return bool(rows) and max(rows.values()) > self._fair_share(rows)
 
     def _fair_share(self, rows: collections.Counter) -> int:
         """Rows of the batch each request with work may hold while others wait."""

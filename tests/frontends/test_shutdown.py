@@ -8,7 +8,6 @@ import socket
 import time
 
 import httpx
-import pytest
 
 
 def start_stream(server, max_tokens: int) -> tuple[socket.socket, bytes]:

@@ -1,7 +1,6 @@
 """The web UI's actions (:class:`WebChat`) against live servers, without a browser; the page itself
 is driven in Chromium by test_webui_browser.py."""
 
-import threading
 
 import httpx
 import pytest
