@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import json
 from contextlib import suppress
 from inspect import isawaitable
 
@@ -34,8 +33,9 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
 from lmserve.core.plugins import PluginError
-from lmserve.frontends.openai.errors import error_response
+from lmserve.frontends.openai.errors import APIError, error_response
 from lmserve.frontends.openai.http_config import HTTPConfig
+from lmserve.frontends.openai.parsing import request_json
 
 #: Seconds a client told "busy" is asked to wait before trying again.
 RETRY_AFTER_S = 1
@@ -130,8 +130,8 @@ def request_weight(body) -> int:
 def _json_body(request: Request):
     """The body's JSON value, or None when it is not JSON (the handler reports that)."""
     try:
-        return json.loads(request.body or b"")
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        return request_json(request)
+    except APIError:
         return None
 
 

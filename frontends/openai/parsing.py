@@ -58,11 +58,23 @@ def parse_json(raw: bytes | None) -> Any:
         raise APIError(400, f"The body nests deeper than {MAX_JSON_DEPTH} levels.") from exc
 
 
+def request_json(request: Request) -> Any:
+    """:func:`parse_json` of the request's body, parsed once per request (admission
+    weighs the body before the handler validates it)."""
+    ctx = getattr(request, "ctx", None)
+    if ctx is not None and hasattr(ctx, "json_body"):
+        return ctx.json_body
+    data = parse_json(request.body)
+    if ctx is not None:
+        ctx.json_body = data
+    return data
+
+
 def parse_body(request: Request, model: type[pydantic.BaseModel]):
     content_type = (request.content_type or "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise APIError(400, "The body must be JSON: send Content-Type: application/json.")
-    data = parse_json(request.body)
+    data = request_json(request)
     if not isinstance(data, dict):
         raise APIError(400, "The body must be a JSON object.")
     try:
