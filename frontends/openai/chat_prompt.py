@@ -17,9 +17,11 @@ _warned = False
 def chat_prompt_ids(state: ServerState, messages: Sequence[dict], render: Callable[[list[dict]], str]) -> list[int]:
     """The ids of ``render(messages)``; special tokens typed in the messages are plain text."""
     tokenizer = state.tokenizer
-    if state.config.options.get("special_tokens_in_messages") or not hasattr(tokenizer, "encode_plain"):
-        if not hasattr(tokenizer, "encode_plain"):
-            _warn_once(tokenizer)
+    as_data = not state.config.options.get("special_tokens_in_messages")
+    if as_data and not hasattr(tokenizer, "encode_plain"):
+        _warn_once(tokenizer)
+        as_data = False
+    if not as_data:
         return tokenizer.encode(render(list(messages)), add_bos=False)
     return message_text_encoder(tokenizer).encode(messages, render)
 
