@@ -96,7 +96,7 @@ def lmserve_load_tokenizer(source: ModelSource) -> Tokenizer | None:
 
 
 @hookspec(firstresult=True)
-def lmserve_make_backend(config: ServeConfig, source: ModelSource) -> Backend | None:
+def lmserve_make_backend(config: ServeConfig, source: ModelSource, model_families: list[Any]) -> Backend | None:
     """Create the backend that turns token ids into token ids.
 
     Called once at startup; may take long (weights load here). The built-in
@@ -106,8 +106,27 @@ def lmserve_make_backend(config: ServeConfig, source: ModelSource) -> Backend | 
 
     :param config: the serve configuration.
     :param source: the resolved model.
+    :param model_families: every family :hook:`lmserve_model_families` contributed
+        (the torch engine runs a model whose architecture one of them claims).
     :return: a started-but-idle :class:`~lmserve.core.backend.Backend`, or
         None to let another plugin provide one.
+    """
+
+
+@hookspec
+def lmserve_model_families() -> list[Any]:
+    """Contribute model families to the torch engine.
+
+    Called once at startup, before the backend is made. A family is a
+    :class:`lmserve.backends.torch.models.family.ModelFamily` (its subclass, really):
+    the HF ``architectures`` and GGUF ``general.architecture`` names it claims, how
+    it reads their config, the ``torch.nn.Module`` that runs them and how their
+    tensors are named (docs/models.md). The built-in families (Llama, Mistral,
+    Qwen2/3, Qwen3-MoE, Mixtral, Gemma 2/3, Phi-3, InternLM2) come through this
+    hook too; a family contributed by a plugin comes first, so it may also take an
+    architecture a built-in one claims.
+
+    :return: a list of family objects (an empty list contributes nothing).
     """
 
 

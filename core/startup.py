@@ -66,7 +66,8 @@ def resolve_model(
 def make_backend(pm: pluggy.PluginManager, config: ServeConfig, source: ModelSource) -> Backend:
     """The backend :hook:`lmserve_make_backend` builds for ``source`` (the weights load here);
     :class:`~lmserve.core.plugins.PluginError` when no plugin builds one."""
-    backend = call_safely(pm, "lmserve_make_backend", config=config, source=source)
+    families = [family for contributed in call_safely(pm, "lmserve_model_families") for family in contributed]
+    backend = call_safely(pm, "lmserve_make_backend", config=config, source=source, model_families=families)
     if backend is None:
         raise PluginError("No backend plugin is loaded.")
     return backend

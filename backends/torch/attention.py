@@ -17,22 +17,62 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.backends.torch.kernels.attention import store_and_decode_attention
+from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.ops import define_op
 from lmserve.backends.torch.primitive_caches import bucket
 
 
+class LayerAttention(NamedTuple):
+    """How one layer attends, beyond its queries, keys and values; the caches hold one per
+    layer (families differ here: Mistral's window, Gemma's scale, soft-cap and windows that
+    alternate from layer to layer)."""
+
+    #: Attend only to this many latest positions (0: all).
+    window: int = 0
+    #: Scores are ``query . key * scale``; None: ``head_dim ** -0.5``.
+    scale: float | None = None
+    #: > 0: scores pass through ``softcap * tanh(score / softcap)`` before the softmax
+    #: (Gemma 2), which torch's fused attention cannot do: such layers attend with
+    #: :func:`grouped_attention`.
+    softcap: float = 0.0
+
+
+#: A plain layer: causal, every position, ``head_dim ** -0.5``.
+PLAIN = LayerAttention()
+
+
+def layer_attention(config: ModelConfig) -> tuple[LayerAttention, ...]:
+    """How each of ``config``'s layers attends."""
+    return tuple(LayerAttention(config.layer_window(i), config.attention_scale,
+                                config.attn_logit_softcapping or 0.0)
+                 for i in range(config.num_hidden_layers))
+
+
 def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-              mask: torch.Tensor | None) -> torch.Tensor:
+              mask: torch.Tensor | None, layer: LayerAttention = PLAIN) -> torch.Tensor:
     """Grouped-query attention of ``[T, heads, head_dim]`` queries over
     ``[S, kv_heads, head_dim]`` keys/values; ``mask`` is ``[T, S]`` bool or
-    None. Returns ``[T, heads * head_dim]``."""
+    None (``layer.window`` is already in it). Returns ``[T, heads * head_dim]``."""
+    if layer.softcap:
+        num_kv_heads = keys.shape[1]
+        q = query.reshape(query.shape[0], num_kv_heads, -1, query.shape[2]).permute(1, 2, 0, 3)
+        allowed = mask if mask is not None else torch.ones(query.shape[0], keys.shape[0], dtype=torch.bool,
+                                                           device=query.device)
+        o = grouped_attention(q, keys.transpose(0, 1).unsqueeze(1), values.transpose(0, 1).unsqueeze(1),
+                              _bias(allowed), scale=layer.scale, softcap=layer.softcap)
+        return o.permute(2, 0, 1, 3).reshape(query.shape[0], -1)
     out = batched_sdpa(query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                       mask=mask, is_causal=False)
+                       mask=mask, is_causal=False, scale=layer.scale)
     return out.transpose(0, 1).reshape(query.shape[0], -1)
 
 
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    """A bool mask as the float32 bias :func:`grouped_attention` adds (0 or -inf)."""
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def batched_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+                 mask: torch.Tensor | None, is_causal: bool, scale: float | None = None) -> torch.Tensor:
     """``scaled_dot_product_attention`` of one sequence's ``[heads, T, head_dim]``
     queries over ``[kv_heads, S, head_dim]`` keys/values, given a batch axis of one.
 
@@ -41,12 +81,13 @@ def batched_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     (57 ms on the same shapes), so the axis is added here and nowhere else."""
     out = F.scaled_dot_product_attention(
         query.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, is_causal=is_causal,
-        enable_gqa=query.shape[0] != keys.shape[0])
+        enable_gqa=query.shape[0] != keys.shape[0], scale=scale)
     return out.squeeze(0)
 
 
 def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      bias: torch.Tensor, bucketed: bool = False) -> torch.Tensor:
+                      bias: torch.Tensor, bucketed: bool = False, scale: float | None = None,
+                      softcap: float = 0.0) -> torch.Tensor:
     """Attention as two matmuls, for grouped-query shapes that broadcast:
     ``query [..., kv_heads, group, Q, head_dim]`` over ``keys``/``values``
     ``[..., kv_heads, 1, S, head_dim]`` (or, for decodes, the group as the query
@@ -61,6 +102,7 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 
     ``bucketed``: pad the query and key lengths to a :func:`bucket` (prefill chunks,
     whose lengths vary, so the matmul shapes stay a bounded set: primitive_caches.py).
+    ``scale`` (default ``head_dim ** -0.5``) and ``softcap``: as :class:`LayerAttention`'s.
     """
     query_len, key_len = query.shape[-2], keys.shape[-2]
     query_padding, key_padding = (bucket(query_len) - query_len, bucket(key_len) - key_len) if bucketed else (0, 0)
@@ -70,7 +112,10 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
         bias = F.pad(bias, (0, 0, 0, query_padding if bias.shape[-2] != 1 else 0))
         bias = F.pad(bias, (0, key_padding), value=float("-inf"))  # padded keys get no weight
     scores = torch.matmul(query, keys.transpose(-1, -2)).float()
-    scores = scores.mul_(query.shape[-1] ** -0.5).add_(bias)
+    scores = scores.mul_(query.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    scores = scores.add_(bias)
     return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)[..., :query_len, :]
 
 
@@ -117,8 +162,10 @@ class PagedAttentionMetadata:
     #: ``[num_decodes, max_blocks]`` block tables and ``[num_decodes]`` context lengths.
     decode_block_tables: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
-    #: Attend only to this many latest positions (0: all); used by the in-place decodes.
-    sliding_window: int = 0
+    #: For a model whose layers attend over different windows (Gemma): this step's metadata
+    #: for its sliding-window layers (their masks and biases cut to the window); this one is
+    #: then the full-attention layers'. None where every layer attends alike.
+    sliding: PagedAttentionMetadata | None = None
 
 
 class DecodeTables(NamedTuple):
@@ -132,8 +179,6 @@ class DecodeTables(NamedTuple):
     block_tables: torch.Tensor
     #: int64 ``[num_decodes]``: each context's length, the new token included.
     context_lens: torch.Tensor
-    #: Attend only to this many latest positions (0: all).
-    sliding_window: int = 0
     #: Gather the tables' blocks and attend with torch (any device) rather than read the
     #: cache in place with the Numba kernel (the CPU's float32 and bfloat16 caches).
     gather: bool = False
@@ -141,20 +186,24 @@ class DecodeTables(NamedTuple):
 
 def paged_decode_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: DecodeTables,
                            query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                           block_size: int) -> torch.Tensor:
+                           block_size: int, layer: LayerAttention = PLAIN) -> torch.Tensor:
     """:func:`paged_attention` for a step of decodes given by block tables: one operator
     (``lmserve::paged_decode_attention``) stores the keys/values and attends, or, with
     ``meta.gather``, :func:`gathered_decode_attention`."""
     if meta.gather:
-        return gathered_decode_attention(flat_keys, flat_values, meta, query, keys, values, block_size)
+        return gathered_decode_attention(flat_keys, flat_values, meta, query, keys, values, block_size, layer)
     return torch.ops.lmserve.paged_decode_attention(query, keys, values, flat_keys, flat_values, meta.write_rows,
                                                     meta.block_tables, meta.context_lens, block_size,
-                                                    meta.sliding_window)
+                                                    layer.window, _scale(layer, query), layer.softcap)
+
+
+def _scale(layer: LayerAttention, query: torch.Tensor) -> float:
+    return query.shape[-1] ** -0.5 if layer.scale is None else layer.scale
 
 
 def gathered_decode_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: DecodeTables,
                               query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                              block_size: int) -> torch.Tensor:
+                              block_size: int, layer: LayerAttention = PLAIN) -> torch.Tensor:
     """Store the decodes' keys/values, gather every block of their tables (padding
     included) and attend with torch's SDPA under a mask built on the device from the
     context lengths: torch ops only, shapes fixed by the tables' shape, no value read
@@ -172,24 +221,30 @@ def gathered_decode_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor
     context_values = flat_values.view(-1, block_size * head_dim).index_select(0, rows).view(shape)
     position = torch.arange(width * block_size, device=query.device)[None, :]
     allowed = position < meta.context_lens[:, None]
-    if meta.sliding_window:
-        allowed &= position >= meta.context_lens[:, None] - meta.sliding_window
+    if layer.window:
+        allowed &= position >= meta.context_lens[:, None] - layer.window
     # Each kv head's query group plays the part of a query sequence (no key/value repetition).
     grouped = query.reshape(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(grouped, context_keys, context_values, attn_mask=allowed[:, None, None, :])
+    if layer.softcap:
+        out = grouped_attention(grouped, context_keys, context_values, _bias(allowed[:, None, None, :]),
+                                scale=layer.scale, softcap=layer.softcap)
+    else:
+        out = F.scaled_dot_product_attention(grouped, context_keys, context_values,
+                                             attn_mask=allowed[:, None, None, :], scale=layer.scale)
     return out.reshape(num_decodes, -1)
 
 
 def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: PagedAttentionMetadata,
                     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    block_size: int) -> torch.Tensor:
+                    block_size: int, layer: LayerAttention = PLAIN) -> torch.Tensor:
     """Store the step's keys/values, then attend; returns ``[T, heads * head_dim]``.
 
     ``flat_keys``/``flat_values``: one layer's cache viewed as
     ``[kv_heads * num_slots, head_dim]``, heads-major, so each (head, block)
     is one contiguous ``block_size * head_dim`` run and contexts are gathered
     a block at a time. ``query``: ``[T, heads, head_dim]``; ``keys`` and
-    ``values``: ``[T, kv_heads, head_dim]``.
+    ``values``: ``[T, kv_heads, head_dim]``. ``meta``'s masks must already be those of
+    ``layer.window`` (the cache picks :attr:`PagedAttentionMetadata.sliding` for such layers).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = keys.shape[1]
@@ -202,7 +257,7 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
     n = meta.num_decodes
     if n and meta.decode_block_tables is not None:
         out[:n] = _attend_in_place(query[:n], flat_keys, flat_values, meta.decode_block_tables,
-                                   meta.decode_context_lens, num_kv_heads, block_size, meta.sliding_window)
+                                   meta.decode_context_lens, num_kv_heads, block_size, layer)
     elif n:
         group = num_heads // num_kv_heads
         shape = (n, num_kv_heads, meta.decode_max_context, head_dim)
@@ -211,11 +266,12 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
         # Each kv head's query group plays the part of a query sequence: two
         # batched matmuls for every decode, no key/value repetition.
         q = query[:n].reshape(n, num_kv_heads, group, head_dim)
-        if q.is_cuda:  # fused SDPA kernels there; grouped_attention was measured on the CPU only
+        if q.is_cuda and not layer.softcap:  # fused SDPA there; grouped_attention was measured on the CPU only
             o = F.scaled_dot_product_attention(q, context_keys, context_values,
-                                               attn_mask=meta.decode_bias.to(q.dtype))
+                                               attn_mask=meta.decode_bias.to(q.dtype), scale=layer.scale)
         else:
-            o = grouped_attention(q, context_keys, context_values, meta.decode_bias)
+            o = grouped_attention(q, context_keys, context_values, meta.decode_bias, scale=layer.scale,
+                                  softcap=layer.softcap)
         out[:n] = o.reshape(n, -1)
 
     for segment in meta.prefills:
@@ -227,14 +283,20 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
             shape = (num_kv_heads, -1, head_dim)
             k = key_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
             v = value_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
-        if segment.bias is not None:
+        bias = segment.bias
+        if bias is None and layer.softcap:  # soft-capped scores: explicit matmuls, whatever the length
+            allowed = segment.mask if segment.mask is not None else torch.ones(
+                length, segment.context_len, dtype=torch.bool, device=query.device).tril_(segment.context_len - length)
+            bias = _bias(allowed)
+        if bias is not None:
             q = query[rows].view(length, num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)
             # [kv, group, L, hd]
-            o = grouped_attention(q, k.unsqueeze(1), v.unsqueeze(1), segment.bias, bucketed=True)
+            o = grouped_attention(q, k.unsqueeze(1), v.unsqueeze(1), bias, bucketed=True, scale=layer.scale,
+                                  softcap=layer.softcap)
             out[rows] = o.permute(2, 0, 1, 3).reshape(length, -1)
         else:
             o = batched_sdpa(query[rows].transpose(0, 1), k, v, mask=segment.mask,
-                             is_causal=segment.mask is None)
+                             is_causal=segment.mask is None, scale=layer.scale)
             out[rows] = o.transpose(0, 1).reshape(length, -1)
     return out
 
@@ -250,7 +312,7 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _attend_in_place(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, num_kv_heads: int,
-                     block_size: int, window: int, new_keys: torch.Tensor | None = None,
+                     block_size: int, layer: LayerAttention, new_keys: torch.Tensor | None = None,
                      new_values: torch.Tensor | None = None, write_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The decodes' attention read straight from the (CPU) cache, after storing their
     ``new_keys``/``new_values`` at ``write_rows`` if given; ``[n, heads * head_dim]`` float32."""
@@ -265,16 +327,17 @@ def _attend_in_place(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: 
     else:
         new_keys, new_values, rows = _as_numpy(new_keys), _as_numpy(new_values), write_rows.numpy()
     store_and_decode_attention(_as_numpy(grouped), new_keys, new_values, rows, key_blocks, value_blocks,
-                               block_tables.numpy(), context_lens.numpy(), out, window=window)
+                               block_tables.numpy(), context_lens.numpy(), out, window=layer.window,
+                               scale=layer.scale, softcap=layer.softcap)
     return torch.from_numpy(out).view(num_decodes, -1)
 
 
 def _store_and_attend_in_place(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                                flat_keys: torch.Tensor, flat_values: torch.Tensor, write_rows: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                               window: int) -> torch.Tensor:
+                               window: int, scale: float, softcap: float) -> torch.Tensor:
     out = _attend_in_place(query, flat_keys, flat_values, block_tables, context_lens, keys.shape[1], block_size,
-                           window, keys, values, write_rows)
+                           LayerAttention(window, scale, softcap), keys, values, write_rows)
     return out.to(query.dtype)
 
 
@@ -284,4 +347,4 @@ def _store_and_attend_shape(query: torch.Tensor, *args) -> torch.Tensor:
 
 define_op("paged_decode_attention(Tensor query, Tensor keys, Tensor values, Tensor(a!) flat_keys, "
           "Tensor(b!) flat_values, Tensor write_rows, Tensor block_tables, Tensor context_lens, "
-          "SymInt block_size, SymInt window) -> Tensor", _store_and_attend_in_place, _store_and_attend_shape)
+          "SymInt block_size, SymInt window, float scale, float softcap) -> Tensor", _store_and_attend_in_place, _store_and_attend_shape)

@@ -32,15 +32,15 @@ import types
 import torch
 
 from lmserve.backends.torch.attention import DecodeTables
-from lmserve.backends.torch.model import LlamaForCausalLM
+from lmserve.backends.torch.models.causal_lm import CausalLM
 from lmserve.backends.torch.paged_cache import PagedKVCache
 
 
-def step_logits(model: LlamaForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
+def step_logits(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_cache: PagedKVCache, metadata: DecodeTables) -> torch.Tensor:
     """What the compiled step computes: float32 logits of every row."""
     hidden = model.hidden_states(input_ids, positions, kv_cache, metadata)
-    return model.lm_head(hidden).float()
+    return model.logits(hidden).float()
 
 
 def _own_copy(function: types.FunctionType) -> types.FunctionType:
@@ -65,7 +65,7 @@ def _distinct_sizes() -> contextlib.AbstractContextManager:
 class CompiledDecodeStep:
     """``(input_ids, positions, kv_cache, metadata) -> float32 logits`` of every row, compiled."""
 
-    def __init__(self, model: LlamaForCausalLM):
+    def __init__(self, model: CausalLM):
         self.model = model
         self._compiled = torch.compile(_own_copy(step_logits), dynamic=True, fullgraph=True)
 

@@ -42,7 +42,7 @@ import torch
 
 from lmserve.backends.torch.attention import DecodeTables
 from lmserve.backends.torch.compiled_step import step_logits
-from lmserve.backends.torch.model import LlamaForCausalLM
+from lmserve.backends.torch.models.causal_lm import CausalLM
 from lmserve.backends.torch.paged_cache import PagedKVCache
 
 
@@ -155,8 +155,8 @@ class DecodeGraphs:
     compiled decode step (:class:`~lmserve.backends.torch.compiled_step.CompiledDecodeStep`,
     fewer and fused kernels)."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: PagedKVCache, device: torch.device, *,
-                 max_batch_size: int, max_blocks: int, sliding_window: int | None = None, gather: bool = True,
+    def __init__(self, model: CausalLM, kv_cache: PagedKVCache, device: torch.device, *,
+                 max_batch_size: int, max_blocks: int, gather: bool = True,
                  capture: bool | None = None, max_gathered_tokens: int = 256 * 1024,
                  step: Callable[..., torch.Tensor] | None = None):
         self.model = model
@@ -164,7 +164,6 @@ class DecodeGraphs:
         self.device = device
         self.buckets = batch_buckets(max_batch_size)
         self.widths = table_widths(max_blocks)
-        self.sliding_window = sliding_window or 0
         self.gather = gather
         self.capture = device.type == "cuda" if capture is None else capture
         self.max_gathered_tokens = max_gathered_tokens
@@ -230,8 +229,7 @@ class DecodeGraphs:
     def _step(self, views: DecodeViews) -> torch.Tensor:
         """What a graph records: the forward of a fitted step, its float32 logits ``[batch, vocab]``."""
         write_rows = (self._head_offsets[:, None] + views.slots[None, :]).reshape(-1)
-        metadata = DecodeTables(write_rows, views.block_tables, views.context_lens, self.sliding_window,
-                                gather=self.gather)
+        metadata = DecodeTables(write_rows, views.block_tables, views.context_lens, gather=self.gather)
         return self.step(views.input_ids, views.positions, self.kv_cache, metadata)
 
     def _graph(self, shape: tuple[int, int], views: DecodeViews) -> torch.cuda.CUDAGraph:

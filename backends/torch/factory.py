@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from lmserve.backends.torch.attention import layer_attention
 from lmserve.backends.torch.backend import TorchBackend
 from lmserve.backends.torch.block_manager import BlockManager
 from lmserve.backends.torch.compiled_step import CompiledDecodeStep
@@ -16,7 +17,7 @@ from lmserve.backends.torch.decode_graphs import DecodeGraphs
 from lmserve.backends.torch.device import choose_dtype, resolve_device
 from lmserve.backends.torch.engine import LLMEngine
 from lmserve.backends.torch.kernels import warm_up as warm_up_kernels
-from lmserve.backends.torch.model import LlamaForCausalLM
+from lmserve.backends.torch.models.causal_lm import CausalLM
 from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.packed_linear import pack_linear_layers
@@ -28,7 +29,8 @@ from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device,
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
-from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, check_size
+from lmserve.backends.torch.models.family import ModelFamily, family_for_architecture
+from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel
 from lmserve.backends.torch.weights import load_model, read_model_config
 from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS
 from lmserve.core.types import EngineRequest, SamplingParams
@@ -72,6 +74,9 @@ class EngineConfig:
     tp_timeout: float = 30.0
     #: torch and Numba threads per rank on the CPU; None: the machine's cores shared by its ranks.
     cpu_threads: int | None = None
+    #: The families a checkpoint's architecture is looked up in, first match wins
+    #: (:hook:`lmserve_model_families`); empty: the built-in ones.
+    model_families: tuple[ModelFamily, ...] = ()
 
     def __post_init__(self) -> None:
         count = self.cache_max_entry_count
@@ -126,7 +131,7 @@ def create_backend(path: str | Path, config: EngineConfig,
 @dataclass(frozen=True)
 class LoadedModel:
     config: ModelConfig
-    model: LlamaForCausalLM
+    model: CausalLM
     device: torch.device
     dtype: torch.dtype
     #: What the weights are and why, for the start-up line.
@@ -148,7 +153,8 @@ def load_engine_model(path: str | Path, config: EngineConfig,
     # Quantized layers start from float32 weights: a dequantized Q4_1 tensor is exact
     # there, so its 4-bit codes come back as they were in the file.
     load_dtype = dtype if quantization is None else torch.float32
-    model_config, model = load_model(path, device=device, dtype=load_dtype, progress=progress, parallel=parallel)
+    model_config, model = load_model(path, device=device, dtype=load_dtype, progress=progress, parallel=parallel,
+                                     families=config.model_families)
     model.fuse_projections()
     dtype_name = str(dtype).removeprefix("torch.")
     weights = f"{dtype_name} ({dtype_reason})"
@@ -172,7 +178,7 @@ def build_runner(path: str | Path, config: EngineConfig, parallel: TensorParalle
     as fit on every rank (block ids are the same on all of them)."""
     loaded = load_engine_model(path, config, progress, parallel, device)
     model_config, model, device, dtype = loaded.config, loaded.model, loaded.device, loaded.dtype
-    num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
+    _, num_kv_heads = parallel.kv_heads(model_config.num_key_value_heads)
     block_size = config.cache_block_seq_len
     if config.cache_max_entry_count >= 1:
         num_blocks = int(config.cache_max_entry_count)
@@ -186,15 +192,14 @@ def build_runner(path: str | Path, config: EngineConfig, parallel: TensorParalle
     if num_blocks < 1:
         raise ValueError("No memory is left for the KV cache; raise --cache-max-entry-count or free memory.")
     kv_cache = PagedKVCache(model_config.num_hidden_layers, num_blocks, block_size, num_kv_heads,
-                            model_config.head_dim, dtype, device)
+                            model_config.head_dim, dtype, device, layer_attention(model_config))
     weights = loaded.weights + (f", tensor parallel over {parallel.world_size} ranks" if parallel.is_parallel else "")
     graphs = None
     if device.type == "cuda" and not config.enforce_eager and not parallel.is_parallel:
         max_blocks = min(-(-max_model_len(config, model_config) // block_size), num_blocks)
         graphs = DecodeGraphs(model, kv_cache, device, max_batch_size=config.max_batch_size, max_blocks=max_blocks,
-                              sliding_window=model_config.sliding_window, step=CompiledDecodeStep(model))
-    return ModelRunner(model, kv_cache, device, sliding_window=model_config.sliding_window,
-                       weights=weights, compile_decodes=not config.enforce_eager, parallel=parallel,
+                              step=CompiledDecodeStep(model))
+    return ModelRunner(model, kv_cache, device, weights=weights, compile_decodes=not config.enforce_eager, parallel=parallel,
                        decode_graphs=graphs, batch_invariant=config.batch_invariant)
 
 
@@ -203,10 +208,16 @@ def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
     return config.session_len or model_config.max_position_embeddings
 
 
+def check_parallel(path: str | Path, config: EngineConfig) -> None:
+    """Refuse a ``--tp`` the model's family cannot split, before any weight loads."""
+    model_config = read_model_config(path, config.model_families)
+    family_for_architecture(model_config.architecture, config.model_families).check_parallel(
+        model_config, config.tensor_parallel_size)
+
+
 def start_tensor_parallel(path: str | Path, config: EngineConfig) -> tuple[TensorParallel, RankProcesses, torch.device]:
     """Node 0's side: check the split, spawn this node's other ranks, join the group as rank 0."""
-    model_config = read_model_config(path)
-    check_size(config.tensor_parallel_size, model_config.num_attention_heads, model_config.num_key_value_heads)
+    check_parallel(path, config)
     first, *others = node_ranks(config)
     use_threads(first)
     device = rank_device(config.device, first.local_rank)
@@ -222,8 +233,7 @@ def start_tensor_parallel(path: str | Path, config: EngineConfig) -> tuple[Tenso
 def run_headless_node(path: str | Path, config: EngineConfig) -> int:
     """A node other than node 0: run its ranks (no engine, no HTTP) until they end;
     the worst exit code."""
-    model_config = read_model_config(path)
-    check_size(config.tensor_parallel_size, model_config.num_attention_heads, model_config.num_key_value_heads)
+    check_parallel(path, config)
     return RankProcesses(node_ranks(config), path, config).wait()
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmserve.backends.torch.attention import attention
+from lmserve.backends.torch.attention import LayerAttention, attention, layer_attention
 from lmserve.backends.torch.model_config import ModelConfig
 
 
@@ -30,12 +30,14 @@ class AttentionMetadata:
     ``positions``: ``[T]`` positions of the new tokens. ``context_len``: keys
     at positions ``[0, context_len)`` take part. ``mask``: ``[T, context_len]``
     bool, True where a query may attend a key; None when every query may
-    attend every key (one decoded token, no sliding window).
+    attend every key (one decoded token, no sliding window). ``sliding_mask``: the
+    same cut to the sliding window, for the layers that have one (None: no such layer).
     """
 
     positions: torch.Tensor
     context_len: int
     mask: torch.Tensor | None
+    sliding_mask: torch.Tensor | None = None
 
 
 class KVCache:
@@ -46,12 +48,14 @@ class KVCache:
     """
 
     def __init__(self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor],
-                 sliding_window: int | None = None):
+                 layers: tuple[LayerAttention, ...] = ()):
+        """``layers``: how each layer attends (default: plainly); the sliding layers share one window."""
         if len(key_caches) != len(value_caches) or not key_caches:
             raise ValueError("need one key and one value tensor per layer")
         self.key_caches = key_caches
         self.value_caches = value_caches
-        self.sliding_window = sliding_window
+        self.layers = layers or (LayerAttention(),) * len(key_caches)
+        self.sliding_window = max(layer.window for layer in self.layers) or None
         self.max_seq_len = key_caches[0].shape[0]
 
     @classmethod
@@ -66,7 +70,7 @@ class KVCache:
             return [torch.zeros(shape, dtype=dtype, device=device)
                     for _ in range(config.num_hidden_layers)]
 
-        return cls(zeros(), zeros(), config.sliding_window)
+        return cls(zeros(), zeros(), layer_attention(config))
 
     def reset(self) -> None:
         """Forget the cached sequence (zero every row)."""
@@ -85,13 +89,15 @@ class KVCache:
         if context_len > self.max_seq_len:
             raise ValueError(f"position {context_len - 1} does not fit in a cache of "
                              f"{self.max_seq_len} positions")
-        mask = None
-        if positions.numel() > 1 or self.sliding_window is not None:
-            key_positions = torch.arange(context_len, device=positions.device)
+        mask = sliding_mask = None
+        key_positions = torch.arange(context_len, device=positions.device)
+        if positions.numel() > 1:
             mask = key_positions[None, :] <= positions[:, None]
-            if self.sliding_window is not None:
-                mask &= key_positions[None, :] > positions[:, None] - self.sliding_window
-        return AttentionMetadata(positions=positions, context_len=context_len, mask=mask)
+        if self.sliding_window is not None:
+            sliding_mask = key_positions[None, :] > positions[:, None] - self.sliding_window
+            if mask is not None:
+                sliding_mask &= mask
+        return AttentionMetadata(positions=positions, context_len=context_len, mask=mask, sliding_mask=sliding_mask)
 
     def update(self, layer_idx: int, metadata: AttentionMetadata, keys: torch.Tensor,
                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,4 +113,5 @@ class KVCache:
                keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Store the new keys/values, then attend: ``[T, heads * head_dim]``."""
         all_keys, all_values = self.update(layer_idx, metadata, keys, values)
-        return attention(query, all_keys, all_values, metadata.mask)
+        layer = self.layers[layer_idx]
+        return attention(query, all_keys, all_values, metadata.sliding_mask if layer.window else metadata.mask, layer)

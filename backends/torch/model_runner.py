@@ -11,6 +11,7 @@ every rank executes it on its own part of the model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -80,7 +81,7 @@ class PromptLogprobSlice(NamedTuple):
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, device: torch.device,
-                 sliding_window: int | None = None, decode_in_place: bool | None = None,
+                 decode_in_place: bool | None = None,
                  weights: str = "", compile_decodes: bool = False, parallel: TensorParallel = SINGLE,
                  decode_graphs: DecodeGraphs | None = None, batch_invariant: bool = False):
         """``decode_in_place``: decodes attend by reading the cache in place (a
@@ -99,7 +100,12 @@ class ModelRunner:
         self.weights = weights
         self.kv_cache = kv_cache
         self.device = device
-        self.sliding_window = sliding_window
+        windows = {layer.window for layer in kv_cache.layers}
+        if len(windows - {0}) > 1:
+            raise ValueError(f"the sliding layers of a model must share one window, got {sorted(windows - {0})}")
+        #: The sliding layers' window (None: no layer slides); whether other layers attend fully.
+        self.sliding_window = max(windows) or None
+        self.mixed_windows = len(windows) > 1
         if decode_in_place is None:
             decode_in_place = device.type == "cpu" and kv_cache.keys[0].dtype in IN_PLACE_DECODE_DTYPES
         self.decode_in_place = decode_in_place
@@ -302,22 +308,30 @@ class ModelRunner:
         write_rows = self._tensor(self._write_rows(scheduled, positions))
         if num_decodes == len(scheduled) and self.decode_in_place:
             tables = self._decode_block_tables(scheduled, context_lens)
-            metadata = DecodeTables(write_rows, torch.from_numpy(tables), torch.from_numpy(context_lens),
-                                      self.sliding_window or 0)
+            metadata = DecodeTables(write_rows, torch.from_numpy(tables), torch.from_numpy(context_lens))
             return self._tensor(ids), self._tensor(positions), metadata, last_rows
-        decodes = self._decode_fields(scheduled[:num_decodes], context_lens)
-        metadata = PagedAttentionMetadata(
+        if self.mixed_windows:
+            metadata = self._paged_metadata(scheduled, num_decodes, write_rows, context_lens, None)
+            sliding = self._paged_metadata(scheduled, num_decodes, write_rows, context_lens, self.sliding_window)
+            metadata = dataclasses.replace(metadata, sliding=sliding)
+        else:
+            metadata = self._paged_metadata(scheduled, num_decodes, write_rows, context_lens, self.sliding_window)
+        return self._tensor(ids), self._tensor(positions), metadata, last_rows
+
+    def _paged_metadata(self, scheduled: list[tuple[Sequence, int]], num_decodes: int, write_rows: torch.Tensor,
+                        context_lens: np.ndarray, window: int | None) -> PagedAttentionMetadata:
+        """A mixed step's metadata, its masks cut to ``window`` (None: every position)."""
+        decodes = self._decode_fields(scheduled[:num_decodes], context_lens, window)
+        return PagedAttentionMetadata(
             write_rows=write_rows,
             num_decodes=num_decodes,
             decode_gather_blocks=decodes.gather_blocks,
             decode_max_context=decodes.max_context,
             decode_bias=decodes.bias,
-            prefills=self._prefill_segments(scheduled[num_decodes:], first_row=num_decodes),
+            prefills=self._prefill_segments(scheduled[num_decodes:], num_decodes, window),
             decode_block_tables=decodes.block_tables,
             decode_context_lens=decodes.context_lens,
-            sliding_window=self.sliding_window or 0,
         )
-        return self._tensor(ids), self._tensor(positions), metadata, last_rows
 
     def _write_rows(self, scheduled: list[tuple[Sequence, int]], positions: np.ndarray) -> np.ndarray:
         """``[kv_heads * T]`` rows of the flat cache where the step's new keys/values go:
@@ -336,7 +350,8 @@ class ModelRunner:
             row += n
         return block_ids * block_size + positions % block_size
 
-    def _decode_fields(self, decodes: list[tuple[Sequence, int]], context_lens: np.ndarray) -> DecodeFields:
+    def _decode_fields(self, decodes: list[tuple[Sequence, int]], context_lens: np.ndarray,
+                       window: int | None) -> DecodeFields:
         """How the decodes find their contexts: their block tables, read in place,
         or the blocks to gather and a bias over the padded context."""
         if not decodes:
@@ -347,8 +362,8 @@ class ModelRunner:
         max_context = tables.shape[1] * self.kv_cache.block_size
         token_index = np.arange(max_context)
         mask = token_index[None, :] < context_lens[:, None]
-        if self.sliding_window is not None:
-            mask &= token_index[None, :] > (context_lens[:, None] - 1 - self.sliding_window)
+        if window is not None:
+            mask &= token_index[None, :] > (context_lens[:, None] - 1 - window)
         bias = np.where(mask, np.float32(0), np.float32(-np.inf))
         return DecodeFields(gather_blocks=self._tensor(self._head_blocks(tables).reshape(-1)),
                             max_context=max_context,
@@ -367,17 +382,17 @@ class ModelRunner:
             tables[i, : len(table)] = table
         return tables
 
-    def _prefill_segments(self, chunks: list[tuple[Sequence, int]],
-                          first_row: int) -> tuple[PrefillSegment, ...]:
+    def _prefill_segments(self, chunks: list[tuple[Sequence, int]], first_row: int,
+                          window: int | None) -> tuple[PrefillSegment, ...]:
         """One segment per prefill chunk; the chunks' tokens follow one another from ``first_row``."""
         segments = []
         row = first_row
         for seq, n in chunks:
-            segments.append(self._prefill_segment(seq, n, row))
+            segments.append(self._prefill_segment(seq, n, row, window))
             row += n
         return tuple(segments)
 
-    def _prefill_segment(self, seq: Sequence, n: int, row: int) -> PrefillSegment:
+    def _prefill_segment(self, seq: Sequence, n: int, row: int, window: int | None) -> PrefillSegment:
         """The ``n`` tokens of ``seq``'s chunk (at ``row``): the cached context to gather
         (if any) and how its queries are masked."""
         start = seq.num_computed_tokens
@@ -388,23 +403,13 @@ class ModelRunner:
             gather_blocks = self._tensor(self._head_blocks(table[None, :]).reshape(-1))
         # Short chunks attend with grouped_attention on the CPU (measured faster there).
         small = self.device.type == "cpu" and n * context_len <= MAX_GROUPED_SCORES
-        if small or start > 0 or self.sliding_window is not None:
-            allowed = self._prefill_allowed(start, context_len)
+        if small or start > 0 or window is not None:
+            allowed = _prefill_allowed(start, context_len, window)
             if small:
                 bias = self._tensor(np.where(allowed, np.float32(0), np.float32(-np.inf)))
             else:
                 mask = torch.from_numpy(allowed).to(self.device)
         return PrefillSegment(row, n, context_len, gather_blocks, mask, bias)
-
-    def _prefill_allowed(self, start: int, context_len: int) -> np.ndarray:
-        """``[context_len - start, context_len]`` bool: True where the query at position
-        ``start + i`` may attend the key at position ``j`` (causal, within the window)."""
-        query_pos = np.arange(start, context_len)[:, None]
-        key_pos = np.arange(context_len)[None, :]
-        allowed = key_pos <= query_pos
-        if self.sliding_window is not None:
-            allowed &= key_pos > query_pos - self.sliding_window
-        return allowed
 
     def _head_blocks(self, tables: np.ndarray) -> np.ndarray:
         """``[N, blocks]`` block ids -> ``[N, kv_heads, blocks]`` rows of the cache's block view."""
@@ -412,6 +417,17 @@ class ModelRunner:
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+
+def _prefill_allowed(start: int, context_len: int, window: int | None) -> np.ndarray:
+    """``[context_len - start, context_len]`` bool: True where the query at position
+    ``start + i`` may attend the key at position ``j`` (causal, within ``window`` if any)."""
+    query_pos = np.arange(start, context_len)[:, None]
+    key_pos = np.arange(context_len)[None, :]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    return allowed
 
 
 def _num_leading_decodes(scheduled: list[tuple[Sequence, int]]) -> int:

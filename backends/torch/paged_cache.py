@@ -16,7 +16,9 @@ import torch
 
 from lmserve.backends.torch.attention import (
     DecodeTables,
+    LayerAttention,
     PagedAttentionMetadata,
+    layer_attention,
     paged_attention,
     paged_decode_attention,
 )
@@ -25,13 +27,16 @@ from lmserve.backends.torch.model_config import ModelConfig
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 layers: tuple[LayerAttention, ...] = ()):
+        """``layers``: how each layer attends (its window, scale, soft-cap); default: plainly."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.layers = layers or (LayerAttention(),) * num_layers
         # One more block than the block manager hands out: the null block, that padding
         # points at. Zero, except where the padding rows of a decode graph write their
         # (finite) keys and values; attention reads it only at masked positions, or for
@@ -52,7 +57,7 @@ class PagedKVCache:
     def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str) -> PagedKVCache:
         return cls(config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
-                   config.head_dim, dtype, device)
+                   config.head_dim, dtype, device, layer_attention(config))
 
     def clear_blocks(self, blocks: list[int]) -> None:
         """Zero ``blocks`` in every layer; called before a step uses newly handed-out blocks."""
@@ -69,11 +74,14 @@ class PagedKVCache:
     def attend(self, layer_idx: int, metadata: PagedAttentionMetadata | DecodeTables, query: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Called by each attention layer: store the step's keys/values and attend."""
+        layer = self.layers[layer_idx]
         if isinstance(metadata, DecodeTables):
             return paged_decode_attention(self.keys[layer_idx], self.values[layer_idx], metadata, query, keys,
-                                          values, self.block_size)
+                                          values, self.block_size, layer)
+        if layer.window and metadata.sliding is not None:
+            metadata = metadata.sliding
         return paged_attention(self.keys[layer_idx], self.values[layer_idx], metadata, query, keys, values,
-                               self.block_size)
+                               self.block_size, layer)
 
 
 def _block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:

@@ -69,7 +69,15 @@ def lmserve_add_cli_options(command, parser):
 
 
 @hookimpl(trylast=True)
-def lmserve_make_backend(config: ServeConfig, source: ModelSource):
+def lmserve_model_families():
+    """The built-in families, after any a plugin contributes."""
+    from lmserve.backends.torch.models.family import builtin_families
+
+    return builtin_families()
+
+
+@hookimpl(trylast=True)
+def lmserve_make_backend(config: ServeConfig, source: ModelSource, model_families):
     # torch is imported here, not at module level: `lmserve plugins` stays fast.
     from lmserve.backends.torch.factory import EngineConfig, create_backend
 
@@ -93,6 +101,7 @@ def lmserve_make_backend(config: ServeConfig, source: ModelSource):
         master_port=options.get("master_port"),
         tp_timeout=options.get("tp_timeout", 30.0),
         cpu_threads=options.get("cpu_threads"),
+        model_families=tuple(model_families),
     )
     if engine_config.node_rank > 0:
         raise SystemExit(_serve_headless_node(source, engine_config))

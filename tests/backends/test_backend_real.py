@@ -32,7 +32,7 @@ def lmserve_bus(smollm2_gguf):
     # native bf16 matmul, --quantization auto int4 for this Q4_1 file
     config = ServeConfig(model=str(smollm2_gguf), session_len=1024, dtype="float32",
                          options={"quantization": "none", "enforce_eager": True})
-    backend = lmserve_make_backend(config, ModelSource("smollm2", smollm2_gguf, "gguf", "test"))
+    backend = lmserve_make_backend(config, ModelSource("smollm2", smollm2_gguf, "gguf", "test"), model_families=[])
     return backend, tokenizer_from_gguf(smollm2_gguf)
 
 

@@ -3,6 +3,8 @@ cache in place, and serves new batch sizes and contexts without compiling again.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,8 +46,9 @@ def greedy_decodes(runner: ModelRunner, prompts, steps: int = STEPS) -> list[tor
 
 
 def make_runner(model, config, dtype, compiled: bool, sliding_window=None) -> ModelRunner:
-    cache = PagedKVCache.allocate(config, NUM_BLOCKS, BLOCK_SIZE, dtype, "cpu")
-    return ModelRunner(model, cache, torch.device("cpu"), sliding_window=sliding_window, compile_decodes=compiled)
+    cache = PagedKVCache.allocate(dataclasses.replace(config, sliding_window=sliding_window), NUM_BLOCKS,
+                                  BLOCK_SIZE, dtype, "cpu")
+    return ModelRunner(model, cache, torch.device("cpu"), compile_decodes=compiled)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ on the CPU."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,13 +26,13 @@ def decode_logits(model, config, dtype, decode_in_place, sliding_window=None, gr
     """Prefill every prompt, then one batched decode of all of them; its logits.
     ``graphs``: the decode runs as a decode graph would (batch 4 padded to 8 rows
     with ``max_batch_size`` 8; tables padded to a power of two of columns)."""
-    cache = PagedKVCache.allocate(config, NUM_BLOCKS, BLOCK_SIZE, dtype, "cpu")
+    cache = PagedKVCache.allocate(dataclasses.replace(config, sliding_window=sliding_window), NUM_BLOCKS,
+                                  BLOCK_SIZE, dtype, "cpu")
     decode_graphs = None
     if graphs:
-        decode_graphs = DecodeGraphs(model, cache, torch.device("cpu"), max_batch_size=8, max_blocks=NUM_BLOCKS,
-                                     sliding_window=sliding_window)
-    runner = ModelRunner(model, cache, torch.device("cpu"), sliding_window=sliding_window,
-                         decode_in_place=decode_in_place, decode_graphs=decode_graphs)
+        decode_graphs = DecodeGraphs(model, cache, torch.device("cpu"), max_batch_size=8, max_blocks=NUM_BLOCKS)
+    runner = ModelRunner(model, cache, torch.device("cpu"), decode_in_place=decode_in_place,
+                         decode_graphs=decode_graphs)
     free = list(reversed(range(NUM_BLOCKS)))  # handed out back to front: tables are not sorted
     sequences = []
     for i, prompt in enumerate(PROMPTS):

@@ -57,7 +57,7 @@ def _kernel(group: int, head_dim: int):
 
     @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def decode_attention_kernel(query, new_keys, new_values, write_rows, key_blocks, value_blocks, block_tables,
-                                context_lens, window, scale, out):
+                                context_lens, window, scale, softcap, out):
         num_seqs, num_kv_heads = query.shape[0], query.shape[1]
         block_size = key_blocks.shape[1]
         blocks_per_head = key_blocks.shape[0] // num_kv_heads
@@ -89,6 +89,8 @@ def _kernel(group: int, head_dim: int):
                         s = np.float32(0.0)
                         for d in range(head_dim):
                             s += q[g, d] * _widen(keys[t, d])
+                        if softcap > 0:
+                            s = softcap * np.tanh(s / softcap)
                         scores[g, t] = s
                 for g in range(group):
                     new_max = running_max[g]
@@ -119,7 +121,7 @@ def _kernel(group: int, head_dim: int):
 
 def decode_attention(query: np.ndarray, key_blocks: np.ndarray, value_blocks: np.ndarray,
                      block_tables: np.ndarray, context_lens: np.ndarray, out: np.ndarray, *,
-                     window: int = 0, scale: float | None = None) -> None:
+                     window: int = 0, scale: float | None = None, softcap: float = 0.0) -> None:
     """Attend one query token per sequence over its cached context; writes ``out``.
 
     ``query``, ``out``: float32 ``[num_seqs, kv_heads, group, head_dim]``
@@ -129,6 +131,7 @@ def decode_attention(query: np.ndarray, key_blocks: np.ndarray, value_blocks: np
     >= blocks used]``; ``context_lens``: int64 ``[num_seqs]``, each >= 1 (the
     query's own key must be in the cache already). ``window`` > 0: attend only
     to the last ``window`` positions. ``scale`` defaults to ``head_dim ** -0.5``.
+    ``softcap`` > 0: scores pass through ``softcap * tanh(score / softcap)`` (Gemma 2).
     """
     num_seqs, num_kv_heads, _, head_dim = query.shape
     if key_blocks.dtype not in CACHE_DTYPES or value_blocks.dtype != key_blocks.dtype:
@@ -144,13 +147,13 @@ def decode_attention(query: np.ndarray, key_blocks: np.ndarray, value_blocks: np
         raise ValueError("a block table is shorter than its context")
     nothing = np.empty((0, 0, 0), key_blocks.dtype)
     store_and_decode_attention(query, nothing, nothing, np.empty(0, np.int64), key_blocks, value_blocks,
-                               block_tables, context_lens, out, window=window, scale=scale)
+                               block_tables, context_lens, out, window=window, scale=scale, softcap=softcap)
 
 
 def store_and_decode_attention(query: np.ndarray, new_keys: np.ndarray, new_values: np.ndarray,
                                write_rows: np.ndarray, key_blocks: np.ndarray, value_blocks: np.ndarray,
                                block_tables: np.ndarray, context_lens: np.ndarray, out: np.ndarray, *,
-                               window: int = 0, scale: float | None = None) -> None:
+                               window: int = 0, scale: float | None = None, softcap: float = 0.0) -> None:
     """:func:`decode_attention` that first stores each sequence's new key and value,
     in one pass (the decode step's path), without its argument checks.
 
@@ -162,4 +165,4 @@ def store_and_decode_attention(query: np.ndarray, new_keys: np.ndarray, new_valu
     head_dim = query.shape[3]
     kernel = _kernel(query.shape[2], head_dim)
     kernel(query, new_keys, new_values, write_rows, key_blocks, value_blocks, block_tables, context_lens, window,
-           np.float32(head_dim**-0.5 if scale is None else scale), out)
+           np.float32(head_dim**-0.5 if scale is None else scale), np.float32(softcap), out)
