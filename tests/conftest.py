@@ -117,6 +117,15 @@ def smollm2_server(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer_files(hf_smollm2_tokenizer, tmp_path_factory) -> Path:
+    """A folder with SmolLM2's tokenizer as HF files (tokenizer.json...), for tiny models of
+    other families that llama.cpp's converter must take (it knows this tokenizer)."""
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    hf_smollm2_tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2_tokenizer(smollm2_gguf):
     import transformers
 
