@@ -1,10 +1,12 @@
-"""An example lmserve plugin: one module that contributes three things.
+"""An example lmserve plugin: one module that contributes four things.
 
 - a chat template named ``hello``, chosen with ``--chat-template hello``;
 - a route, ``GET /hello``, answering with the served model's name;
 - a request observer that writes one JSON line per finished request (id,
   token counts, finish reason, latency) to the file given by ``--hello-log``,
-  or to stderr.
+  or to stderr;
+- a model family, "hello" (``lmserve_hello_family.py``): checkpoints whose
+  architecture is ``HelloForCausalLM`` load and serve.
 
 lmserve finds it through the ``lmserve`` entry point in ``pyproject.toml``;
 every function below marked with ``hookimpl`` implements the hook of the same
@@ -68,6 +70,17 @@ def lmserve_register_routes(app, state):
         return json_response({"hello": "world", "model": state.model_name})
 
     app.add_route(hello, "/hello", methods=["GET"])
+
+
+# --------------------------------------------------------------------- model family
+
+
+@hookimpl
+def lmserve_model_families():
+    # Imported here: the family needs torch, and `lmserve plugins` should stay fast.
+    from lmserve_hello_family import HelloFamily
+
+    return [HelloFamily()]
 
 
 # --------------------------------------------------------------- request observer
