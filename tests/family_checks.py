@@ -242,6 +242,54 @@ def engine_greedy(path: str | Path, prompts: list[list[int]] = PROMPTS, *, batch
         backend.shutdown()
 
 
+def check_cached_prefixes_and_sessions(path: str | Path, **engine_config: Any) -> None:
+    """Prefix caching and an interactive session's kept turn give the tokens fresh requests
+    give: a prompt that shares two 16-token blocks with an earlier one (taken from the
+    cache), and a session's second turn (its first turn's keys and values kept), each
+    against the same prompt in an engine without prefix caching."""
+    from lmserve.backends.torch.factory import EngineConfig, create_backend
+    from lmserve.core.types import EngineRequest, SamplingParams
+
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    shared = tuple(_prompt(8, 40))
+
+    def run(requests: list[EngineRequest], **extra: Any) -> dict[str, tuple[list[int], int]]:
+        options = {"dtype": "float32", "quantization": "none", "enforce_eager": True, "session_len": 256,
+                   "cache_block_seq_len": 16, **engine_config, **extra}
+        backend = create_backend(path, EngineConfig(**options))
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        backend.start(lambda outs: [outputs.put(o) for o in outs])
+        results = {}
+        try:
+            for request in requests:  # one at a time: each may reuse what the previous kept
+                backend.submit(request)
+                tokens, cached = [], 0
+                while True:
+                    out = outputs.get(timeout=300)
+                    tokens.extend(out.new_token_ids)
+                    cached = max(cached, out.num_cached_tokens or 0)
+                    if out.finish_reason is not None:
+                        break
+                results[request.request_id] = (tokens, cached)
+        finally:
+            backend.shutdown()
+        return results
+
+    turn_1 = tuple(_prompt(9, 13))
+    first = run([EngineRequest("first", shared + (5, 6), greedy),
+                 EngineRequest("cached", shared + (7, 8), greedy),
+                 EngineRequest("turn-1", turn_1, greedy, session_key="s", keep_kv=True)],
+                enable_prefix_caching=True)
+    turn_2 = turn_1 + tuple(first["turn-1"][0]) + (10, 11, 12)
+    kept = run([EngineRequest("turn-1", turn_1, greedy, session_key="s", keep_kv=True),
+                EngineRequest("turn-2", turn_2, greedy, session_key="s", keep_kv=True)])
+    fresh = run([EngineRequest("cached", shared + (7, 8), greedy), EngineRequest("turn-2", turn_2, greedy)])
+    assert first["cached"][1] == 32, "the shared blocks were not taken from the cache"
+    assert first["cached"][0] == fresh["cached"][0]
+    assert kept["turn-2"][1] >= len(turn_1), "the session's first turn was not kept"
+    assert kept["turn-2"][0] == fresh["turn-2"][0]
+
+
 def server_greedy_texts(server, prompts: list[list[int]] = PROMPTS, *, concurrently: bool) -> list[str]:
     """``/v1/completions`` texts of :data:`NEW_TOKENS` greedy tokens for each token-id prompt
     (special tokens kept), one request at a time or all at once."""

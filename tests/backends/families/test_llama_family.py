@@ -8,6 +8,7 @@ import pytest
 from tests.family_checks import (
     PROMPTS,
     check_bf16_agreement,
+    check_cached_prefixes_and_sessions,
     check_stepwise_logits,
     convert_to_gguf,
     decode_texts,
@@ -50,6 +51,10 @@ def test_mistral_in_the_engine_alone_and_batched(mistral):
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
     assert engine_greedy(directory, batched=False) == expected
     assert engine_greedy(directory, batched=True) == expected
+
+
+def test_mistral_cached_prefixes_and_sessions_equal_fresh_requests(mistral):
+    check_cached_prefixes_and_sessions(mistral[0])
 
 
 def test_mistral_through_http(mistral, lmserve_server_factory):
