@@ -90,9 +90,10 @@ class ModelRunner:
         (dtype, quantization and why), for the start-up line. ``compile_decodes``:
         steps of decodes only run as one compiled graph
         (:class:`~lmserve.backends.torch.compiled_step.CompiledDecodeStep`; needs ``decode_in_place``,
-        and one rank). ``parallel``: this rank's place under tensor parallelism.
-        ``decode_graphs``: steps of decodes only that fit them run through these
-        (:mod:`~lmserve.backends.torch.decode_graphs`; CUDA graphs, one rank).
+        one rank and a model whose ``compiled_decodes`` allows it). ``parallel``: this rank's place
+        under tensor parallelism. ``decode_graphs``: steps of decodes only that fit them run
+        through these (:mod:`~lmserve.backends.torch.decode_graphs`; CUDA graphs, one rank, the
+        model's ``compiled_decodes`` again).
         ``batch_invariant``: a step that mixes decodes and prefill chunks runs as two, so
         that decodes always take the compiled step (or graphs) and prefills the eager model:
         the two round differently, and which one a decode took would depend on its neighbours."""
@@ -112,9 +113,10 @@ class ModelRunner:
         self.parallel = parallel
         #: The ranks this node spawned (rank 0 under tensor parallelism), stopped by :meth:`close`.
         self.ranks: RankProcesses | None = None
-        compile_decodes = compile_decodes and decode_in_place and not parallel.is_parallel
+        static_decodes = getattr(model, "compiled_decodes", True)  # CausalLM.compiled_decodes
+        compile_decodes = compile_decodes and decode_in_place and not parallel.is_parallel and static_decodes
         self.decode_step = CompiledDecodeStep(model) if compile_decodes else None
-        self.decode_graphs = None if parallel.is_parallel else decode_graphs
+        self.decode_graphs = None if parallel.is_parallel or not static_decodes else decode_graphs
         self.batch_invariant = batch_invariant
         self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
         self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * (kv_cache.num_blocks + 1)

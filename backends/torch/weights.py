@@ -199,7 +199,7 @@ def _load_gguf(path: Path, device, dtype, progress, parallel: TensorParallel,
         tensor = _dequantize(gguf_tensor, shapes[name])
         if name == "rope_freqs.weight":  # Llama 3 rope scaling, as per-frequency divisors
             model.model.rotary_emb.reset_parameters(freq_factors=tensor)
-        else:
+        elif not family.load_gguf_buffer(model, name, tensor):
             for target, part in family.gguf_tensors(config, name, tensor):
                 filler.fill(target, part, name)
         filler.step()

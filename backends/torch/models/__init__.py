@@ -4,4 +4,4 @@
 """
 
 #: Modules of the built-in families (each has ``FAMILIES``), in the order they are tried.
-BUILTIN_FAMILY_MODULES = ("llama",)
+BUILTIN_FAMILY_MODULES = ("mixtral", "llama", "gemma2", "gemma3", "phi3", "qwen3", "qwen3_moe")

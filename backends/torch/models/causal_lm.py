@@ -38,6 +38,10 @@ class CausalLM(nn.Module):
 
     #: The final norm's class (Gemma's adds one to its weight).
     norm_class: type[nn.Module] = RMSNorm
+    #: Whether a decode step runs the same operations whatever its tokens, as the compiled
+    #: decode step (one traced graph) and CUDA's decode graphs need. False: the engine runs
+    #: every step eagerly (a mixture of experts runs only the experts its tokens chose).
+    compiled_decodes: bool = True
 
     def __init__(self, config: ModelConfig, parallel: TensorParallel = SINGLE):
         super().__init__()

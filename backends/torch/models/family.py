@@ -57,6 +57,13 @@ class ModelFamily:
     #: GGUF ``general.architecture`` values it runs ("qwen3").
     gguf_architectures: tuple[str, ...] = ()
 
+    def claims_gguf(self, fields: Mapping[str, Any]) -> bool:
+        """Whether this family runs a GGUF file with these metadata: by default, when its
+        ``general.architecture`` is one of :attr:`gguf_architectures`. A family sharing an
+        architecture name with another looks further (Mixtral is llama.cpp's ``llama``
+        with experts) and comes before it in the order families are tried."""
+        return fields.get("general.architecture") in self.gguf_architectures
+
     def read_hf_config(self, config: Mapping[str, Any],
                        generation_config: Mapping[str, Any] | None) -> ModelConfig:
         """The model's shape from an HF ``config.json`` (and ``generation_config.json``);
@@ -98,6 +105,11 @@ class ModelFamily:
     def gguf_layer_names(self) -> Mapping[str, str]:
         """llama.cpp's layer module names as the model's (extend for the family's own)."""
         return GGUF_LAYER_NAMES
+
+    def load_gguf_buffer(self, model: CausalLM, name: str, tensor: torch.Tensor) -> bool:
+        """Take a GGUF tensor that is no parameter (Phi-3's LongRoPE factors) into ``model``;
+        False: not one of the family's, load it as a parameter (:meth:`gguf_tensors`)."""
+        return False
 
     def check_parallel(self, config: ModelConfig, tensor_parallel_size: int) -> None:
         """Refuse (ValueError) a split this family cannot run, before any weight loads."""
@@ -149,14 +161,15 @@ def family_for_hf_config(config: Mapping[str, Any], families: Iterable[ModelFami
     raise ValueError(f"unsupported architecture {found}; supported: {', '.join(supported_hf_architectures(families))}")
 
 
-def family_for_gguf(architecture: Any, families: Iterable[ModelFamily] | None = None) -> ModelFamily:
-    """The family that runs a GGUF file whose ``general.architecture`` is ``architecture``."""
+def family_for_gguf(fields: Mapping[str, Any], families: Iterable[ModelFamily] | None = None) -> ModelFamily:
+    """The first family that claims a GGUF file with metadata ``fields`` (:meth:`ModelFamily.claims_gguf`)."""
     families = _families(families)
     for family in families:
-        if architecture in family.gguf_architectures:
+        if family.claims_gguf(fields):
             return family
-    supported = [name for family in families for name in family.gguf_architectures]
-    raise ValueError(f"unsupported GGUF architecture {architecture!r}; supported: {', '.join(supported)}")
+    supported = dict.fromkeys(name for family in families for name in family.gguf_architectures)
+    raise ValueError(f"unsupported GGUF architecture {fields.get('general.architecture')!r}; "
+                     f"supported: {', '.join(supported)}")
 
 
 def read_hf_config(config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None,
@@ -166,5 +179,5 @@ def read_hf_config(config: Mapping[str, Any], generation_config: Mapping[str, An
 
 def read_gguf_config(fields: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]],
                      families: Iterable[ModelFamily] | None = None) -> ModelConfig:
-    family = family_for_gguf(fields.get("general.architecture"), families)
+    family = family_for_gguf(fields, families)
     return family.read_gguf_config(fields, tensor_shapes)
