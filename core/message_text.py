@@ -81,12 +81,13 @@ class MessageTextEncoder:
             original = originals.get(match.group(0))
             if original is None:  # not one of ours (a template wrote it): ordinary text
                 continue
+            # Only the first piece starts the text (a SentencePiece tokenizer's space prefix).
             if match.start() > start:
-                ids += self.tokenizer.encode(rendered[start:match.start()], add_bos=False)
-            ids += self.tokenizer.encode_plain(original)
+                ids += self.tokenizer.encode(rendered[start:match.start()], add_bos=False, starts_text=start == 0)
+            ids += self.tokenizer.encode_plain(original, starts_text=match.start() == 0)
             start = match.end()
         if start < len(rendered):
-            ids += self.tokenizer.encode(rendered[start:], add_bos=False)
+            ids += self.tokenizer.encode(rendered[start:], add_bos=False, starts_text=start == 0)
         return ids
 
     def _replace(self, value: Any, stand_in: Callable[[re.Match], str], key: str | None = None) -> Any:

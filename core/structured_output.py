@@ -440,7 +440,8 @@ def llguidance_tokenizer(tokenizer: Tokenizer):
         def __call__(self, text):
             if isinstance(text, bytes):
                 text = text.decode("utf-8", errors="replace")
-            return tokenizer.encode(text, add_bos=False)
+            # A piece of output, not the start of a text: no SentencePiece space prefix.
+            return tokenizer.encode(text, add_bos=False, starts_text=False)
 
     if tokenizer.eos_token_id is None:
         raise ValueError("Structured outputs need a tokenizer with an end-of-sequence token.")

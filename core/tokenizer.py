@@ -13,6 +13,10 @@ Added tokens (special ones such as ``<|im_end|>`` and plain added ones) are
 matched literally in the text first, the way HF tokenizers do by default; the
 text between them goes through the pre-tokenizer regex and BPE.
 
+SentencePiece-style BPE (``▁`` for spaces, byte fallback: Llama 2, Gemma...)
+is :class:`~lmserve.core.sentencepiece_bpe.SentencePieceTokenizer`, a subclass
+that shares the vocabulary, added tokens and decoding kept here.
+
 Imports only the standard library, numpy and tiktoken.
 """
 
@@ -45,6 +49,12 @@ GPT4O_PATTERN = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+
+#: Where text between added tokens stands (:meth:`Tokenizer._encode_segment`).
+TEXT_START = "text start"
+AFTER_ADDED_TOKEN = "after an added token"
+INSIDE_TEXT = "inside a text"
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -129,21 +139,52 @@ class Tokenizer:
         :param pattern: the pre-tokenizer regex (tiktoken / Rust regex syntax).
         :param normalizer: applied to the text between added tokens before BPE.
         """
-        added = {token.id: token for token in added_tokens}
-        self.vocab_size = max(len(tokens), max(added, default=-1) + 1)
         self.pattern = pattern
-        self.chat_template = chat_template
-        self.add_bos_token = bool(add_bos_token)
         self._normalizer = normalizer
-
         # The BPE vocabulary keeps every token (HF's BPE model does too);
         # an added token overrides how its id reads and decodes.
-        pieces: list[bytes | None] = [None] * self.vocab_size
-        for i, token in enumerate(tokens):
-            if token is not None:
-                pieces[i] = spelled_to_bytes(token)
-        self._id_to_token = [token or "" for token in tokens] + [""] * (self.vocab_size - len(tokens))
-        self._id_to_bytes = [piece or b"" for piece in pieces]
+        pieces = [spelled_to_bytes(token) if token is not None else None for token in tokens]
+        self._init_vocabulary(
+            tokens, pieces, added_tokens, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            add_bos_token=add_bos_token, chat_template=chat_template,
+        )
+        pieces += [None] * (self.vocab_size - len(pieces))
+
+        ranks, rank_to_id, identity = _bpe_ranks(pieces, list(merges))
+        # With rank == id, tiktoken's output is the answer unless it holds a
+        # byte the vocabulary lacks (ranked at len(pieces) and up).
+        self._rank_to_id = rank_to_id
+        self._identity_limit = len(pieces) if identity else -1
+        self._identity_exact = identity and len(rank_to_id) == len(pieces)
+        try:
+            self._encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        except ValueError as error:  # the regex does not compile in tiktoken's engine
+            raise ValueError(f"Unsupported pre-tokenizer regex {pattern!r}: {error}") from error
+
+    def _init_vocabulary(
+        self,
+        tokens: Sequence[str | None],
+        token_bytes: Sequence[bytes | None],
+        added_tokens: Iterable[AddedToken],
+        *,
+        bos_token_id: int | None,
+        eos_token_id: int | None,
+        add_bos_token: bool,
+        chat_template: str | None,
+    ) -> None:
+        """What every tokenizer here has besides its BPE: ids <-> token strings and
+        bytes, the added tokens and their regex, BOS/EOS and the chat template.
+
+        :param tokens: the vocabulary by id as HF spells it (``None`` for a gap).
+        :param token_bytes: the bytes each of ``tokens`` decodes to.
+        """
+        added = {token.id: token for token in added_tokens}
+        self.vocab_size = max(len(tokens), max(added, default=-1) + 1)
+        self.chat_template = chat_template
+        self.add_bos_token = bool(add_bos_token)
+        padding = self.vocab_size - len(tokens)
+        self._id_to_token = [token or "" for token in tokens] + [""] * padding
+        self._id_to_bytes = [piece or b"" for piece in token_bytes] + [b""] * padding
         for i, token in added.items():
             self._id_to_token[i] = token.content
             self._id_to_bytes[i] = token.content.encode("utf-8")
@@ -158,43 +199,44 @@ class Tokenizer:
         self._added_ids = {token.content: i for i, token in added.items()}
         self._added_re = _added_tokens_regex(added.values())
 
-        ranks, rank_to_id, identity = _bpe_ranks(pieces, list(merges))
-        # With rank == id, tiktoken's output is the answer unless it holds a
-        # byte the vocabulary lacks (ranked at len(pieces) and up).
-        self._rank_to_id = rank_to_id
-        self._identity_limit = len(pieces) if identity else -1
-        self._identity_exact = identity and len(rank_to_id) == len(pieces)
-        try:
-            self._encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-        except ValueError as error:  # the regex does not compile in tiktoken's engine
-            raise ValueError(f"Unsupported pre-tokenizer regex {pattern!r}: {error}") from error
-
     # --- encoding and decoding ----------------------------------------------
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, *, starts_text: bool = True) -> list[int]:
         """Token ids for ``text``; added tokens written in it are encoded as themselves.
 
         :param add_bos: prepend the BOS token; ``None`` means :attr:`add_bos_token`.
+        :param starts_text: ``text`` begins a text. ``False``: it continues one (a
+            fragment of a prompt, bytes a grammar forces), so a SentencePiece
+            tokenizer puts no space in front of it; byte-level BPE does not care.
         """
         if add_bos is None:
             add_bos = self.add_bos_token
         ids = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
+        first = TEXT_START if starts_text else INSIDE_TEXT
         if self._added_re is None:
-            ids += self._encode_ordinary(text)
+            ids += self._encode_segment(text, first)
             return ids
         start = 0
         for match in self._added_re.finditer(text):
             if match.start() > start:
-                ids += self._encode_ordinary(text[start : match.start()])
+                ids += self._encode_segment(text[start : match.start()], first if start == 0 else AFTER_ADDED_TOKEN)
             ids.append(self._added_ids[match.group(match.lastgroup or 0)])
             start = match.end()
         if start < len(text):
-            ids += self._encode_ordinary(text[start:])
+            ids += self._encode_segment(text[start:], first if start == 0 else AFTER_ADDED_TOKEN)
         return ids
 
-    def encode_plain(self, text: str) -> list[int]:
+    def encode_plain(self, text: str, *, starts_text: bool = True) -> list[int]:
         """Token ids for ``text`` as plain text: added tokens written in it are not
-        matched (``<|im_start|>`` is ``<``, ``|``, ``im``, ...). No BOS."""
+        matched (``<|im_start|>`` is ``<``, ``|``, ``im``, ...). No BOS.
+        ``starts_text`` as in :meth:`encode`."""
+        return self._encode_segment(text, TEXT_START if starts_text else INSIDE_TEXT)
+
+    def _encode_segment(self, text: str, position: str) -> list[int]:
+        """Token ids for text between added tokens. ``position``: where the text
+        stands, :data:`TEXT_START`, :data:`AFTER_ADDED_TOKEN` or :data:`INSIDE_TEXT`
+        (byte-level BPE does not care; a SentencePiece tokenizer may put a space
+        in front)."""
         return self._encode_ordinary(text)
 
     def _encode_ordinary(self, text: str) -> list[int]:
@@ -206,8 +248,13 @@ class Tokenizer:
         ids = self._rank_to_id[np.asarray(ranks, dtype=np.int64)]
         return ids[ids >= 0].tolist()
 
-    def decode_bytes(self, ids: Iterable[int], skip_special_tokens: bool = False) -> bytes:
-        """The concatenated bytes of ``ids``; ids outside the vocabulary give none."""
+    def decode_bytes(self, ids: Iterable[int], skip_special_tokens: bool = False, starts_text: bool = False) -> bytes:
+        """The concatenated bytes of ``ids``; ids outside the vocabulary give none.
+
+        These are the bytes the tokens add to the text before them. ``starts_text``:
+        the tokens begin a text, so the space a SentencePiece tokenizer's encoder
+        put in front of it is dropped (:meth:`decode` does); byte-level BPE has none.
+        """
         if skip_special_tokens:
             special = self.special_token_ids
             ids = [i for i in ids if i not in special]
@@ -219,8 +266,8 @@ class Tokenizer:
             return b"".join([table[i] for i in ids if 0 <= i < n])
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """The text of ``ids`` (invalid UTF-8 becomes U+FFFD)."""
-        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+        """The text of ``ids``, a whole text (invalid UTF-8 becomes U+FFFD)."""
+        return self.decode_bytes(ids, skip_special_tokens, starts_text=True).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes token ``token_id`` stands for (an added token's UTF-8 content)."""

@@ -1,12 +1,15 @@
-"""Tokenizer files: a byte-level BPE :class:`~lmserve.core.tokenizer.Tokenizer`
-from GGUF metadata or from an HF directory's ``tokenizer.json``.
+"""Tokenizer files: a :class:`~lmserve.core.tokenizer.Tokenizer` from GGUF metadata
+or from an HF directory's ``tokenizer.json``.
 
 The loaders of the built-in :hook:`lmserve_load_tokenizer` (``lmserve.plugins.tokenizers``).
-They read the vocabulary, merges, added tokens, BOS/EOS, the pre-tokenizer
-regex, the normalizer and the chat template out of the model's files; the
-tokenizer itself (the BPE on tiktoken) is the kernel's. Only byte-level BPE is
-accepted: anything else is refused with a ``ValueError`` naming the file. The
-``gguf`` package is imported only when a GGUF file is read.
+They read the vocabulary, merges (or scores), added tokens, BOS/EOS, the
+pre-tokenizer, the normalizer and the chat template out of the model's files;
+the tokenizers themselves are the kernel's. Two kinds are accepted: byte-level
+BPE (GPT-2 style: ``tokenizer.ggml.model`` "gpt2", a ``ByteLevel``
+pre-tokenizer) and SentencePiece-style BPE (``tokenizer.ggml.model`` "llama",
+a BPE model with ``byte_fallback`` and ``▁`` for spaces: Llama 2, Mistral,
+Mixtral, Phi-3, Gemma); anything else is refused with a ``ValueError`` naming
+the file. The ``gguf`` package is imported only when a GGUF file is read.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+from lmserve.core.sentencepiece_bpe import SPACE, SentencePieceTokenizer
 from lmserve.core.tokenizer import (
     BYTE_LEVEL_ALPHABET,
     GPT2_DIGITS_PATTERN,
@@ -35,7 +39,9 @@ GGUF_PRE_PATTERNS = {
     **dict.fromkeys(("gpt-4o", "llama4"), GPT4O_PATTERN),
 }
 
-_GGUF_CONTROL = 3  # llama.cpp token types
+# llama.cpp token types
+_GGUF_NORMAL = 1
+_GGUF_CONTROL = 3
 _GGUF_USER_DEFINED = 4
 
 
@@ -67,9 +73,12 @@ def tokenizer_from_gguf(path: str | Path) -> Tokenizer:
         return default if value is None else value.contents()
 
     model = field("tokenizer.ggml.model")
+    if model == "llama":
+        return _sentencepiece_from_gguf(field)
     if model != "gpt2":
         raise ValueError(
-            f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported."
+            f"{path}: tokenizer.ggml.model is {model!r}; only BPE ('gpt2' byte-level, "
+            f"'llama' SentencePiece) is supported."
         )
     tokens: list[str] = field("tokenizer.ggml.tokens")
     token_types: list[int] = field("tokenizer.ggml.token_type", [1] * len(tokens))
@@ -106,6 +115,45 @@ def tokenizer_from_gguf(path: str | Path) -> Tokenizer:
     )
 
 
+def _sentencepiece_from_gguf(field: Callable) -> SentencePieceTokenizer:
+    """A ``tokenizer.ggml.model == "llama"`` vocabulary, tokenized as llama.cpp does:
+    merges by token score, a space in front of the text at the start and after
+    every added token unless ``add_space_prefix`` is false (Gemma), BOS added
+    unless ``add_bos_token`` is false."""
+    tokens: list[str] = field("tokenizer.ggml.tokens")
+    token_types: list[int] = field("tokenizer.ggml.token_type", [_GGUF_NORMAL] * len(tokens))
+    scores: list[float] = field("tokenizer.ggml.scores", [0.0] * len(tokens))
+    special_ids = {i for i, kind in enumerate(token_types) if kind == _GGUF_CONTROL}
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        token_id = field(f"tokenizer.ggml.{key}")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            special_ids.add(token_id)
+    added = [AddedToken(i, tokens[i], special=True) for i in sorted(special_ids)]
+    added += [
+        AddedToken(i, t, special=False)
+        for i, (t, kind) in enumerate(zip(tokens, token_types))
+        if kind == _GGUF_USER_DEFINED and i not in special_ids
+    ]
+    mergeable = {
+        i: score for i, (kind, score) in enumerate(zip(token_types, scores))
+        if kind in (_GGUF_NORMAL, _GGUF_USER_DEFINED) and i not in special_ids
+    }
+    space_prefix = bool(field("tokenizer.ggml.add_space_prefix", True))
+    return SentencePieceTokenizer(
+        tokens,
+        added,
+        scores=mergeable,
+        space_prefix="always" if space_prefix else "never",
+        prefix_spaced_text=True,
+        leading_space_decoding="strip" if space_prefix else "keep",
+        unk_token_id=field("tokenizer.ggml.unknown_token_id"),
+        bos_token_id=field("tokenizer.ggml.bos_token_id"),
+        eos_token_id=field("tokenizer.ggml.eos_token_id"),
+        add_bos_token=bool(field("tokenizer.ggml.add_bos_token", True)),
+        chat_template=field("tokenizer.chat_template"),
+    )
+
+
 def tokenizer_from_hf_dir(path: str | Path) -> Tokenizer:
     """Load from an HF directory's ``tokenizer.json`` and ``tokenizer_config.json``."""
     path = Path(path)
@@ -116,8 +164,6 @@ def tokenizer_from_hf_dir(path: str | Path) -> Tokenizer:
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: tokenizer model is {model.get('type')!r}; only byte-level BPE is supported.")
-    if model.get("byte_fallback"):
-        raise ValueError(f"{path}: BPE with byte_fallback (sentencepiece style) is not supported.")
     vocab: dict[str, int] = model["vocab"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     added = [
@@ -136,6 +182,21 @@ def tokenizer_from_hf_dir(path: str | Path) -> Tokenizer:
     add_bos = config.get("add_bos_token")
     if add_bos is None:
         add_bos = bos is not None and _post_processor_adds(spec.get("post_processor"), bos)
+    if _is_sentencepiece_style(spec):
+        return SentencePieceTokenizer(
+            tokens,
+            added,
+            merges=merges,
+            unk_token_id=token_ids.get(model["unk_token"]) if model.get("unk_token") else None,
+            byte_fallback=bool(model.get("byte_fallback")),
+            fuse_unk=bool(model.get("fuse_unk")),
+            ignore_merges=bool(model.get("ignore_merges")),
+            bos_token_id=token_ids.get(bos) if bos is not None else None,
+            eos_token_id=token_ids.get(eos) if eos is not None else None,
+            add_bos_token=bool(add_bos),
+            chat_template=_hf_chat_template(config, path),
+            **_hf_sentencepiece_options(spec, path),
+        )
     return Tokenizer(
         tokens,
         merges,
@@ -169,6 +230,83 @@ def _post_processor_adds(processor: dict | None, bos: str) -> bool:
     return bool(single) and (single[0].get("SpecialToken") or {}).get("id") == bos
 
 
+def _steps(component: dict | None, key: str) -> list[dict]:
+    """The steps of a normalizer / pre-tokenizer / decoder, a ``Sequence`` or one alone."""
+    if component is None:
+        return []
+    return list(component.get(key) or []) if component.get("type") == "Sequence" else [component]
+
+
+def _is_sentencepiece_style(spec: dict) -> bool:
+    """A BPE model with byte fallback, or one whose spaces are written as ``▁``."""
+    if (spec.get("model") or {}).get("byte_fallback"):
+        return True
+    steps = _steps(spec.get("normalizer"), "normalizers") + _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    return any(step.get("type") == "Metaspace" or _replaces_spaces(step) for step in steps)
+
+
+def _replaces_spaces(step: dict) -> bool:
+    return (step.get("type") == "Replace" and (step.get("pattern") or {}).get("String") == " "
+            and step.get("content") == SPACE)
+
+
+def _hf_sentencepiece_options(spec: dict, path: Path) -> dict:
+    """The :class:`SentencePieceTokenizer` options a ``tokenizer.json``'s normalizer,
+    pre-tokenizer and decoder amount to (HF's conversions of sentencepiece models:
+    Gemma's ``Replace(" ", "▁")``; Llama 2's ``Prepend("▁")`` + ``Replace``; newer
+    ones' ``Metaspace`` pre-tokenizer with a ``prepend_scheme``)."""
+    model = spec.get("model") or {}
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise ValueError(f"{path}: BPE with subword prefixes or suffixes is not supported.")
+    options: dict = {"space_prefix": "never", "prefix_spaced_text": True, "split_at_spaces": False}
+    forms, spaced = [], False
+    for step in _steps(spec.get("normalizer"), "normalizers"):
+        kind = step.get("type")
+        if kind in _NORMALIZER_FORMS and not spaced:
+            forms.append(kind)
+        elif _replaces_spaces(step):
+            spaced = True
+        elif kind == "Prepend" and step.get("prepend") == SPACE:
+            options.update(space_prefix="always", prefix_spaced_text=True)
+        else:
+            raise ValueError(f"{path}: unsupported normalizer step {kind!r} in a SentencePiece-style tokenizer.")
+    for step in _steps(spec.get("pre_tokenizer"), "pretokenizers"):
+        kind = step.get("type")
+        if kind == "Metaspace" and step.get("replacement", SPACE) == SPACE:
+            spaced = True
+            scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+            options.update(space_prefix=scheme, prefix_spaced_text=False, split_at_spaces=bool(step.get("split", True)))
+        elif kind == "Split" and spaced and (step.get("pattern") or {}).get("String") == " ":
+            continue  # Gemma's: cuts at spaces, none of which is left after the normalizer
+        else:
+            raise ValueError(f"{path}: unsupported pre-tokenizer step {kind!r} in a SentencePiece-style tokenizer.")
+    if not spaced:
+        raise ValueError(f"{path}: a byte-fallback BPE whose spaces are not written as {SPACE!r} is not supported.")
+    options["normalizer"] = _unicode_normalizer(forms)
+    options["leading_space_decoding"] = _hf_leading_space_decoding(spec.get("decoder"), path)
+    return options
+
+
+def _hf_leading_space_decoding(decoder: dict | None, path: Path) -> str:
+    """How the decoder treats a text's first token: ``Strip(" ", 1, 0)`` strips a space,
+    a ``Metaspace`` decoder that prepends drops the first token's ``▁``."""
+    decoding = "keep"
+    for step in _steps(decoder, "decoders"):
+        kind = step.get("type")
+        if kind == "Strip":
+            if (step.get("content"), step.get("start"), step.get("stop")) != (" ", 1, 0):
+                raise ValueError(f"{path}: unsupported decoder step {step}.")
+            decoding = "strip"
+        elif kind == "Metaspace":
+            scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+            decoding = "keep" if scheme == "never" else "drop_spaces"
+        elif kind == "Replace" and (step.get("pattern") or {}).get("String") == SPACE and step.get("content") == " ":
+            continue
+        elif kind not in ("ByteFallback", "Fuse"):
+            raise ValueError(f"{path}: unsupported decoder step {kind!r} in a SentencePiece-style tokenizer.")
+    return decoding
+
+
 def _hf_pattern(pre_tokenizer: dict | None, path: Path) -> str:
     """The tiktoken regex equivalent to an HF byte-level pre-tokenizer."""
     steps = []
@@ -197,12 +335,14 @@ _NORMALIZER_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}
 
 def _hf_normalizer(normalizer: dict | None, path: Path) -> Callable[[str], str] | None:
     """Unicode normalization forms are supported (Qwen2 uses NFC); other normalizers are refused."""
-    if normalizer is None:
-        return None
-    steps = normalizer["normalizers"] if normalizer.get("type") == "Sequence" else [normalizer]
-    forms = [step.get("type") for step in steps]
+    forms = [step.get("type") for step in _steps(normalizer, "normalizers")]
     if not _NORMALIZER_FORMS.issuperset(forms):
         raise ValueError(f"{path}: unsupported normalizer {forms}.")
+    return _unicode_normalizer(forms)
+
+
+def _unicode_normalizer(forms: list[str]) -> Callable[[str], str] | None:
+    """The Unicode normalization ``forms``, one after the other (``None`` for none)."""
     if not forms:
         return None
 

@@ -18,6 +18,7 @@ the GGUF file alike:
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import copy
 import json
@@ -205,19 +206,41 @@ def check_stepwise_logits(path: str | Path, hf_model, prompts: list[list[int]] =
     return worst
 
 
+#: The last engine :func:`engine_greedy` started, by (path, options): the next call on the
+#: same model and options (a test runs alone, then batched) reuses it.
+_last_engine: dict[tuple, Any] = {}
+
+
+def _engine(path: str | Path, options: dict[str, Any]):
+    """A started backend for ``path`` with ``options`` and its output queue, reused from the
+    previous call when both are the same (the previous other one is shut down)."""
+    from lmserve.backends.torch.factory import EngineConfig, create_backend
+
+    key = (str(path), tuple(sorted(options.items())))
+    if key not in _last_engine:
+        for backend, _ in _last_engine.values():
+            backend.shutdown()
+        _last_engine.clear()
+        backend = create_backend(path, EngineConfig(**options))
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        backend.start(lambda outs: [outputs.put(o) for o in outs])
+        _last_engine[key] = (backend, outputs)
+    return _last_engine[key]
+
+
+atexit.register(lambda: [backend.shutdown() for backend, _ in _last_engine.values()])
+
+
 def engine_greedy(path: str | Path, prompts: list[list[int]] = PROMPTS, *, batched: bool,
                   **engine_config: Any) -> list[list[int]]:
     """The paged engine's :data:`NEW_TOKENS` greedy tokens for each prompt (float32, float
     weights): one request at a time, or (``batched``) all of them submitted together with
     :data:`OTHER_REQUESTS` (whose tokens are not returned), sharing the engine's steps."""
-    from lmserve.backends.torch.factory import EngineConfig, create_backend
     from lmserve.core.types import EngineRequest, SamplingParams
 
     options = {"dtype": "float32", "quantization": "none", "enforce_eager": True, "session_len": 256,
                "cache_block_seq_len": 16, **engine_config}
-    backend = create_backend(path, EngineConfig(**options))
-    outputs: queue.SimpleQueue = queue.SimpleQueue()
-    backend.start(lambda outs: [outputs.put(o) for o in outs])
+    backend, outputs = _engine(path, options)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 
     def run(requests: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -227,19 +250,17 @@ def engine_greedy(path: str | Path, prompts: list[list[int]] = PROMPTS, *, batch
         finished = 0
         while finished < len(requests):
             out = outputs.get(timeout=300)
+            assert out.error is None, out.error
             tokens[out.request_id].extend(out.new_token_ids)
             finished += out.finish_reason is not None
         return tokens
 
-    try:
-        if batched:
-            requests = {f"p{i}": ids for i, ids in enumerate(prompts)}
-            requests.update({f"other{i}": ids for i, ids in enumerate(OTHER_REQUESTS)})
-            tokens = run(requests)
-            return [tokens[f"p{i}"] for i in range(len(prompts))]
-        return [run({f"p{i}": ids})[f"p{i}"] for i, ids in enumerate(prompts)]
-    finally:
-        backend.shutdown()
+    if batched:
+        requests = {f"p{i}": ids for i, ids in enumerate(prompts)}
+        requests.update({f"other{i}": ids for i, ids in enumerate(OTHER_REQUESTS)})
+        tokens = run(requests)
+        return [tokens[f"p{i}"] for i in range(len(prompts))]
+    return [run({f"p{i}": ids})[f"p{i}"] for i, ids in enumerate(prompts)]
 
 
 def check_cached_prefixes_and_sessions(path: str | Path, **engine_config: Any) -> None:
@@ -276,18 +297,19 @@ def check_cached_prefixes_and_sessions(path: str | Path, **engine_config: Any) -
         return results
 
     turn_1 = tuple(_prompt(9, 13))
-    first = run([EngineRequest("first", shared + (5, 6), greedy),
-                 EngineRequest("cached", shared + (7, 8), greedy),
-                 EngineRequest("turn-1", turn_1, greedy, session_key="s", keep_kv=True)],
-                enable_prefix_caching=True)
-    turn_2 = turn_1 + tuple(first["turn-1"][0]) + (10, 11, 12)
+    cached = run([EngineRequest("first", shared + (5, 6), greedy), EngineRequest("cached", shared + (7, 8), greedy),
+                  EngineRequest("turn-1", turn_1, greedy)], enable_prefix_caching=True)
+    turn_2 = turn_1 + tuple(cached["turn-1"][0]) + (10, 11, 12)
+    # One engine: the session's second turn, then the same prompts as fresh requests (no
+    # session, no prefix caching: computed from scratch).
     kept = run([EngineRequest("turn-1", turn_1, greedy, session_key="s", keep_kv=True),
-                EngineRequest("turn-2", turn_2, greedy, session_key="s", keep_kv=True)])
-    fresh = run([EngineRequest("cached", shared + (7, 8), greedy), EngineRequest("turn-2", turn_2, greedy)])
-    assert first["cached"][1] == 32, "the shared blocks were not taken from the cache"
-    assert first["cached"][0] == fresh["cached"][0]
+                EngineRequest("turn-2", turn_2, greedy, session_key="s", keep_kv=True),
+                EngineRequest("fresh-cached", shared + (7, 8), greedy), EngineRequest("fresh-turn-2", turn_2, greedy)])
+    assert cached["cached"][1] == 32, "the shared blocks were not taken from the cache"
+    assert cached["cached"][0] == kept["fresh-cached"][0]
     assert kept["turn-2"][1] >= len(turn_1), "the session's first turn was not kept"
-    assert kept["turn-2"][0] == fresh["turn-2"][0]
+    assert kept["fresh-turn-2"][1] == 0
+    assert kept["turn-2"][0] == kept["fresh-turn-2"][0]
 
 
 def server_greedy_texts(server, prompts: list[list[int]] = PROMPTS, *, concurrently: bool) -> list[str]:
@@ -306,6 +328,32 @@ def server_greedy_texts(server, prompts: list[list[int]] = PROMPTS, *, concurren
         return [complete(ids) for ids in prompts]
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(complete, prompts))
+
+
+def check_engine(path: str | Path, expected: list[list[int]], prompts: list[list[int]] = PROMPTS,
+                 **engine_config: Any) -> None:
+    """The paged engine gives ``expected`` for ``prompts`` alone and in one continuous batch."""
+    assert engine_greedy(path, prompts, batched=False, **engine_config) == expected
+    assert engine_greedy(path, prompts, batched=True, **engine_config) == expected
+
+
+def check_gguf(gguf: str | Path, hf_model) -> None:
+    """A GGUF file of ``hf_model``'s weights: stepwise logits, and the engine alone and batched."""
+    check_stepwise_logits(gguf, hf_model)
+    check_engine(gguf, [hf_greedy(hf_model, ids) for ids in PROMPTS])
+
+
+def check_http(server_factory, directory: str | Path, expected: list[list[int]],
+               prompts: list[list[int]] = PROMPTS, *server_args: str) -> None:
+    """A server on ``directory`` (``lmserve_server_factory``) answers ``/v1/completions`` with
+    the texts of ``expected``, one request at a time and all at once."""
+    texts = decode_texts(directory, expected)
+    server = server_factory(*server_args, model=directory)
+    try:
+        assert server_greedy_texts(server, prompts, concurrently=False) == texts
+        assert server_greedy_texts(server, prompts, concurrently=True) == texts
+    finally:
+        server.stop()
 
 
 def decode_texts(directory: str | Path, token_lists: list[list[int]]) -> list[str]:

@@ -16,35 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmserve.backends.torch.attention_cache import AttentionCache, MetadataT
 from lmserve.backends.torch.model_config import (
     HFConfigReader,
     ModelConfig,
     common_gguf_fields,
     common_hf_fields,
 )
-from lmserve.backends.torch.models.attention_layer import Attention
 from lmserve.backends.torch.models.causal_lm import CausalLM
+from lmserve.backends.torch.models.decoder_layer import DecoderLayer
 from lmserve.backends.torch.models.family import LAYER_TENSOR, ModelFamily, Tensors
-from lmserve.backends.torch.models.mlp import GatedMLP
-from lmserve.backends.torch.models.norms import RMSNorm
-from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm attention and SwiGLU MLP, each added to the residual stream."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int, parallel: TensorParallel = SINGLE):
-        super().__init__()
-        self.self_attn = Attention(config, layer_idx, parallel)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, parallel)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: AttentionCache[MetadataT], metadata: MetadataT) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+from lmserve.backends.torch.tensor_parallel import TensorParallel
 
 
 class LlamaForCausalLM(CausalLM):

@@ -22,7 +22,7 @@ from lmserve.backends.torch.model_config import HFConfigReader, ModelConfig, com
 from lmserve.backends.torch.models.causal_lm import CausalLM
 from lmserve.backends.torch.models.family import Tensors
 from lmserve.backends.torch.models.llama import unpermute_qk
-from lmserve.backends.torch.models.moe import MoEConfig, MoEDecoderLayer, MoEFamily, moe_gguf_fields
+from lmserve.backends.torch.models.moe import MoEConfig, MoEFamily, moe_decoder_layer, moe_gguf_fields
 from lmserve.backends.torch.tensor_parallel import TensorParallel
 
 #: The hub's names of an expert's projections, as the model's.
@@ -36,7 +36,7 @@ class MixtralForCausalLM(CausalLM):
     compiled_decodes = False  # the experts a step runs depend on its tokens
 
     def make_layer(self, config: ModelConfig, layer_idx: int, parallel: TensorParallel) -> nn.Module:
-        return MoEDecoderLayer(config, layer_idx, parallel)
+        return moe_decoder_layer(config, layer_idx, parallel)
 
 
 class MixtralFamily(MoEFamily):

@@ -33,12 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmserve.backends.torch.attention_cache import AttentionCache, MetadataT
 from lmserve.backends.torch.model_config import GGUFFieldReader, ModelConfig
-from lmserve.backends.torch.models.attention_layer import Attention, HeadNorm
+from lmserve.backends.torch.models.attention_layer import HeadNorm
+from lmserve.backends.torch.models.decoder_layer import DecoderLayer
 from lmserve.backends.torch.models.family import GGUF_LAYER_NAMES, LAYER_TENSOR, ModelFamily, Tensors
 from lmserve.backends.torch.models.mlp import GatedMLP
-from lmserve.backends.torch.models.norms import RMSNorm
 from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, valid_sizes
 
 
@@ -131,26 +130,15 @@ class SparseMoE(nn.Module):
         return self.parallel.all_reduce(out.to(x.dtype))
 
 
-class MoEDecoderLayer(nn.Module):
-    """Pre-norm attention (``qk_norm``: per-head q/k norms, Qwen3-MoE) and a sparse MLP (or a
-    dense one where the config says), each added to the residual stream."""
-
-    def __init__(self, config: MoEConfig, layer_idx: int, parallel: TensorParallel = SINGLE,
-                 qk_norm: HeadNorm | None = None):
-        super().__init__()
-        self.self_attn = Attention(config, layer_idx, parallel, qk_norm)
-        if config.is_sparse(layer_idx):
-            self.mlp = SparseMoE(config.hidden_size, config.moe_intermediate_size, config.num_experts,
-                                 config.num_experts_per_tok, config.norm_topk_prob, parallel)
-        else:
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, parallel)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: AttentionCache[MetadataT], metadata: MetadataT) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def moe_decoder_layer(config: MoEConfig, layer_idx: int, parallel: TensorParallel = SINGLE,
+                      qk_norm: HeadNorm | None = None) -> DecoderLayer:
+    """A pre-norm layer whose MLP is sparse (or dense where the config says);
+    ``qk_norm``: per-head q/k norms (Qwen3-MoE)."""
+    mlp = None
+    if config.is_sparse(layer_idx):
+        mlp = SparseMoE(config.hidden_size, config.moe_intermediate_size, config.num_experts,
+                        config.num_experts_per_tok, config.norm_topk_prob, parallel)
+    return DecoderLayer(config, layer_idx, parallel, qk_norm, mlp)
 
 
 #: llama.cpp's stacked experts (``blk.N.<name>.weight``, ``[experts, out, in]``), as each expert's projection.

@@ -73,7 +73,7 @@ from lmserve.backends.torch.model_config import (
 )
 from lmserve.backends.torch.models.causal_lm import CausalLM
 from lmserve.backends.torch.models.family import LAYER_TENSOR, ModelFamily, Tensors
-from lmserve.backends.torch.models.llama import DecoderLayer
+from lmserve.backends.torch.models.decoder_layer import DecoderLayer
 from lmserve.backends.torch.models.rotary import LongRoPE, RotaryEmbedding
 from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel
 

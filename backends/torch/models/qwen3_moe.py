@@ -15,7 +15,7 @@ from torch import nn
 
 from lmserve.backends.torch.model_config import HFConfigReader, ModelConfig, common_gguf_fields, common_hf_fields
 from lmserve.backends.torch.models.causal_lm import CausalLM
-from lmserve.backends.torch.models.moe import MoEConfig, MoEDecoderLayer, MoEFamily, moe_gguf_fields
+from lmserve.backends.torch.models.moe import MoEConfig, MoEFamily, moe_decoder_layer, moe_gguf_fields
 from lmserve.backends.torch.models.norms import RMSNorm
 from lmserve.backends.torch.models.qwen3 import qwen3_attention_fields
 from lmserve.backends.torch.tensor_parallel import TensorParallel
@@ -27,7 +27,7 @@ class Qwen3MoeForCausalLM(CausalLM):
     compiled_decodes = False  # the experts a step runs depend on its tokens
 
     def make_layer(self, config: ModelConfig, layer_idx: int, parallel: TensorParallel) -> nn.Module:
-        return MoEDecoderLayer(config, layer_idx, parallel, qk_norm=RMSNorm)
+        return moe_decoder_layer(config, layer_idx, parallel, qk_norm=RMSNorm)
 
 
 class Qwen3MoeFamily(MoEFamily):

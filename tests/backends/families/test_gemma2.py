@@ -17,17 +17,17 @@ from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.weights import load_model, read_model_config
 from tests.backends.test_compiled_step import BLOCK_SIZE, NUM_BLOCKS, greedy_decodes
 from tests.family_checks import (
+    check_http,
+    check_engine,
+    check_cached_prefixes_and_sessions,
     PROMPTS,
     check_bf16_agreement,
     check_stepwise_logits,
     convert_to_gguf,
-    decode_texts,
-    engine_greedy,
     hf_greedy,
     hf_logits,
     load_hf_model,
     our_stepwise,
-    server_greedy_texts,
     write_family_model,
     write_sentencepiece_tokenizer,
 )
@@ -42,8 +42,9 @@ WEIGHTS = {"norm_center": 0.0, "embedding_scale": 1 / 80, "projection_scale": 3.
 
 @pytest.fixture(scope="module")
 def gemma2(tmp_path_factory):
-    """With the tiny byte-level BPE tokenizer, which the server loads (it loads no sentencepiece-style
-    tokenizer, Gemma's own)."""
+    """With the tiny byte-level BPE tokenizer: the texts of a random model's tokens compare
+    exactly through it (Gemma's own sentencepiece-style tokenizer is served in
+    tests/plugins/test_sentencepiece_serving.py)."""
     directory = tmp_path_factory.mktemp("gemma2")
     write_family_model(directory, "Gemma2Config", query_pre_attn_scalar=24, **WEIGHTS, **TINY)
     return directory, load_hf_model(directory)
@@ -89,19 +90,12 @@ def test_each_gemma2_feature_changes_the_tiny_models_logits(gemma2):
 def test_gemma2_in_the_engine_alone_and_batched(gemma2):
     directory, hf = gemma2
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
-    assert engine_greedy(directory, batched=False) == expected
-    assert engine_greedy(directory, batched=True) == expected
+    check_engine(directory, expected)
 
 
 def test_gemma2_through_http(gemma2, lmserve_server_factory):
     directory, hf = gemma2
-    expected = decode_texts(directory, [hf_greedy(hf, ids) for ids in PROMPTS])
-    server = lmserve_server_factory(model=directory)
-    try:
-        assert server_greedy_texts(server, concurrently=False) == expected
-        assert server_greedy_texts(server, concurrently=True) == expected
-    finally:
-        server.stop()
+    check_http(lmserve_server_factory, directory, [hf_greedy(hf, ids) for ids in PROMPTS])
 
 
 def test_gemma2_from_llama_cpps_converter_equals_transformers(gemma2_gguf):
@@ -111,8 +105,7 @@ def test_gemma2_from_llama_cpps_converter_equals_transformers(gemma2_gguf):
     assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (5.0, 1.0)
     check_stepwise_logits(gguf, hf)
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
-    assert engine_greedy(gguf, batched=False) == expected
-    assert engine_greedy(gguf, batched=True) == expected
+    check_engine(gguf, expected)
 
 
 def check_compiled_decodes_equal_eager_ones(path) -> None:
@@ -187,3 +180,7 @@ def test_gemma2_gguf_metadata_read_as_llama_cpp_does():
     assert other.attention_scale is None  # head_dim ** -0.5
     assert other.layer_types[:3] == (SLIDING, SLIDING, FULL) and other.local_rope_config().rope_theta == 1000.0
     assert isinstance(other.local_rope_config(), ModelConfig)
+
+
+def test_gemma2_cached_prefixes_and_sessions_equal_fresh_requests(gemma2):
+    check_cached_prefixes_and_sessions(gemma2[0])

@@ -18,17 +18,17 @@ from tests.backends.families.test_gemma2 import (
     check_compiled_decodes_equal_eager_ones,
 )
 from tests.family_checks import (
+    check_http,
+    check_engine,
+    check_cached_prefixes_and_sessions,
     PROMPTS,
     check_bf16_agreement,
     check_stepwise_logits,
     convert_to_gguf,
-    decode_texts,
-    engine_greedy,
     hf_greedy,
     hf_logits,
     load_hf_model,
     our_stepwise,
-    server_greedy_texts,
     write_family_model,
     write_smollm2_tokenizer,
 )
@@ -86,19 +86,12 @@ def test_each_gemma3_feature_changes_the_tiny_models_logits(gemma3):
 def test_gemma3_in_the_engine_alone_and_batched(gemma3):
     directory, hf = gemma3
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
-    assert engine_greedy(directory, batched=False) == expected
-    assert engine_greedy(directory, batched=True) == expected
+    check_engine(directory, expected)
 
 
 def test_gemma3_through_http(gemma3, lmserve_server_factory):
     directory, hf = gemma3
-    expected = decode_texts(directory, [hf_greedy(hf, ids) for ids in PROMPTS])
-    server = lmserve_server_factory(model=directory)
-    try:
-        assert server_greedy_texts(server, concurrently=False) == expected
-        assert server_greedy_texts(server, concurrently=True) == expected
-    finally:
-        server.stop()
+    check_http(lmserve_server_factory, directory, [hf_greedy(hf, ids) for ids in PROMPTS])
 
 
 def test_gemma3_from_llama_cpps_converter_equals_transformers(gemma3_gguf):
@@ -109,8 +102,7 @@ def test_gemma3_from_llama_cpps_converter_equals_transformers(gemma3_gguf):
     assert config.final_logit_softcapping == 3.0
     check_stepwise_logits(gguf, hf)
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
-    assert engine_greedy(gguf, batched=False) == expected
-    assert engine_greedy(gguf, batched=True) == expected
+    check_engine(gguf, expected)
 
 
 def test_gemma3_compiled_decodes_equal_eager_decodes(gemma3):
@@ -185,3 +177,7 @@ def test_gemma3_gguf_metadata_read_as_llama_cpp_does():
     assert (local.rope_theta, local.rope_scaling) == (10000.0, None) and config.rope_scaling["factor"] == 8.0
     no_window = Gemma3Family().read_gguf_config({**fields, "gemma3.attention.sliding_window": 0}, shapes)
     assert no_window.layer_types == (FULL,) * 62 and no_window.local_rope_config() is None
+
+
+def test_gemma3_cached_prefixes_and_sessions_equal_fresh_requests(gemma3):
+    check_cached_prefixes_and_sessions(gemma3[0])

@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 
 from tests.family_checks import (
+    check_http,
+    check_engine,
     PROMPTS,
     check_bf16_agreement,
     check_cached_prefixes_and_sessions,
     check_stepwise_logits,
     convert_to_gguf,
-    decode_texts,
     engine_greedy,
     hf_greedy,
     load_hf_model,
-    server_greedy_texts,
     write_family_model,
     write_smollm2_tokenizer,
 )
@@ -49,8 +49,7 @@ def test_mistral_with_a_short_window_equals_transformers(mistral):
 def test_mistral_in_the_engine_alone_and_batched(mistral):
     directory, hf = mistral
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
-    assert engine_greedy(directory, batched=False) == expected
-    assert engine_greedy(directory, batched=True) == expected
+    check_engine(directory, expected)
 
 
 def test_mistral_cached_prefixes_and_sessions_equal_fresh_requests(mistral):
@@ -59,13 +58,7 @@ def test_mistral_cached_prefixes_and_sessions_equal_fresh_requests(mistral):
 
 def test_mistral_through_http(mistral, lmserve_server_factory):
     directory, hf = mistral
-    expected = decode_texts(directory, [hf_greedy(hf, ids) for ids in PROMPTS])
-    server = lmserve_server_factory(model=directory)
-    try:
-        assert server_greedy_texts(server, concurrently=False) == expected
-        assert server_greedy_texts(server, concurrently=True) == expected
-    finally:
-        server.stop()
+    check_http(lmserve_server_factory, directory, [hf_greedy(hf, ids) for ids in PROMPTS])
 
 
 def test_llama_from_llama_cpps_converter_equals_transformers(llama_gguf):

@@ -12,15 +12,15 @@ from lmserve.backends.torch.models.family import family_for_gguf
 from lmserve.backends.torch.weights import read_model_config
 from tests.backends.families.fused_experts import write_fused_experts
 from tests.family_checks import (
+    check_http,
+    check_engine,
+    check_cached_prefixes_and_sessions,
     PROMPTS,
     check_bf16_agreement,
     check_stepwise_logits,
     convert_to_gguf,
-    decode_texts,
-    engine_greedy,
     hf_greedy,
     load_hf_model,
-    server_greedy_texts,
     write_family_model,
     write_smollm2_tokenizer,
 )
@@ -70,19 +70,12 @@ def test_mixtral_with_fused_experts_equals_transformers(mixtral, tmp_path):
 
 def test_mixtral_in_the_engine_alone_and_batched(mixtral):
     directory, _, expected = mixtral
-    assert engine_greedy(directory, batched=False) == expected
-    assert engine_greedy(directory, batched=True) == expected
+    check_engine(directory, expected)
 
 
 def test_mixtral_through_http(mixtral, lmserve_server_factory):
     directory, _, expected = mixtral
-    texts = decode_texts(directory, expected)
-    server = lmserve_server_factory(model=directory)
-    try:
-        assert server_greedy_texts(server, concurrently=False) == texts
-        assert server_greedy_texts(server, concurrently=True) == texts
-    finally:
-        server.stop()
+    check_http(lmserve_server_factory, directory, expected)
 
 
 def test_a_llama_gguf_file_with_experts_is_mixtral(mixtral_gguf):
@@ -97,5 +90,8 @@ def test_mixtral_from_llama_cpps_converter_equals_transformers(mixtral_gguf):
     gguf, hf = mixtral_gguf
     check_stepwise_logits(gguf, hf)
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
-    assert engine_greedy(gguf, batched=False) == expected
-    assert engine_greedy(gguf, batched=True) == expected
+    check_engine(gguf, expected)
+
+
+def test_mixtral_cached_prefixes_and_sessions_equal_fresh_requests(mixtral):
+    check_cached_prefixes_and_sessions(mixtral[0])

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from tests.family_checks import (
+    check_engine,
+    check_cached_prefixes_and_sessions,
     PROMPTS,
     RELATIVE_TOLERANCE,
     check_bf16_agreement,
@@ -111,8 +113,7 @@ def test_longrope_past_the_original_length_equals_transformers(phi3_longrope):
     check_stepwise_logits(directory, hf, prompts=LONG_PROMPTS[:1])
     check_stepwise_logits(gguf, hf, prompts=LONG_PROMPTS[:1])
     expected = [hf_greedy(hf, LONG_PROMPTS[0])]
-    assert engine_greedy(directory, LONG_PROMPTS[:1], batched=False) == expected
-    assert engine_greedy(directory, LONG_PROMPTS[:1], batched=True) == expected
+    check_engine(directory, expected, LONG_PROMPTS[:1])
     assert engine_greedy(gguf, LONG_PROMPTS[:1], batched=True) == expected
     check_bf16_agreement(directory, hf)
 
@@ -239,3 +240,7 @@ def test_phi3_with_longrope_through_http(phi3_longrope, lmserve_server_factory):
         assert "decode step failed" not in server.log()
     finally:
         server.stop()
+
+
+def test_phi3_cached_prefixes_and_sessions_equal_fresh_requests(phi3):
+    check_cached_prefixes_and_sessions(phi3[0])

@@ -10,15 +10,16 @@ import pytest
 
 from lmserve.backends.torch.factory import EngineConfig, check_parallel
 from tests.family_checks import (
+    check_http,
+    check_engine,
+    check_cached_prefixes_and_sessions,
     PROMPTS,
     check_bf16_agreement,
     check_stepwise_logits,
     convert_to_gguf,
-    decode_texts,
     engine_greedy,
     hf_greedy,
     load_hf_model,
-    server_greedy_texts,
     write_family_model,
     write_smollm2_tokenizer,
 )
@@ -56,27 +57,19 @@ def test_qwen3_with_a_sliding_layer_equals_transformers(qwen3):
 
 def test_qwen3_in_the_engine_alone_and_batched(qwen3):
     directory, _, expected = qwen3
-    assert engine_greedy(directory, batched=False) == expected
-    assert engine_greedy(directory, batched=True) == expected
+    check_engine(directory, expected)
 
 
 def test_qwen3_through_http(qwen3, lmserve_server_factory):
     directory, _, expected = qwen3
-    texts = decode_texts(directory, expected)
-    server = lmserve_server_factory(model=directory)
-    try:
-        assert server_greedy_texts(server, concurrently=False) == texts
-        assert server_greedy_texts(server, concurrently=True) == texts
-    finally:
-        server.stop()
+    check_http(lmserve_server_factory, directory, expected)
 
 
 def test_qwen3_from_llama_cpps_converter_equals_transformers(qwen3_gguf):
     gguf, hf = qwen3_gguf
     check_stepwise_logits(gguf, hf)
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
-    assert engine_greedy(gguf, batched=False) == expected
-    assert engine_greedy(gguf, batched=True) == expected
+    check_engine(gguf, expected)
 
 
 def test_qwen3_split_over_two_ranks_gives_the_same_tokens(qwen3):
@@ -89,3 +82,7 @@ def test_a_split_of_the_heads_is_refused_before_loading(qwen3):
     with pytest.raises(ValueError, match=r"--tp 3 does not split .* 4 attention heads and 2 key/value heads.*"
                                          r"valid sizes: 1, 2, 4\."):
         check_parallel(directory, EngineConfig(tensor_parallel_size=3))
+
+
+def test_qwen3_cached_prefixes_and_sessions_equal_fresh_requests(qwen3):
+    check_cached_prefixes_and_sessions(qwen3[0])

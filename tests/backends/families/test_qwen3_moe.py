@@ -20,15 +20,16 @@ from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.weights import load_model
 from tests.backends.families.fused_experts import write_fused_experts
 from tests.family_checks import (
+    check_http,
+    check_engine,
+    check_cached_prefixes_and_sessions,
     PROMPTS,
     check_bf16_agreement,
     check_stepwise_logits,
     convert_to_gguf,
-    decode_texts,
     engine_greedy,
     hf_greedy,
     load_hf_model,
-    server_greedy_texts,
     write_family_model,
     write_smollm2_tokenizer,
 )
@@ -77,27 +78,19 @@ def test_qwen3_moe_with_fused_experts_equals_transformers(qwen3_moe, tmp_path):
 
 def test_qwen3_moe_in_the_engine_alone_and_batched(qwen3_moe):
     directory, _, expected = qwen3_moe
-    assert engine_greedy(directory, batched=False) == expected
-    assert engine_greedy(directory, batched=True) == expected
+    check_engine(directory, expected)
 
 
 def test_qwen3_moe_through_http(qwen3_moe, lmserve_server_factory):
     directory, _, expected = qwen3_moe
-    texts = decode_texts(directory, expected)
-    server = lmserve_server_factory(model=directory)
-    try:
-        assert server_greedy_texts(server, concurrently=False) == texts
-        assert server_greedy_texts(server, concurrently=True) == texts
-    finally:
-        server.stop()
+    check_http(lmserve_server_factory, directory, expected)
 
 
 def test_qwen3_moe_from_llama_cpps_converter_equals_transformers(qwen3_moe_gguf):
     gguf, hf = qwen3_moe_gguf
     check_stepwise_logits(gguf, hf)
     expected = [hf_greedy(hf, ids) for ids in PROMPTS]
-    assert engine_greedy(gguf, batched=False) == expected
-    assert engine_greedy(gguf, batched=True) == expected
+    check_engine(gguf, expected)
 
 
 def test_a_batch_routed_to_different_experts_equals_each_token_alone():
@@ -161,3 +154,7 @@ def test_splits_of_the_heads_or_the_experts_are_refused_before_loading(qwen3_moe
     with pytest.raises(ValueError, match=r"--tp 4 does not split this model's experts \(inner size 30\) evenly; "
                                          r"valid sizes: 1, 2\."):
         check_parallel(odd, EngineConfig(tensor_parallel_size=4))
+
+
+def test_qwen3_moe_cached_prefixes_and_sessions_equal_fresh_requests(qwen3_moe):
+    check_cached_prefixes_and_sessions(qwen3_moe[0])
