@@ -207,8 +207,16 @@ def check_stepwise_logits(path: str | Path, hf_model, prompts: list[list[int]] =
 
 
 #: The last engine :func:`engine_greedy` started, by (path, options): the next call on the
-#: same model and options (a test runs alone, then batched) reuses it.
+#: same model and options (a test runs alone, then batched) reuses it. Only one-rank
+#: engines are kept (a tensor-parallel one holds the process's collective group); each
+#: test module's end shuts the kept one down (:func:`close_engines`, tests/backends/families/conftest.py).
 _last_engine: dict[tuple, Any] = {}
+
+
+def close_engines() -> None:
+    for backend, _ in _last_engine.values():
+        backend.shutdown()
+    _last_engine.clear()
 
 
 def _engine(path: str | Path, options: dict[str, Any]):
@@ -218,9 +226,7 @@ def _engine(path: str | Path, options: dict[str, Any]):
 
     key = (str(path), tuple(sorted(options.items())))
     if key not in _last_engine:
-        for backend, _ in _last_engine.values():
-            backend.shutdown()
-        _last_engine.clear()
+        close_engines()
         backend = create_backend(path, EngineConfig(**options))
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         backend.start(lambda outs: [outputs.put(o) for o in outs])
@@ -228,7 +234,7 @@ def _engine(path: str | Path, options: dict[str, Any]):
     return _last_engine[key]
 
 
-atexit.register(lambda: [backend.shutdown() for backend, _ in _last_engine.values()])
+atexit.register(close_engines)
 
 
 def engine_greedy(path: str | Path, prompts: list[list[int]] = PROMPTS, *, batched: bool,
@@ -242,6 +248,8 @@ def engine_greedy(path: str | Path, prompts: list[list[int]] = PROMPTS, *, batch
                "cache_block_seq_len": 16, **engine_config}
     backend, outputs = _engine(path, options)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    if options.get("tensor_parallel_size", 1) > 1:
+        _last_engine.clear()  # not kept: shut down below
 
     def run(requests: dict[str, list[int]]) -> dict[str, list[int]]:
         tokens = {rid: [] for rid in requests}
@@ -255,12 +263,16 @@ def engine_greedy(path: str | Path, prompts: list[list[int]] = PROMPTS, *, batch
             finished += out.finish_reason is not None
         return tokens
 
-    if batched:
-        requests = {f"p{i}": ids for i, ids in enumerate(prompts)}
-        requests.update({f"other{i}": ids for i, ids in enumerate(OTHER_REQUESTS)})
-        tokens = run(requests)
-        return [tokens[f"p{i}"] for i in range(len(prompts))]
-    return [run({f"p{i}": ids})[f"p{i}"] for i, ids in enumerate(prompts)]
+    try:
+        if batched:
+            requests = {f"p{i}": ids for i, ids in enumerate(prompts)}
+            requests.update({f"other{i}": ids for i, ids in enumerate(OTHER_REQUESTS)})
+            tokens = run(requests)
+            return [tokens[f"p{i}"] for i in range(len(prompts))]
+        return [run({f"p{i}": ids})[f"p{i}"] for i, ids in enumerate(prompts)]
+    finally:
+        if options.get("tensor_parallel_size", 1) > 1:
+            backend.shutdown()
 
 
 def check_cached_prefixes_and_sessions(path: str | Path, **engine_config: Any) -> None:
