@@ -91,16 +91,7 @@ def tokenizer_from_gguf(path: str | Path) -> Tokenizer:
         i for i, (t, kind) in enumerate(zip(tokens, token_types))
         if kind == _GGUF_CONTROL and BYTE_LEVEL_ALPHABET.issuperset(t)
     }
-    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
-        token_id = field(f"tokenizer.ggml.{key}")
-        if token_id is not None and 0 <= token_id < len(tokens):
-            special_ids.add(token_id)
-    added = [AddedToken(i, tokens[i], special=True) for i in sorted(special_ids)]
-    added += [
-        AddedToken(i, t, special=False)
-        for i, (t, kind) in enumerate(zip(tokens, token_types))
-        if kind == _GGUF_USER_DEFINED and i not in special_ids
-    ]
+    added = _gguf_added_tokens(field, tokens, token_types, special_ids)
     pre = field("tokenizer.ggml.pre", "default")
     return Tokenizer(
         tokens,
@@ -115,15 +106,11 @@ def tokenizer_from_gguf(path: str | Path) -> Tokenizer:
     )
 
 
-def _sentencepiece_from_gguf(field: Callable) -> SentencePieceTokenizer:
-    """A ``tokenizer.ggml.model == "llama"`` vocabulary, tokenized as llama.cpp does:
-    merges by token score, a space in front of the text at the start and after
-    every added token unless ``add_space_prefix`` is false (Gemma), BOS added
-    unless ``add_bos_token`` is false."""
-    tokens: list[str] = field("tokenizer.ggml.tokens")
-    token_types: list[int] = field("tokenizer.ggml.token_type", [_GGUF_NORMAL] * len(tokens))
-    scores: list[float] = field("tokenizer.ggml.scores", [0.0] * len(tokens))
-    special_ids = {i for i, kind in enumerate(token_types) if kind == _GGUF_CONTROL}
+def _gguf_added_tokens(field: Callable, tokens: list[str], token_types: list[int],
+                       control_ids: set[int]) -> list[AddedToken]:
+    """A GGUF vocabulary's added tokens: the control tokens and the BOS/EOS/UNK/PAD ids as
+    special ones, user-defined tokens as plain added ones."""
+    special_ids = set(control_ids)
     for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
         token_id = field(f"tokenizer.ggml.{key}")
         if token_id is not None and 0 <= token_id < len(tokens):
@@ -134,6 +121,20 @@ def _sentencepiece_from_gguf(field: Callable) -> SentencePieceTokenizer:
         for i, (t, kind) in enumerate(zip(tokens, token_types))
         if kind == _GGUF_USER_DEFINED and i not in special_ids
     ]
+    return added
+
+
+def _sentencepiece_from_gguf(field: Callable) -> SentencePieceTokenizer:
+    """A ``tokenizer.ggml.model == "llama"`` vocabulary, tokenized as llama.cpp does:
+    merges by token score, a space in front of the text at the start and after
+    every added token unless ``add_space_prefix`` is false (Gemma), BOS added
+    unless ``add_bos_token`` is false."""
+    tokens: list[str] = field("tokenizer.ggml.tokens")
+    token_types: list[int] = field("tokenizer.ggml.token_type", [_GGUF_NORMAL] * len(tokens))
+    scores: list[float] = field("tokenizer.ggml.scores", [0.0] * len(tokens))
+    added = _gguf_added_tokens(field, tokens, token_types,
+                               {i for i, kind in enumerate(token_types) if kind == _GGUF_CONTROL})
+    special_ids = {token.id for token in added if token.special}
     mergeable = {
         i: score for i, (kind, score) in enumerate(zip(token_types, scores))
         if kind in (_GGUF_NORMAL, _GGUF_USER_DEFINED) and i not in special_ids
