@@ -19,6 +19,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+from lmserve.backends.torch.gguf_file import gguf_reader
 from lmserve.core.sentencepiece_bpe import SPACE, SentencePieceTokenizer
 from lmserve.core.tokenizer import (
     BYTE_LEVEL_ALPHABET,
@@ -64,9 +65,7 @@ def tokenizer_from_path(path: str | Path) -> Tokenizer:
 
 def tokenizer_from_gguf(path: str | Path) -> Tokenizer:
     """Load the tokenizer a GGUF file describes in its ``tokenizer.*`` metadata."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf_reader(path)
 
     def field(key: str, default=None):
         value = reader.fields.get(key)

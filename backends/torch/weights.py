@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
+from lmserve.backends.torch.gguf_file import gguf_reader
 from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.models.causal_lm import CausalLM
 from lmserve.backends.torch.models.family import (
@@ -55,9 +55,7 @@ def read_model_config(path: str | Path, families: Iterable[ModelFamily] | None =
     """The config of the model at ``path``, without its weights."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
+        reader = gguf_reader(path)
         shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
         return read_gguf_config(read_gguf_fields(reader), shapes, families)
     if path.is_dir() and (path / "config.json").is_file():
@@ -178,16 +176,12 @@ def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not (path.is_file() and path.suffix == ".gguf"):
         return {}
-    from gguf import GGUFReader
-
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    return {t.name: t.tensor_type.name for t in gguf_reader(path).tensors}
 
 
 def _load_gguf(path: Path, device, dtype, progress, parallel: TensorParallel,
                families: Iterable[ModelFamily] | None) -> tuple[ModelConfig, CausalLM]:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     fields = read_gguf_fields(reader)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     config = read_gguf_config(fields, shapes, families)
