@@ -1,4 +1,20 @@
-"""The interface every backend implements; the bus is its only caller."""
+"""The interface every backend implements, and who may call what on it.
+
+The :class:`~lmserve.core.bus.RequestBus` drives a backend: only the bus and its
+:class:`~lmserve.core.sessions.SessionManager` call the methods that act on it
+(:meth:`~Backend.start`, :meth:`~Backend.submit`, :meth:`~Backend.abort`,
+:meth:`~Backend.shutdown`, :meth:`~Backend.release_session`,
+:meth:`~Backend.check_session`). Whoever holds the bus may read the backend's
+state through ``bus.backend``: :attr:`~Backend.max_model_len`,
+:attr:`~Backend.eos_token_ids`, :attr:`~Backend.failure`,
+:meth:`~Backend.is_healthy` and :meth:`~Backend.stats` (``/health``, ``/metrics``
+and the CLI's exit status do). A rule that combines that state with a request
+(the context room, the stop ids) is the bus's: ask it, don't pair the numbers again.
+Code that stands where a bus would (a Ray replica's loop, the pytest plugin's
+fixture) drives the backend it owns directly, so the torch engine re-checks the
+context room and the token ids of every request it is given: its guard for
+requests that never met a bus, not a second copy of the rule.
+"""
 
 from __future__ import annotations
 

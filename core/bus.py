@@ -7,6 +7,11 @@ engine outputs from the engine's thread to the asyncio loop
 observers. Each request's outputs become text in its own
 :class:`~lmserve.core.request_stream.RequestStream`. Frontends call
 :meth:`RequestBus.generate` and iterate.
+
+The bus also owns the request rules that need the backend's numbers, so that no
+frontend pairs a rule with them again: how much context a request has left
+(:meth:`RequestBus.context_room`, :meth:`RequestBus.check_length`) and which ids
+end a generation (:meth:`RequestBus.stop_ids`).
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from lmserve.core.request_stream import RequestStream
 from lmserve.core.sessions import SessionManager
 from lmserve.core.types import (
     BackendUnavailableError,
-    EngineRequest,
     GenerationOutput,
     GenerationRequest,
     InvalidRequestError,
+    SamplingParams,
 )
-from lmserve.core.validation import check_context_room
+from lmserve.core.validation import check_context_room, context_room
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,10 @@ logger = logging.getLogger(__name__)
 class RequestBus:
     """Routes requests into a backend and its outputs back to their callers.
 
-    :param backend: the engine; the bus is its only caller.
+    :param backend: the engine. The bus drives it: only the bus (and its
+        :class:`~lmserve.core.sessions.SessionManager`) call the methods that act on
+        it; whoever holds the bus may read its state through :attr:`backend`
+        (the rule is written in :mod:`lmserve.core.backend`).
     :param tokenizer: decodes output ids into text.
     :param hooks: ``pm.hook`` for the request observers, or None.
     :param session_ttl_s: interactive sessions idle this long are ended (None: never).
@@ -71,10 +79,27 @@ class RequestBus:
 
     # ---------------------------------------------------------------- the request
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+    def context_room(self, num_tokens: int) -> int:
+        """How many tokens may still be generated after ``num_tokens`` in this backend's
+        context (0 or less: none); a frontend with a rule of its own for a full context
+        (interactive's ``length`` reply) asks this."""
+        return context_room(num_tokens, self.backend.max_model_len)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None,
+                     prompt_param: str = "messages") -> int:
         """The ``max_tokens`` to use against this backend's context length
-        (:func:`~lmserve.core.validation.check_context_room`); ``None`` means all the room left."""
-        return check_context_room(num_prompt_tokens, max_tokens, self.backend.max_model_len)
+        (:func:`~lmserve.core.validation.check_context_room`); ``None`` means all the room left.
+
+        Frontends ask it before they answer (a refusal is then a status, not a broken
+        stream); :meth:`generate` asks it again for callers that did not."""
+        return check_context_room(num_prompt_tokens, max_tokens, self.backend.max_model_len, prompt_param)
+
+    def stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The ids that end a generation with ``params`` on this backend: its
+        ``stop_token_ids`` and, unless ``ignore_eos``, the backend's EOS ids. The one
+        place that joins the two (the bus's streams and the sessions' closing token
+        ask it)."""
+        return params.stop_ids(self.backend.eos_token_ids)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Run ``request``; yield text deltas as they are decoded.
@@ -85,14 +110,11 @@ class RequestBus:
         """
         request = self._admit(request)
         request_id = request.request_id
-        stream = RequestStream(request, self.tokenizer,
-                               request.sampling_params.stop_ids(self.backend.eos_token_ids))
+        stream = RequestStream(request, self.tokenizer, self.stop_ids(request.sampling_params))
         queue = self._queues.open(request_id)
         self._observe("lmserve_request_started", request=request)
         try:
-            self.backend.submit(EngineRequest(request_id, request.prompt_token_ids, request.sampling_params,
-                                              request.session_key, request.keep_kv, request.constraint,
-                                              request.group_id))
+            self.backend.submit(request.engine_request())
             while not stream.finished:
                 engine_output = await queue.get()
                 output = stream.push(engine_output)

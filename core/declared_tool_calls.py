@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from lmserve.core.tool_calls import ParsedOutput, ToolCallDelta, ToolParser
+from lmserve.core.tool_calls import ParsedOutput, ParsedToolCallDelta, ToolParser
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +53,20 @@ class DeclaredToolCalls(ToolParser):
                 _log_undeclared(call.name, "the call is dropped")
         return ParsedOutput(parsed.content, tuple(call for call in parsed.tool_calls if call.name in self._declared))
 
-    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+    def feed(self, text: str) -> tuple[str, list[ParsedToolCallDelta]]:
         if self._as_text:
             return text, []
         if not self._kept:
             self._raw.append(text)
         return self._filter(*self._parser.feed(text))
 
-    def flush(self) -> tuple[str, list[ToolCallDelta]]:
+    def flush(self) -> tuple[str, list[ParsedToolCallDelta]]:
         if self._as_text:
             return "", []
         return self._filter(*self._parser.flush())
 
-    def _filter(self, content: str, deltas: list[ToolCallDelta]) -> tuple[str, list[ToolCallDelta]]:
-        kept: list[ToolCallDelta] = []
+    def _filter(self, content: str, deltas: list[ParsedToolCallDelta]) -> tuple[str, list[ParsedToolCallDelta]]:
+        kept: list[ParsedToolCallDelta] = []
         for delta in deltas:
             if delta.index in self._kept:
                 kept.append(_renumbered(delta, self._kept[delta.index]))
@@ -91,10 +91,10 @@ class DeclaredToolCalls(ToolParser):
         return content, kept
 
 
-def _renumbered(delta: ToolCallDelta, index: int) -> ToolCallDelta:
+def _renumbered(delta: ParsedToolCallDelta, index: int) -> ParsedToolCallDelta:
     if delta.index == index:
         return delta
-    return ToolCallDelta(index, delta.id, delta.name, delta.arguments)
+    return ParsedToolCallDelta(index, delta.id, delta.name, delta.arguments)
 
 
 def _log_undeclared(name: str | None, outcome: str) -> None:

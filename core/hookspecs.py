@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # imported for annotations only: the kernel stays light
     from lmserve.core.chat_template import ChatTemplate
     from lmserve.core.config import ServeConfig
     from lmserve.core.model_source import ModelSource
+    from lmserve.core.structured_output import GrammarCompiler
     from lmserve.core.tokenizer import Tokenizer
     from lmserve.core.tool_calls import ToolParser
     from lmserve.core.types import GenerationOutput, GenerationRequest
@@ -182,6 +183,27 @@ def lmserve_tool_parsers() -> list[type[ToolParser]]:
     """
 
 
+@hookspec(firstresult=True)
+def lmserve_grammar_compiler(tokenizer: Tokenizer) -> GrammarCompiler | None:
+    """Provide the grammar engine that constrains structured outputs.
+
+    Called once at startup by ``lmserve serve api_server`` (and once per Ray
+    replica), after the tokenizer is loaded. The compiler turns a request's
+    ``response_format`` or forced tool call (an
+    :class:`~lmserve.core.structured_output.OutputGrammar`) into a per-generation
+    :class:`~lmserve.core.structured_output.TokenConstraint` over the model's
+    vocabulary. The built-in one uses llguidance
+    (``lmserve.plugins.llguidance_grammar``). With none, the server serves free
+    text and answers a request that needs a grammar with a 400 saying so.
+
+    Stops at first non-None result.
+
+    :param tokenizer: the model's tokenizer (its vocabulary, as token bytes, and EOS).
+    :return: a :class:`~lmserve.core.structured_output.GrammarCompiler`, or None
+        to let another plugin provide one.
+    """
+
+
 @hookspec
 def lmserve_register_routes(app: Any, state: Any) -> None:
     """Add HTTP routes to the server.
@@ -189,7 +211,7 @@ def lmserve_register_routes(app: Any, state: Any) -> None:
     Called once while the Sanic app is built, after the built-in OpenAI
     routes. The built-in routes are registered through this same hook. A
     route that generates is decorated with
-    ``lmserve.frontends.openai.limits.admitted`` so the admission limits apply.
+    ``lmserve.frontends.http.limits.admitted`` so the admission limits apply.
 
     :param app: the :class:`sanic.Sanic` application.
     :param state: the server state (``state.bus``, ``state.tokenizer``,

@@ -19,11 +19,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lmserve.plugins.base_chat_template",
     "lmserve.plugins.chat_templates",
     "lmserve.plugins.tool_parsers",
+    "lmserve.plugins.llguidance_grammar",
     "lmserve.backends.torch.plugin",
     "lmserve.backends.ray.plugin",
-    "lmserve.frontends.openai.routes",
+    "lmserve.frontends.http.routes",
     "lmserve.frontends.interactive.routes",
-    "lmserve.frontends.openai.metrics",
+    "lmserve.frontends.http.metrics",
 )
 
 ENTRY_POINT_GROUP = PROJECT_NAME

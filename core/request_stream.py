@@ -26,7 +26,7 @@ from lmserve.core.types import (
     GenerationRequest,
     RequestTiming,
     TokenLogprob,
-    Usage,
+    TokenUsage,
 )
 
 
@@ -101,7 +101,7 @@ class RequestStream:
             self._prompt_logprobs = out.prompt_logprobs
         self.last = GenerationOutput(
             self.request_id, text, self._pending_ids,
-            Usage(self._num_prompt_tokens, self.num_output_tokens, out.num_cached_tokens),
+            TokenUsage(self._num_prompt_tokens, self.num_output_tokens, out.num_cached_tokens),
             finish_reason, out.error,
             timing=self.clock.timing() if finish_reason is not None else None,
             logprobs=self._pending_logprobs, prompt_logprobs=self._prompt_logprobs,
@@ -119,7 +119,7 @@ class RequestStream:
     def abandoned(self) -> GenerationOutput:
         """The last output of a request whose consumer left before it finished."""
         self.last = GenerationOutput(
-            self.request_id, "", (), Usage(self._num_prompt_tokens, self.num_output_tokens),
+            self.request_id, "", (), TokenUsage(self._num_prompt_tokens, self.num_output_tokens),
             FinishReason.ABORT, timing=self.clock.timing(),
         )
         return self.last

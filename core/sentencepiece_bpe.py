@@ -104,12 +104,7 @@ class SentencePieceTokenizer(Tokenizer):
         :param leading_space_decoding: one of :data:`LEADING_SPACE_DECODINGS`.
         :param normalizer: applied to the text between added tokens before its spaces become ``▁``.
         """
-        if (merges is None) == (scores is None):
-            raise ValueError("Give a SentencePiece tokenizer either merges or scores.")
-        if space_prefix not in _SPACE_PREFIXES:
-            raise ValueError(f"space_prefix must be one of {_SPACE_PREFIXES}, not {space_prefix!r}")
-        if leading_space_decoding not in LEADING_SPACE_DECODINGS:
-            raise ValueError(f"leading_space_decoding must be one of {LEADING_SPACE_DECODINGS}")
+        _check_options(merges, scores, space_prefix, leading_space_decoding)
         self.pattern = None
         self._normalizer = normalizer
         self._space_prefix = space_prefix
@@ -118,39 +113,14 @@ class SentencePieceTokenizer(Tokenizer):
         self._leading_space_decoding = leading_space_decoding
         self._ignore_merges = ignore_merges
         self._fuse_unk = fuse_unk
-
         token_bytes = [piece_bytes(piece) if piece is not None else None for piece in pieces]
-        self._init_vocabulary(
-            pieces, token_bytes, added_tokens, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-            add_bos_token=add_bos_token, chat_template=chat_template,
-        )
-        self._piece_ids: dict[str, int] = {}
-        for i, piece in enumerate(pieces):
-            if piece is not None:
-                self._piece_ids.setdefault(piece, i)
+        self._init_vocabulary(pieces, token_bytes, added_tokens, bos_token_id=bos_token_id,
+                              eos_token_id=eos_token_id, add_bos_token=add_bos_token, chat_template=chat_template)
+        self._piece_ids = _piece_ids(pieces)
         self._unk_id = unk_token_id if unk_token_id in range(self.vocab_size) else None
-        self._byte_ids: list[int] | None = None
-        if byte_fallback:
-            byte_ids = [self._piece_ids.get(f"<0x{b:02X}>") for b in range(256)]
-            if all(i is not None for i in byte_ids):
-                self._byte_ids = byte_ids
-
+        self._byte_ids = _byte_ids(self._piece_ids) if byte_fallback else None
         # Pair ranks (tokenizer.json) or merged-token ranks (GGUF scores): lower merges first.
-        self._pair_ranks: dict[tuple[str, str], int] | None = None
-        self._token_ranks: dict[str, float] | None = None
-        if merges is not None:
-            self._pair_ranks = {}
-            for rank, (left, right) in enumerate(merges):
-                if left in self._piece_ids and right in self._piece_ids and left + right in self._piece_ids:
-                    self._pair_ranks.setdefault((left, right), rank)
-            made = {left + right for left, right in self._pair_ranks}
-        else:
-            self._token_ranks = {}
-            for i, score in scores.items():
-                piece = pieces[i] if 0 <= i < len(pieces) else None
-                if piece is not None and len(piece) > 1:
-                    self._token_ranks.setdefault(piece, -float(score))
-            made = set(self._token_ranks)
+        self._pair_ranks, self._token_ranks, made = _merge_ranks(pieces, self._piece_ids, merges, scores)
         self._safe_cuts = _safe_cuts_regex(made)
         self._cache: dict[str, list[int]] = {}
 
@@ -265,6 +235,56 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return "SentencePiece" + super().__repr__()
+
+
+def _check_options(merges, scores, space_prefix: str, leading_space_decoding: str) -> None:
+    """Refuse a tokenizer given both or neither of merges and scores, or an unknown option."""
+    if (merges is None) == (scores is None):
+        raise ValueError("Give a SentencePiece tokenizer either merges or scores.")
+    if space_prefix not in _SPACE_PREFIXES:
+        raise ValueError(f"space_prefix must be one of {_SPACE_PREFIXES}, not {space_prefix!r}")
+    if leading_space_decoding not in LEADING_SPACE_DECODINGS:
+        raise ValueError(f"leading_space_decoding must be one of {LEADING_SPACE_DECODINGS}")
+
+
+def _piece_ids(pieces: Sequence[str | None]) -> dict[str, int]:
+    """Each piece's id; a piece listed twice keeps its first id."""
+    ids: dict[str, int] = {}
+    for i, piece in enumerate(pieces):
+        if piece is not None:
+            ids.setdefault(piece, i)
+    return ids
+
+
+def _byte_ids(piece_ids: Mapping[str, int]) -> list[int] | None:
+    """The ids of the 256 byte tokens ``<0x00>``..``<0xFF>``, by byte value; None
+    when the vocabulary lacks one of them (there is then no byte fallback)."""
+    byte_ids = [piece_ids.get(f"<0x{b:02X}>") for b in range(256)]
+    return byte_ids if all(i is not None for i in byte_ids) else None
+
+
+def _merge_ranks(pieces: Sequence[str | None], piece_ids: Mapping[str, int],
+                 merges: Iterable[tuple[str, str]] | None, scores: Mapping[int, float] | None,
+                 ) -> tuple[dict[tuple[str, str], int] | None, dict[str, float] | None, set[str]]:
+    """What orders the merges, lower first, and the tokens merges can make.
+
+    From ``merges`` (tokenizer.json): each pair's rank, kept only for pairs of
+    known pieces that make a known piece. From ``scores`` (GGUF): each
+    multi-character token's negated score. Returns ``(pair_ranks, None, made)``
+    or ``(None, token_ranks, made)``.
+    """
+    if merges is not None:
+        pair_ranks: dict[tuple[str, str], int] = {}
+        for rank, (left, right) in enumerate(merges):
+            if left in piece_ids and right in piece_ids and left + right in piece_ids:
+                pair_ranks.setdefault((left, right), rank)
+        return pair_ranks, None, {left + right for left, right in pair_ranks}
+    token_ranks: dict[str, float] = {}
+    for i, score in scores.items():
+        piece = pieces[i] if 0 <= i < len(pieces) else None
+        if piece is not None and len(piece) > 1:
+            token_ranks.setdefault(piece, -float(score))
+    return None, token_ranks, set(token_ranks)
 
 
 def _safe_cuts_regex(made: Iterable[str]) -> re.Pattern[str] | None:

@@ -392,4 +392,4 @@ class SessionManager:
                        params: SamplingParams) -> int | None:
         if last is None or last.finish_reason is not FinishReason.STOP or not generated:
             return None
-        return generated[-1] if generated[-1] in params.stop_ids(self.bus.backend.eos_token_ids) else None
+        return generated[-1] if generated[-1] in self.bus.stop_ids(params) else None

@@ -8,7 +8,7 @@ goes on to load the weights through :hook:`lmserve_make_backend`) and
    (:class:`~lmserve.core.model_source.ModelNotFoundError` when no plugin can);
 2. :hook:`lmserve_load_tokenizer` loads the tokenizer from them
    (:class:`~lmserve.core.plugins.PluginError` when no plugin can);
-3. :func:`~lmserve.core.chat_template.choose_chat_template` chooses the template.
+3. :func:`~lmserve.core.template_choice.choose_chat_template` chooses the template.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lmserve.core.chat_template import TemplateChoice, choose_chat_template
 from lmserve.core.config import ServeConfig
 from lmserve.core.model_source import ModelNotFoundError, ModelSource
 from lmserve.core.plugins import PluginError, call_safely
+from lmserve.core.template_choice import TemplateChoice, choose_chat_template
 
 if TYPE_CHECKING:  # imported for annotations only
     import pluggy

@@ -31,7 +31,7 @@ def new_tool_call_id() -> str:
 
 
 @dataclass(frozen=True)
-class ToolCall:
+class ParsedToolCall:
     """One call found in a whole output."""
 
     name: str
@@ -41,7 +41,7 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
-class ToolCallDelta:
+class ParsedToolCallDelta:
     """A streamed piece of a call, as OpenAI streams them: the call's first piece
     carries its ``id`` and ``name`` (and maybe some arguments text), later ones
     only more arguments text. A call's pieces, joined, are its arguments' JSON."""
@@ -58,7 +58,7 @@ class ParsedOutput:
     """A whole output read: the text outside the calls, and the calls."""
 
     content: str
-    tool_calls: tuple[ToolCall, ...]
+    tool_calls: tuple[ParsedToolCall, ...]
 
 
 class ToolParser(ABC):
@@ -96,7 +96,7 @@ class ToolParser(ABC):
         unchanged; a malformed call is content too."""
 
     @abstractmethod
-    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+    def feed(self, text: str) -> tuple[str, list[ParsedToolCallDelta]]:
         """Read the next piece of a streamed output.
 
         :return: the content that can be shown now (text that might still begin
@@ -104,7 +104,7 @@ class ToolParser(ABC):
         """
 
     @abstractmethod
-    def flush(self) -> tuple[str, list[ToolCallDelta]]:
+    def flush(self) -> tuple[str, list[ParsedToolCallDelta]]:
         """End a streamed output: what was held back, as content or call pieces."""
 
 

@@ -1,7 +1,7 @@
 """How chat templates write OpenAI tools, tool calls and tool results into a prompt.
 
 LMDeploy's three formats for its templates of fields
-(:class:`~lmserve.core.chat_template.FieldsChatTemplate`'s ``tool_format``):
+(:class:`~lmserve.core.fields_chat_template.FieldsChatTemplate`'s ``tool_format``):
 ``hermes`` (Qwen2.5's: ``<tools>`` in the system message, ``<tool_call>`` JSON,
 ``<tool_response>`` results), ``internlm2`` (``<|action_start|><|plugin|>``) and
 ``llama3.1`` (JSON after ``<|python_tag|>``). Hermes text is also what
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from lmserve.core.types import InvalidRequestError
 
 if TYPE_CHECKING:
-    from lmserve.core.chat_template import Message, ToolCall
+    from lmserve.core.chat_template import Message, MessageToolCall
 
 #: How :class:`FieldsChatTemplate` writes tools (its ``tool_format``), as LMDeploy
 #: does: ``hermes`` (Qwen2.5's), ``internlm2``, ``llama3.1``; None is Hermes text too.
@@ -35,7 +35,7 @@ _LLAMA31_TOOLS = ("Given the following functions, please respond with a JSON for
                   "value}. Do not use variables.\n\n")
 
 
-def tool_call_parts(call: ToolCall) -> tuple[str, dict[str, Any]]:
+def tool_call_parts(call: MessageToolCall) -> tuple[str, dict[str, Any]]:
     """A call's function name and arguments object (parsed from its JSON text).
 
     Raises ``InvalidRequestError`` (``messages``) for a malformed call or

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
@@ -181,6 +181,11 @@ class GenerationRequest:
         if any(not isinstance(stop, str) or not stop for stop in self.stop):
             raise InvalidRequestError("Stop strings must be non-empty strings.", "stop")
 
+    def engine_request(self) -> EngineRequest:
+        """What of this request the backend sees: every :class:`EngineRequest` field, taken
+        by name (a field added there is carried without a copy to keep in step)."""
+        return EngineRequest(**{f.name: getattr(self, f.name) for f in fields(EngineRequest)})
+
 
 @dataclass(frozen=True)
 class EngineRequest:
@@ -237,7 +242,7 @@ class EngineOutput:
 
 
 @dataclass(frozen=True)
-class Usage:
+class TokenUsage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
@@ -277,7 +282,7 @@ class GenerationOutput:
     request_id: str
     text: str
     token_ids: tuple[int, ...]
-    usage: Usage
+    usage: TokenUsage
     finish_reason: FinishReason | None = None
     error: str | None = None
     extras: dict = field(default_factory=dict)

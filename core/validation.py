@@ -3,6 +3,18 @@
 Routes, the bus, sessions and the engine all ask these functions; none of them
 spells the rule again. Errors are :class:`InvalidRequestError` naming the
 parameter, which the HTTP edge turns into a 400.
+
+Who asks which, and why some rules are asked twice on purpose:
+
+- The context room: frontends ask the bus (:meth:`RequestBus.check_length
+  <lmserve.core.bus.RequestBus.check_length>`, :meth:`~lmserve.core.bus.RequestBus.context_room`),
+  which pairs the rule with its backend's context length; the bus asks again when it
+  admits a request, for callers that did not. The torch engine checks the requests
+  it is given as its own guard: a Ray replica or a test fixture submits without a bus.
+- Token ids: on the HTTP path each list is checked once, before generating, against
+  the tokenizer's vocabulary: a completion's prompt by its route, ``stop_token_ids`` and
+  ``logit_bias`` by the generation handler. The engine checks them again against the
+  model's vocabulary (it may be padded past the tokenizer's): its guard, as above.
 """
 
 from __future__ import annotations
@@ -39,6 +51,14 @@ def check_context_room(num_prompt_tokens: int, max_tokens: int | None, max_model
     # More than the room left is no error (LMDeploy's rule): generation runs until the
     # context is full and ends with finish_reason "length".
     return min(max_tokens, room)
+
+
+def check_logit_bias_keys(keys: Iterable[str], vocab_size: int) -> None:
+    """Raise unless every key of a body's ``logit_bias`` (JSON keys are strings) is a token
+    id of this vocabulary, written in ASCII decimal digits; the message names the first that is not."""
+    for key in keys:
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise InvalidRequestError(f"logit_bias key {key!r} is not a token id of this model.", "logit_bias")
 
 
 def check_token_ids(token_ids: Iterable[int], vocab_size: int, param: str) -> None:

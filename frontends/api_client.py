@@ -120,7 +120,7 @@ class APIClient:
         """One turn of the session ``session_id``: yields ``(text, tokens, finish_reason)``.
 
         A tuple has no room for an error body, so one is raised as
-        :class:`APIError`. A full session answers ``length`` with no tokens: it
+        :class:`ErrorReply`. A full session answers ``length`` with no tokens: it
         must be ended (:meth:`end_session`) before it can take another turn.
         """
         assert session_id != -1, "please set a value other than -1"
@@ -131,7 +131,7 @@ class APIClient:
                                                ignore_eos=ignore_eos):
             message = error_message(output)
             if message is not None:
-                raise APIError(message, output)
+                raise ErrorReply(message, output)
             if is_session_full(output):
                 warnings.warn(f"Session {session_id} is full: end it (end_session) to start again.", stacklevel=2)
             yield output["text"], output["tokens"], output["finish_reason"]
@@ -140,7 +140,7 @@ class APIClient:
         """A new interactive session's id, one nobody else can guess: reserved by the
         server (lmserve's ``POST /v1/sessions``), or random from a server without that
         route (a 404: LMDeploy's). Its error (e.g. 429: too many sessions) is raised as
-        :class:`APIError`; a server that cannot be reached as ``httpx.TransportError``."""
+        :class:`ErrorReply`; a server that cannot be reached as ``httpx.TransportError``."""
         response = self._client.post(self.api_server_url + "/v1/sessions")
         if response.status_code == 404:
             return random_session_id()
@@ -153,7 +153,7 @@ class APIClient:
         session_id = body.get("session_id")
         if response.status_code != 200 or not isinstance(session_id, int):
             message = error_message(body) or f"POST /v1/sessions answered {response.status_code} without a session_id."
-            raise APIError(message, body)
+            raise ErrorReply(message, body)
         return session_id
 
     def end_session(self, session_id: int) -> dict:
@@ -200,7 +200,7 @@ class APIClient:
         self.close()
 
 
-class APIError(RuntimeError):
+class ErrorReply(RuntimeError):
     """An error body, raised where a method cannot yield it (:meth:`APIClient.chat`)."""
 
     def __init__(self, message: str, body: dict):

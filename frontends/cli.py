@@ -20,13 +20,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lmserve.core.chat_template import HF, ChatTemplateRegistry
 from lmserve.core.config import CHAT, DEVICES, DTYPES, LOG_LEVELS, SERVE_API_SERVER, SERVE_RAY, ServeConfig
 from lmserve.core.model_source import ModelNotFoundError
 from lmserve.core.plugins import PluginError, call_safely, create_plugin_manager, list_plugins
 from lmserve.core.startup import resolve_model
+from lmserve.core.template_choice import HF, ChatTemplateRegistry
 from lmserve.frontends.api_client import APIClient, no_models_listed
-from lmserve.frontends.openai.http_config import HTTPConfig
+from lmserve.frontends.http.http_config import HTTPConfig
 from lmserve.frontends.terminal_chat import chat_in_terminal
 
 
@@ -50,9 +50,16 @@ def build_parser(pm) -> argparse.ArgumentParser:
     )
     parser = argparse.ArgumentParser(prog="lmserve", description="Serve LLMs behind an OpenAI-compatible API.", parents=[common])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     serve = commands.add_parser("serve", help="Run a server.")
-    servers = serve.add_subparsers(dest="server", required=True, metavar="SERVER")
+    _add_serve_commands(serve.add_subparsers(dest="server", required=True, metavar="SERVER"), common, pm)
+    _add_chat_command(commands, common, pm)
+    _add_listing_commands(commands, common, pm)
+    return parser
+
+
+def _add_serve_commands(servers, common: argparse.ArgumentParser, pm) -> None:
+    """``lmserve serve``'s servers: api_server and ray (a model behind the API), api_client and
+    gradio (in front of a running server)."""
     api_server = servers.add_parser(
         "api_server", parents=[common], help="Serve MODEL over the OpenAI-compatible REST API.",
         formatter_class=_HelpFormatter,
@@ -88,17 +95,24 @@ def build_parser(pm) -> argparse.ArgumentParser:
     gradio.add_argument("--server-port", type=int, default=6006, metavar="PORT", help="Port the page binds.")
     _add_api_key_option(gradio)
 
+
+def _add_chat_command(commands, common: argparse.ArgumentParser, pm) -> None:
+    """``lmserve chat``: a model loaded in this process, a conversation in the terminal."""
     chat = commands.add_parser(
         "chat", parents=[common], help="Chat in the terminal with MODEL, loaded in this process (no server).",
         formatter_class=_HelpFormatter,
     )
     _add_model_argument(chat)
     _add_model_options(chat)
-    chat.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="Logging level.")
+    chat.add_argument("--log-level", default=ServeConfig.log_level, type=str.upper, choices=LOG_LEVELS,
+                      help="Logging level.")
     _add_session_id_option(chat)
     _add_generation_options(chat)
     call_safely(pm, "lmserve_add_cli_options", command=CHAT, parser=chat)
 
+
+def _add_listing_commands(commands, common: argparse.ArgumentParser, pm) -> None:
+    """``lmserve plugins`` and ``lmserve templates``: what this installation has, without serving."""
     plugins = commands.add_parser("plugins", parents=[common], help="List the loaded plugins.")
     plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     call_safely(pm, "lmserve_add_cli_options", command="plugins", parser=plugins)
@@ -111,7 +125,6 @@ def build_parser(pm) -> argparse.ArgumentParser:
                            help="Say which template serving MODEL would use, and why (no weights load).")
     _add_chat_template_option(templates)
     call_safely(pm, "lmserve_add_cli_options", command="templates", parser=templates)
-    return parser
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -162,8 +175,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model-name", default=None, metavar="NAME", help="The model name served in /v1/models (default: MODEL).")
     model.add_argument("--session-len", type=int, default=None, metavar="TOKENS", help="Context length in tokens (default: the model's).")
-    model.add_argument("--device", default="auto", help=f"One of {', '.join(DEVICES)} or cuda:N; auto picks CUDA when present.")
-    model.add_argument("--dtype", default="auto", choices=DTYPES, help="Weights and KV dtype; auto: bfloat16 on CPUs with native bf16 matmul (AMX, AVX512-BF16), else float32; bfloat16/float16 on CUDA.")
+    model.add_argument("--device", default=ServeConfig.device, help=f"One of {', '.join(DEVICES)} or cuda:N; auto picks CUDA when present.")
+    model.add_argument("--dtype", default=ServeConfig.dtype, choices=DTYPES, help="Weights and KV dtype; auto: bfloat16 on CPUs with native bf16 matmul (AMX, AVX512-BF16), else float32; bfloat16/float16 on CUDA.")
     _add_chat_template_option(model)
     model.add_argument("--meta-instruction", default=None, metavar="TEXT",
                        help="The default system prompt, for conversations that start without a system message.")
@@ -176,9 +189,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
     server = parser.add_argument_group("server")
-    server.add_argument("--server-name", default="0.0.0.0", metavar="HOST", help="Host to bind.")
-    server.add_argument("--server-port", type=int, default=23333, metavar="PORT", help="Port to bind.")
-    server.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="Logging level.")
+    server.add_argument("--server-name", default=ServeConfig.server_name, metavar="HOST", help="Host to bind.")
+    server.add_argument("--server-port", type=int, default=ServeConfig.server_port, metavar="PORT",
+                        help="Port to bind.")
+    server.add_argument("--log-level", default=ServeConfig.log_level, type=str.upper, choices=LOG_LEVELS,
+                        help="Logging level.")
     server.add_argument("--shutdown-timeout", type=float, default=HTTPConfig.shutdown_timeout, metavar="SECONDS",
                         help="On SIGTERM or Ctrl+C, seconds in-flight requests may run on before they are aborted.")
     server.add_argument("--disable-docs", action="store_true", help="Serve neither /openapi.json nor the Swagger UI.")
@@ -319,8 +334,8 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
     HTTPConfig.from_options(config.options)  # bad flags fail here, before the weights load
     _configure_logging(config)
     # Sanic is imported only by the command that serves.
-    from lmserve.frontends.openai.app import build_state, create_app
-    from lmserve.frontends.openai.loading import LoadingServer
+    from lmserve.frontends.http.app import build_state, create_app
+    from lmserve.frontends.http.loading import LoadingServer
 
     loading = LoadingServer(config.server_name, config.server_port)
     try:
@@ -340,7 +355,7 @@ def _serve_api_server(pm, args: argparse.Namespace) -> int:
         access_log=config.log_level == "DEBUG",
     )
     # Sanic returns after SIGTERM/SIGINT once in-flight requests finished or
-    # --shutdown-timeout passed (frontends/openai/shutdown.py); a backend that failed
+    # --shutdown-timeout passed (frontends/http/shutdown.py); a backend that failed
     # (a tensor-parallel rank died) stopped it with SIGTERM too.
     if state.bus.backend.failure is not None:
         print(f"lmserve: error: the engine failed: {state.bus.backend.failure}", file=sys.stderr)

@@ -26,8 +26,8 @@ from sanic import Sanic
 
 from lmserve.core.config import ServeConfig
 from lmserve.frontends.api_client import APIClient
-from lmserve.frontends.openai.app import build_state, create_app
-from lmserve.frontends.openai.state import ServerState
+from lmserve.frontends.http.app import build_state, create_app
+from lmserve.frontends.http.state import ServerState
 from lmserve.frontends.terminal_chat import chat_in_terminal
 
 #: Seconds the app gets to start listening once its weights have loaded.

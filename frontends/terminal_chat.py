@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from lmserve.frontends.api_client import APIClient, APIError, error_message, is_session_full, unreachable
+from lmserve.frontends.api_client import APIClient, ErrorReply, error_message, is_session_full, unreachable
 
 PROMPT = "\ndouble enter to end input >>> "
 #: The most tokens of one reply, as LMDeploy's terminal client asks.
@@ -38,7 +38,7 @@ def chat_in_terminal(api_client: APIClient, session_id: int | None, stdin: TextI
     if session_id is None:
         try:
             session_id = api_client.new_session()
-        except APIError as exc:
+        except ErrorReply as exc:
             stdout.write(f"error: cannot open a session: {exc}\n")
             return 1
         except httpx.TransportError as exc:

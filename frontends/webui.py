@@ -30,7 +30,7 @@ import httpx  # noqa: E402
 
 from lmserve.frontends.api_client import (  # noqa: E402
     APIClient,
-    APIError,
+    ErrorReply,
     error_message,
     is_session_full,
     no_models_listed,
@@ -104,7 +104,7 @@ class WebChat:
         first turn then shows the server's error."""
         try:
             session_id = self.api_client.new_session()
-        except (APIError, httpx.TransportError):
+        except (ErrorReply, httpx.TransportError):
             session_id = random_session_id()
         return session_id, f"Session {session_id}"
 

@@ -4,11 +4,10 @@
 
 Sampling: one engine step for B rows of a V-token vocabulary, logits ~ N(0, 3^2)
 (penalised rows: a 500-token prompt and 100 output tokens); the input copy and
-the batch building are not timed. Cache: one layer's call
-(keys and values) at B=64, ctx=512, 3 KV heads x 64, block size 64.
-Decode attention: one layer's 64 decodes (contexts of 60 to 440 tokens, 9
-query heads over 3 KV heads x 64, block size 64) read in place by the kernel,
-against gathering their blocks and attending with torch (the other path).
+the batch building are not timed. Decode attention: one layer's 64 decodes
+(contexts of 60 to 440 tokens, 9 query heads over 3 KV heads x 64, block size
+64) read in place by the kernel, against gathering their blocks and attending
+with torch (the other path).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import time
 import numba
 import numpy as np
 
-from lmserve.backends.torch.kernels import attention, cache, sampling, warm_up
+from lmserve.backends.torch.kernels import attention, sampling, warm_up
 from lmserve.core.types import SamplingParams
 
 
@@ -63,38 +62,6 @@ def bench_sampling(vocab_size: int, repeat: int, parallel: bool | None) -> None:
                 lambda: (logits.copy(),), repeat)
             row.append(f"{seconds * 1e3:7.3f}ms")
         print(f"{name:34s} " + " ".join(f"{cell:>9s}" for cell in row))
-
-
-def bench_cache(repeat: int, parallel: bool | None) -> None:
-    seqs, context, heads, head_dim, block_size = 64, 512, 3, 64, 64
-    blocks_per_seq = context // block_size
-    rng = np.random.default_rng(1)
-    shape = (seqs * blocks_per_seq + 8, block_size, heads, head_dim)
-    key_cache = rng.standard_normal(shape).astype(np.float32)
-    value_cache = key_cache.copy()
-    tables = rng.permutation(shape[0])[: seqs * blocks_per_seq].reshape(seqs, -1).astype(np.int32)
-    lens = np.full(seqs, context, np.int32)
-    out_keys = np.empty((seqs, context, heads, head_dim), np.float32)
-    out_values = np.empty_like(out_keys)
-    moved = 2 * out_keys.nbytes
-    gather = time_call(lambda: cache.gather_kv_batched(
-        key_cache, value_cache, tables, lens, out_keys, out_values, parallel=parallel),
-        lambda: (), repeat)
-    decode_slots = (tables[:, -1].astype(np.int64) * block_size + block_size - 1)
-    new = rng.standard_normal((seqs, heads, head_dim)).astype(np.float32)
-    decode = time_call(lambda: cache.write_kv(key_cache, value_cache, new, new, decode_slots,
-                                              parallel=parallel), lambda: (), repeat)
-    prefill_slots = (tables[:4].astype(np.int64)[:, :, None] * block_size
-                     + np.arange(block_size)).reshape(-1)  # 4 prompts of 512 tokens
-    prefill_new = rng.standard_normal((prefill_slots.size, heads, head_dim)).astype(np.float32)
-    prefill = time_call(lambda: cache.write_kv(key_cache, value_cache, prefill_new, prefill_new,
-                                               prefill_slots, parallel=parallel),
-                        lambda: (), repeat)
-    print(f"\npaged cache (one layer, keys + values, fp32), parallel={parallel}")
-    print(f"gather_kv_batched B={seqs} ctx={context}: {gather * 1e3:7.3f}ms  "
-          f"({moved / gather / 1e9:5.1f} GB/s written)")
-    print(f"write_kv decode T={seqs}:              {decode * 1e6:7.1f}us")
-    print(f"write_kv prefill T={prefill_slots.size}:          {prefill * 1e6:7.1f}us")
 
 
 def bench_decode_attention(repeat: int) -> None:
@@ -156,8 +123,6 @@ def main() -> None:
     for parallel in (False, True):
         bench_sampling(args.vocab, args.repeat, parallel)
         print()
-    for parallel in (False, True):
-        bench_cache(args.repeat, parallel)
     bench_decode_attention(args.repeat)
 
 

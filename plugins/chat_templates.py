@@ -3,14 +3,14 @@
 A template of this kind is LMDeploy's ``BaseChatTemplate``: a handful of
 strings (``system``, ``meta_instruction``, ``eosys``, ``user``, ``eoh``,
 ``assistant``, ``eoa``, ``separator``, ...) put around each message
-(:class:`~lmserve.core.chat_template.FieldsChatTemplate`). The built-ins carry
+(:class:`~lmserve.core.fields_chat_template.FieldsChatTemplate`). The built-ins carry
 LMDeploy's own strings, so a prompt matches LMDeploy's character for character,
 and LMDeploy's way of writing tools where it has one (``tool_format``: ``qwen2.5``,
 ``internlm2``, ``llama3.1``).
 
 This module only contributes templates: the registry, LMDeploy's JSON format
 (``--chat-template``) and the choice of a template are the kernel's
-(``lmserve.core.chat_template``).
+(``lmserve.core.template_choice``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmserve.core import hookimpl
-from lmserve.core.chat_template import FieldsChatTemplate
+from lmserve.core.fields_chat_template import FieldsChatTemplate
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def our_stepwise(config, model, prompt: list[int], tokens: list[int]) -> tuple[l
     """Our model through a one-sequence KV cache: prefill ``prompt`` (logits at each of its
     positions), then decode ``tokens[:-1]`` one at a time. Returns our greedy choice at
     each step and the logits ``[len(prompt) + len(tokens) - 1, vocab]``."""
-    from lmserve.backends.torch.kv_cache import KVCache
+    from tests.reference_kv_cache import KVCache
 
     kv_cache = KVCache.allocate(config, len(prompt) + len(tokens), torch.float32, "cpu")
     hidden = model(torch.tensor(prompt), torch.arange(len(prompt)), kv_cache)
@@ -388,8 +388,8 @@ def check_bf16_agreement(path: str | Path, hf_model, positions: int = 500, seed:
     float32: top-1 agreement >= 99% at the decided positions (:data:`DECIDED_MARGIN`), and a
     typical error (the median over positions of max|ours - hf| / std(hf)) at most 1.25 times
     HF's own bfloat16 model's. Returns our agreement over all positions (for the record)."""
-    from lmserve.backends.torch.kv_cache import KVCache
     from lmserve.backends.torch.weights import load_model
+    from tests.reference_kv_cache import KVCache
 
     ids = _prompt(seed, positions)
     config, model = load_model(path, dtype=torch.bfloat16, families=families)

@@ -25,7 +25,7 @@ import schemathesis
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from lmserve.frontends.interactive.protocol import InteractiveRequest
-from lmserve.frontends.openai.protocol import (
+from lmserve.frontends.http.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,

@@ -8,7 +8,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
+from lmserve.backends.torch.engine_config import EngineConfig
 from lmserve.core.config import ServeConfig
 from lmserve.core.plugins import PluginError
 
@@ -19,10 +21,6 @@ logger = logging.getLogger(__name__)
 HEALTH_CHECK_PERIOD_S = 2.0
 #: A replica that takes longer than this to answer a health check is replaced.
 HEALTH_CHECK_TIMEOUT_S = 30.0
-#: The options ``lmserve serve ray`` adds; a replica's engine is built without them.
-RAY_OPTIONS = ("address", "num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
-               "num_cpus_per_replica", "num_gpus_per_replica", "max_ongoing_requests", "ray_num_cpus",
-               "app_name")
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,8 @@ class RayOptions:
     app_name: str = "lmserve"
 
     @classmethod
-    def from_options(cls, options) -> RayOptions:
+    def from_options(cls, options: Mapping[str, Any]) -> RayOptions:
+        """The Ray settings among ``options`` (parsed flags by dest name); absent or None: the default."""
         values = {f.name: options[f.name] for f in dataclasses.fields(cls) if options.get(f.name) is not None}
         return cls(**values)
 
@@ -67,6 +66,11 @@ class RayOptions:
     @property
     def autoscaling(self) -> bool:
         return self.max_replicas is not None
+
+
+#: The options ``lmserve serve ray`` adds (one per :class:`RayOptions` field, by dest
+#: name); a replica's engine is built without them.
+RAY_OPTIONS = tuple(f.name for f in dataclasses.fields(RayOptions))
 
 
 def replica_config(config: ServeConfig, cpu_threads: int) -> dict:
@@ -108,10 +112,11 @@ def deploy(config: ServeConfig, ray: RayOptions):
           f"resources: {ray_api.cluster_resources()}", file=sys.stderr)
     serve.start(proxy_location="Disabled", logging_config={"log_level": serve_log_level})
 
+    tp = EngineConfig.from_options(config).tensor_parallel_size  # ranks per replica
     gpus = ray.num_gpus_per_replica
     if gpus is None:
         has_gpus = ray_api.cluster_resources().get("GPU", 0) > 0 and config.device != "cpu"
-        gpus = config.options.get("tp", 1) if has_gpus else 0
+        gpus = tp if has_gpus else 0
     scaling = ({"autoscaling_config": AutoscalingConfig(
                     min_replicas=ray.min_replicas, max_replicas=ray.max_replicas,
                     initial_replicas=min(max(ray.num_replicas, ray.min_replicas), ray.max_replicas),
@@ -128,7 +133,7 @@ def deploy(config: ServeConfig, ray: RayOptions):
         logging_config={"log_level": serve_log_level, "enable_access_log": config.log_level == "DEBUG"},
         **scaling,
     )
-    threads = max(1, int(ray.num_cpus_per_replica) // config.options.get("tp", 1))  # per rank
+    threads = max(1, int(ray.num_cpus_per_replica) // tp)  # per rank
     print(f"lmserve: deploying {_replica_count(ray)} on Ray (each: {ray.num_cpus_per_replica:g} CPU, "
           f"{gpus:g} GPU); their engines load now", file=sys.stderr)
     handle = serve.run(deployment.bind(replica_config(config, threads)), name=ray.app_name, route_prefix=None)

@@ -31,25 +31,26 @@ def lmserve_add_cli_options(command: str, parser: argparse.ArgumentParser) -> No
     from lmserve.backends.ray.deployment import RayOptions
 
     group = parser.add_argument_group("ray")
-    group.add_argument("--address", default=None, metavar="ADDRESS",
+    group.add_argument("--address", default=RayOptions.address, metavar="ADDRESS",
                        help="The Ray cluster to join: HOST:PORT of its head (after `ray start --head`), "
                        "ray://HOST:PORT, or auto (the one this machine runs). Default: start one here.")
     group.add_argument("--num-replicas", type=int, default=RayOptions.num_replicas, metavar="N",
                        help="Engine replicas, each a whole copy of the model.")
-    group.add_argument("--min-replicas", type=int, default=None, metavar="N",
+    group.add_argument("--min-replicas", type=int, default=RayOptions.min_replicas, metavar="N",
                        help="With --max-replicas: autoscale between them on the requests each replica has "
                        "(starting at --num-replicas).")
-    group.add_argument("--max-replicas", type=int, default=None, metavar="N", help="See --min-replicas.")
+    group.add_argument("--max-replicas", type=int, default=RayOptions.max_replicas, metavar="N",
+                       help="See --min-replicas.")
     group.add_argument("--target-ongoing-requests", type=float, default=RayOptions.target_ongoing_requests,
                        metavar="N", help="Autoscaling aims at this many requests in flight per replica.")
     group.add_argument("--num-cpus-per-replica", type=float, default=RayOptions.num_cpus_per_replica,
                        metavar="N", help="CPUs Ray reserves for each replica; its engine's ranks share them "
                        "as threads (unless --cpu-threads says otherwise).")
-    group.add_argument("--num-gpus-per-replica", type=float, default=None, metavar="N",
+    group.add_argument("--num-gpus-per-replica", type=float, default=RayOptions.num_gpus_per_replica, metavar="N",
                        help="GPUs Ray reserves for each replica (default: --tp where the cluster has GPUs, else 0).")
     group.add_argument("--max-ongoing-requests", type=int, default=RayOptions.max_ongoing_requests, metavar="N",
                        help="Most requests one replica takes at once; more wait at the ingress.")
-    group.add_argument("--ray-num-cpus", type=int, default=None, metavar="N",
+    group.add_argument("--ray-num-cpus", type=int, default=RayOptions.ray_num_cpus, metavar="N",
                        help="CPUs of the cluster started here (default: the machine's); ignored with --address.")
     group.add_argument("--app-name", default=RayOptions.app_name, metavar="NAME",
                        help="The Serve application's name on the cluster (one per lmserve ingress).")

@@ -24,8 +24,8 @@ from typing import Any, AsyncIterator
 from lmserve.core.output_queues import OutputQueues
 from lmserve.core.plugins import call_safely, create_plugin_manager
 from lmserve.core.startup import make_backend, resolve_model
-from lmserve.core.structured_output import GrammarCompiler, OutputGrammar
-from lmserve.core.types import EngineRequest, SessionLostError
+from lmserve.core.structured_output import NO_GRAMMAR_ENGINE, OutputGrammar
+from lmserve.core.types import EngineRequest, InvalidRequestError, SessionLostError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class EngineReplica:
         model = resolve_model(pm, self.config)
         self.backend = backend = make_backend(pm, self.config, model.source)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self._grammars = GrammarCompiler(model.tokenizer)
+        # The grammar engine, as the ingress has it (the same plugins): None where there is none.
+        self._grammars = call_safely(pm, "lmserve_grammar_compiler", tokenizer=model.tokenizer)
         self._queues = OutputQueues()
         self._sessions: set[str] = set()  # the session keys whose turns this replica ran
         self._started = False
@@ -77,7 +78,8 @@ class EngineReplica:
         """Run ``request``: first this replica's id, then its outputs, a list per engine step.
 
         ``grammar``: the request's structured output, compiled here (the constraint
-        itself does not cross processes). ``continues``: a later turn of the session
+        itself does not cross processes) by the grammar engine of
+        :hook:`lmserve_grammar_compiler`. ``continues``: a later turn of the session
         ``request.session_key`` (refused when this replica does not hold it).
         ``session_key`` and ``replica`` are read by the router only.
         """
@@ -86,6 +88,8 @@ class EngineReplica:
             raise SessionLostError(f"replica {self.replica_id} does not hold it (the replica that did stopped).")
         self._ensure_started()
         if grammar is not None:
+            if self._grammars is None:  # the ingress refuses such requests first; this is a guard
+                raise InvalidRequestError(f"response_format: {NO_GRAMMAR_ENGINE}.", "response_format")
             request = dataclasses.replace(request, constraint=self._grammars.constraint(grammar))
         queue = self._queues.open(request.request_id)
         if key is not None and request.keep_kv:

@@ -247,58 +247,74 @@ def paged_attention(flat_keys: torch.Tensor, flat_values: torch.Tensor, meta: Pa
     ``layer.window`` (the cache picks :attr:`PagedAttentionMetadata.sliding` for such layers).
     """
     num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = keys.shape[1]
     flat_keys.index_copy_(0, meta.write_rows, keys.transpose(0, 1).reshape(-1, head_dim))
     flat_values.index_copy_(0, meta.write_rows, values.transpose(0, 1).reshape(-1, head_dim))
     key_blocks = flat_keys.view(-1, block_size * head_dim)
     value_blocks = flat_values.view(-1, block_size * head_dim)
     out = query.new_empty(num_tokens, num_heads * head_dim)
-
     n = meta.num_decodes
-    if n and meta.decode_block_tables is not None:
-        out[:n] = _attend_in_place(query[:n], flat_keys, flat_values, meta.decode_block_tables,
-                                   meta.decode_context_lens, num_kv_heads, block_size, layer)
-    elif n:
-        group = num_heads // num_kv_heads
-        shape = (n, num_kv_heads, meta.decode_max_context, head_dim)
-        context_keys = key_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
-        context_values = value_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
-        # Each kv head's query group plays the part of a query sequence: two
-        # batched matmuls for every decode, no key/value repetition.
-        q = query[:n].reshape(n, num_kv_heads, group, head_dim)
-        if q.is_cuda and not layer.softcap:  # fused SDPA there; grouped_attention was measured on the CPU only
-            o = F.scaled_dot_product_attention(q, context_keys, context_values,
-                                               attn_mask=meta.decode_bias.to(q.dtype), scale=layer.scale)
-        else:
-            o = grouped_attention(q, context_keys, context_values, meta.decode_bias, scale=layer.scale,
-                                  softcap=layer.softcap)
-        out[:n] = o.reshape(n, -1)
-
+    if n:
+        out[:n] = _attend_decodes(meta, query[:n], flat_keys, flat_values, keys.shape[1], block_size, layer)
     for segment in meta.prefills:
-        length = segment.query_len
-        rows = slice(segment.query_start, segment.query_start + length)
-        if segment.gather_blocks is None:
-            k, v = keys[rows].transpose(0, 1), values[rows].transpose(0, 1)
-        else:
-            shape = (num_kv_heads, -1, head_dim)
-            k = key_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
-            v = value_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
-        bias = segment.bias
-        if bias is None and layer.softcap:  # soft-capped scores: explicit matmuls, whatever the length
-            allowed = segment.mask if segment.mask is not None else torch.ones(
-                length, segment.context_len, dtype=torch.bool, device=query.device).tril_(segment.context_len - length)
-            bias = _bias(allowed)
-        if bias is not None:
-            q = query[rows].view(length, num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)
-            # [kv, group, L, hd]
-            o = grouped_attention(q, k.unsqueeze(1), v.unsqueeze(1), bias, bucketed=True, scale=layer.scale,
-                                  softcap=layer.softcap)
-            out[rows] = o.permute(2, 0, 1, 3).reshape(length, -1)
-        else:
-            o = batched_sdpa(query[rows].transpose(0, 1), k, v, mask=segment.mask,
-                             is_causal=segment.mask is None, scale=layer.scale)
-            out[rows] = o.transpose(0, 1).reshape(length, -1)
+        rows = slice(segment.query_start, segment.query_start + segment.query_len)
+        out[rows] = _attend_prefill(segment, query[rows], keys[rows], values[rows], key_blocks, value_blocks, layer)
     return out
+
+
+def _attend_decodes(meta: PagedAttentionMetadata, query: torch.Tensor, flat_keys: torch.Tensor,
+                    flat_values: torch.Tensor, num_kv_heads: int, block_size: int,
+                    layer: LayerAttention) -> torch.Tensor:
+    """:func:`paged_attention`'s ``[n, heads, head_dim]`` decode queries (their keys and
+    values already stored): read in place from the block tables, or gathered a block at a
+    time and attended with two batched matmuls (fused SDPA on CUDA). ``[n, heads * head_dim]``."""
+    if meta.decode_block_tables is not None:
+        return _attend_in_place(query, flat_keys, flat_values, meta.decode_block_tables,
+                                meta.decode_context_lens, num_kv_heads, block_size, layer)
+    n, num_heads, head_dim = query.shape
+    shape = (n, num_kv_heads, meta.decode_max_context, head_dim)
+    key_blocks = flat_keys.view(-1, block_size * head_dim)
+    value_blocks = flat_values.view(-1, block_size * head_dim)
+    context_keys = key_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
+    context_values = value_blocks.index_select(0, meta.decode_gather_blocks).view(shape)
+    # Each kv head's query group plays the part of a query sequence: two
+    # batched matmuls for every decode, no key/value repetition.
+    q = query.reshape(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    if q.is_cuda and not layer.softcap:  # fused SDPA there; grouped_attention was measured on the CPU only
+        o = F.scaled_dot_product_attention(q, context_keys, context_values,
+                                           attn_mask=meta.decode_bias.to(q.dtype), scale=layer.scale)
+    else:
+        o = grouped_attention(q, context_keys, context_values, meta.decode_bias, scale=layer.scale,
+                              softcap=layer.softcap)
+    return o.reshape(n, -1)
+
+
+def _attend_prefill(segment: PrefillSegment, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    key_blocks: torch.Tensor, value_blocks: torch.Tensor, layer: LayerAttention) -> torch.Tensor:
+    """One prefill chunk of :func:`paged_attention`: its ``[L, heads, head_dim]`` queries over
+    its own new ``keys``/``values`` (nothing cached before it) or over its whole context,
+    gathered from the cache's ``[blocks, block_size * head_dim]`` views. ``[L, heads * head_dim]``."""
+    length, _, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    if segment.gather_blocks is None:
+        k, v = keys.transpose(0, 1), values.transpose(0, 1)
+    else:
+        shape = (num_kv_heads, -1, head_dim)
+        k = key_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
+        v = value_blocks.index_select(0, segment.gather_blocks).view(shape)[:, : segment.context_len]
+    bias = segment.bias
+    if bias is None and layer.softcap:  # soft-capped scores: explicit matmuls, whatever the length
+        allowed = segment.mask if segment.mask is not None else torch.ones(
+            length, segment.context_len, dtype=torch.bool, device=query.device).tril_(segment.context_len - length)
+        bias = _bias(allowed)
+    if bias is not None:
+        q = query.view(length, num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)
+        # [kv, group, L, hd]
+        o = grouped_attention(q, k.unsqueeze(1), v.unsqueeze(1), bias, bucketed=True, scale=layer.scale,
+                              softcap=layer.softcap)
+        return o.permute(2, 0, 1, 3).reshape(length, -1)
+    o = batched_sdpa(query.transpose(0, 1), k, v, mask=segment.mask, is_causal=segment.mask is None,
+                     scale=layer.scale)
+    return o.transpose(0, 1).reshape(length, -1)
 
 
 #: Cache dtypes the in-place decodes read.

@@ -6,12 +6,11 @@ returns the attention output. ``metadata`` describes the batch in the cache's
 own terms, built once per forward pass before the first layer; the model
 passes it through unread. Two caches satisfy :class:`AttentionCache`:
 
-- the one-sequence :class:`~lmserve.backends.torch.kv_cache.KVCache` (the
-  reference), with its :class:`~lmserve.backends.torch.kv_cache.AttentionMetadata`,
-  which it can also derive from the positions (``attention_metadata``);
 - the engine's :class:`~lmserve.backends.torch.paged_cache.PagedKVCache`, with
   the :class:`~lmserve.backends.torch.attention.PagedAttentionMetadata` the
-  model runner builds per step.
+  model runner builds per step;
+- the tests' one-sequence reference cache (``tests/reference_kv_cache.py``),
+  which can also derive its metadata from the positions (``attention_metadata``).
 """
 
 from __future__ import annotations

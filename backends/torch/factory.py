@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ from lmserve.backends.torch.compiled_step import CompiledDecodeStep
 from lmserve.backends.torch.decode_graphs import DecodeGraphs
 from lmserve.backends.torch.device import choose_dtype, resolve_device
 from lmserve.backends.torch.engine import LLMEngine
+from lmserve.backends.torch.engine_config import EngineConfig  # noqa: F401  (callers import it from here)
 from lmserve.backends.torch.kernels import warm_up as warm_up_kernels
 from lmserve.backends.torch.models.causal_lm import CausalLM
 from lmserve.backends.torch.model_config import ModelConfig
@@ -24,15 +26,15 @@ from lmserve.backends.torch.packed_linear import pack_linear_layers
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.primitive_caches import drop_duplicate_cache
 from lmserve.backends.torch.quantization_choice import choose_quantization
-from lmserve.backends.torch.quantized_linear import check_quantization, quantize_linear_layers, use_one_matmul
+from lmserve.backends.torch.quantized_linear import quantize_linear_layers, use_one_matmul
 from lmserve.backends.torch.ranks import RankProcesses, node_ranks, rank_device, set_threads, use_threads
 from lmserve.backends.torch.sampler import Sampler
 from lmserve.backends.torch.scheduler import Scheduler
 from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
-from lmserve.backends.torch.models.family import ModelFamily, family_for_architecture
+from lmserve.backends.torch.models.family import family_for_architecture
 from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel
 from lmserve.backends.torch.weights import load_model, read_model_config
-from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS
+from lmserve.core.config import QUANTIZATIONS
 from lmserve.core.types import EngineRequest, SamplingParams
 
 
@@ -41,68 +43,6 @@ from lmserve.core.types import EngineRequest, SamplingParams
 #: invariance"): the copy costs one stream 31% and 64 streams nothing; the kernel costs
 #: one stream 8% and 64 streams 38%. Users who ask for invariance run batches (evals, RL).
 INVARIANT_QUANTIZED_DENSE = True
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    device: str = "auto"
-    dtype: str = "auto"
-    session_len: int | None = None
-    cache_max_entry_count: float = 0.8
-    cache_block_seq_len: int = 64
-    max_batch_size: int = 128
-    max_prefill_token_num: int = 4096
-    enable_prefix_caching: bool = False
-    #: Weight-only quantization of the linear layers: ``int8``, ``int4``, ``none`` (the
-    #: dtype's weights; None says the same) or ``auto`` (a quantized GGUF file's own
-    #: precision, on the CPU).
-    quantization: str | None = "auto"
-    #: Run every step eagerly, op by op, instead of the compiled decode step (CPU) or the
-    #: decode steps' CUDA graphs (GPU).
-    enforce_eager: bool = False
-    #: A request's tokens do not depend on the other requests in its steps (``--batch-invariant``):
-    #: every row of a step is computed the same way whatever the batch (see docs/performance.md).
-    batch_invariant: bool = False
-    #: Ranks the model is split over (``--tp``), on ``nnodes`` machines; this one is
-    #: ``node_rank``; the group meets at ``master_addr:master_port`` (None: a free port, one node).
-    tensor_parallel_size: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None
-    #: Seconds a collective of the forward may wait for the other ranks before the group fails.
-    tp_timeout: float = 30.0
-    #: torch and Numba threads per rank on the CPU; None: the machine's cores shared by its ranks.
-    cpu_threads: int | None = None
-    #: The families a checkpoint's architecture is looked up in, first match wins
-    #: (:hook:`lmserve_model_families`); empty: the built-in ones.
-    model_families: tuple[ModelFamily, ...] = ()
-
-    def __post_init__(self) -> None:
-        count = self.cache_max_entry_count
-        if not (0 < count < 1 or (count >= 1 and float(count).is_integer())):
-            raise ValueError(
-                f"--cache-max-entry-count must be a fraction in (0, 1) or a whole number of blocks >= 1, got {count}."
-            )
-        for name in ("cache_block_seq_len", "max_batch_size", "max_prefill_token_num"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"--tp must be at least 1, got {self.tensor_parallel_size}.")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"--cpu-threads must be at least 1, got {self.cpu_threads}.")
-        if not self.tp_timeout > 0:
-            raise ValueError(f"--tp-timeout must be above 0 seconds, got {self.tp_timeout}.")
-        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
-            raise ValueError(f"--nnodes must divide --tp (the ranks are shared equally by the nodes), got "
-                             f"--tp {self.tensor_parallel_size} and --nnodes {self.nnodes}.")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"--node-rank must be in [0, {self.nnodes - 1}], got {self.node_rank}.")
-        if self.nnodes > 1 and self.master_port is None:
-            raise ValueError("--master-port is needed with --nnodes above 1 (every node names the same one).")
-        if self.quantization is None:
-            object.__setattr__(self, "quantization", "none")
-        check_quantization(self.quantization, QUANTIZATION_CHOICES)
 
 
 def available_memory(device: torch.device) -> int:
@@ -121,11 +61,14 @@ def available_memory(device: torch.device) -> int:
 
 def create_backend(path: str | Path, config: EngineConfig,
                    progress: Callable[[int, int], None] | None = None,
-                   on_fatal: Callable[[str], None] | None = None) -> TorchBackend:
+                   on_fatal: Callable[[str], None] | None = None,
+                   announce: Callable[[str], None] | None = None) -> TorchBackend:
     """Load the model and build the engine (in the backend's own thread, see
     :mod:`~lmserve.backends.torch.backend`), warmed up and ready to start.
-    ``on_fatal(message)``: called if the engine can no longer step (a rank died)."""
-    return TorchBackend(lambda: build_engine(path, config, progress), on_fatal)
+    ``on_fatal(message)``: called if the engine can no longer step (a rank died).
+    ``announce(line)``: told what the warm-up does before it starts and how long it took
+    (:func:`warm_up`); None: silent."""
+    return TorchBackend(lambda: build_engine(path, config, progress, announce), on_fatal)
 
 
 @dataclass(frozen=True)
@@ -238,7 +181,8 @@ def run_headless_node(path: str | Path, config: EngineConfig) -> int:
 
 
 def build_engine(path: str | Path, config: EngineConfig,
-                 progress: Callable[[int, int], None] | None = None) -> LLMEngine:
+                 progress: Callable[[int, int], None] | None = None,
+                 announce: Callable[[str], None] | None = None) -> LLMEngine:
     if config.tensor_parallel_size > 1:
         parallel, processes, device = start_tensor_parallel(path, config)
         try:
@@ -261,14 +205,43 @@ def build_engine(path: str | Path, config: EngineConfig,
     )
     engine = LLMEngine(runner, scheduler, Sampler(), eos_token_ids=model_config.eos_token_ids,
                        max_model_len=max_model_len(config, model_config))
-    warm_up(engine)
+    warm_up(engine, announce)
     return engine
 
 
-def warm_up(engine: LLMEngine) -> None:
+def warm_up(engine: LLMEngine, announce: Callable[[str], None] | None = None) -> None:
     """Compile the kernels, capture the decode graphs (CUDA), then run a prefill, a batched
     decode, a one-sequence decode and sampling once, so the first request pays no
-    first-call costs (the compiled decode step has a graph for each kind of decode)."""
+    first-call costs (the compiled decode step has a graph for each kind of decode).
+
+    ``announce(line)`` is told what the warm-up does before it starts and how long it
+    took once done (:func:`warm_up_lines`): a first start compiles for a minute or two."""
+    if announce is not None:
+        announce(warm_up_lines(engine.runner)[0])
+    start = time.perf_counter()
+    _warm_up(engine)
+    if announce is not None:  # asked again: a compile that failed leaves the steps eager
+        announce(warm_up_lines(engine.runner)[1].format(seconds=time.perf_counter() - start))
+
+
+def warm_up_lines(runner: ModelRunner) -> tuple[str, str]:
+    """What the warm-up of ``runner``'s engine is about to do, and what it did (with a
+    ``{seconds}`` field): compile the decode step (on the CPU without ``--enforce-eager``,
+    one rank) and capture its CUDA graphs (CUDA), or only warm up."""
+    cache_note = "later starts reuse the on-disk cache"
+    graphs = runner.decode_graphs
+    if graphs is not None and isinstance(graphs.step, CompiledDecodeStep):
+        return (f"compiling the decode step and capturing its CUDA graphs (the first start takes longest; "
+                f"{cache_note})...", "decode step compiled and CUDA graphs captured in {seconds:.1f} s")
+    if graphs is not None:
+        return "capturing the decode steps' CUDA graphs...", "CUDA graphs captured in {seconds:.1f} s"
+    if runner.decode_step is not None:
+        return (f"compiling the decode step (first start: 1-2 min on a small CPU; {cache_note})...",
+                "decode step compiled in {seconds:.1f} s")
+    return "warming up...", "warmed up in {seconds:.1f} s"
+
+
+def _warm_up(engine: LLMEngine) -> None:
     warm_up_kernels(use_cuda=engine.runner.device.type == "cuda")
     with torch.inference_mode():
         engine.runner.capture_decode_graphs()

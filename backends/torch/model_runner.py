@@ -1,8 +1,9 @@
 """Turns a scheduled step into tensors, runs the model, returns the logits to sample.
 
-The step's tokens are laid out ``[decodes | prefill chunk 1 | chunk 2 | ...]``.
-Slot arithmetic (block tables -> cache rows) is done here once per step with
-numpy, so the layers only index.
+The step's tokens are laid out ``[decodes | prefill chunk 1 | chunk 2 | ...]`` by
+:class:`~lmserve.backends.torch.step_layout.StepLayout` (slot arithmetic, block
+tables, masks); this module chooses the path a step takes (compiled, graphed,
+eager, or a mixed step run apart) and executes it.
 
 A step is first laid out as a :class:`StepPlan` (tensors only, no sequences), then
 executed. Under tensor parallelism rank 0 sends the plan to the other ranks, and
@@ -11,7 +12,6 @@ every rank executes it on its own part of the model.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -20,18 +20,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from lmserve.backends.torch.attention import (
-    IN_PLACE_DECODE_DTYPES,
-    DecodeTables,
-    MAX_GROUPED_SCORES,
-    PagedAttentionMetadata,
-    PrefillSegment,
-)
+from lmserve.backends.torch.attention import IN_PLACE_DECODE_DTYPES, DecodeTables, PagedAttentionMetadata
 from lmserve.backends.torch.compiled_step import CompiledDecodeStep
 from lmserve.backends.torch.decode_graphs import DecodeGraphs
 from lmserve.backends.torch.paged_cache import PagedKVCache
 from lmserve.backends.torch.sampler import logprob_records
 from lmserve.backends.torch.sequence import Sequence
+from lmserve.backends.torch.step_layout import StepLayout, num_leading_decodes, token_layout
 from lmserve.backends.torch.tensor_parallel import SINGLE, TensorParallel, move_to
 from lmserve.core.types import TokenLogprob
 
@@ -42,17 +37,6 @@ logger = logging.getLogger(__name__)
 
 #: Prompt rows turned into full-vocabulary logprobs at a time (256 x 49,152 floats: 50 MB).
 PROMPT_LOGPROBS_ROWS = 256
-
-
-class DecodeFields(NamedTuple):
-    """The decode fields of :class:`PagedAttentionMetadata`, whichever path the decodes take
-    (the defaults: no decodes, or the fields of the other path)."""
-
-    gather_blocks: torch.Tensor | None = None
-    max_context: int = 0
-    bias: torch.Tensor | None = None
-    block_tables: torch.Tensor | None = None
-    context_lens: torch.Tensor | None = None
 
 
 class StepPlan(NamedTuple):
@@ -101,15 +85,10 @@ class ModelRunner:
         self.weights = weights
         self.kv_cache = kv_cache
         self.device = device
-        windows = {layer.window for layer in kv_cache.layers}
-        if len(windows - {0}) > 1:
-            raise ValueError(f"the sliding layers of a model must share one window, got {sorted(windows - {0})}")
-        #: The sliding layers' window (None: no layer slides); whether other layers attend fully.
-        self.sliding_window = max(windows) or None
-        self.mixed_windows = len(windows) > 1
         if decode_in_place is None:
             decode_in_place = device.type == "cpu" and kv_cache.keys[0].dtype in IN_PLACE_DECODE_DTYPES
         self.decode_in_place = decode_in_place
+        self.layout = StepLayout(kv_cache, device, decode_in_place)
         self.parallel = parallel
         #: The ranks this node spawned (rank 0 under tensor parallelism), stopped by :meth:`close`.
         self.ranks: RankProcesses | None = None
@@ -118,8 +97,6 @@ class ModelRunner:
         self.decode_step = CompiledDecodeStep(model) if compile_decodes else None
         self.decode_graphs = None if parallel.is_parallel or not static_decodes else decode_graphs
         self.batch_invariant = batch_invariant
-        self._head_offsets = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * kv_cache.num_slots
-        self._head_offsets_in_blocks = np.arange(kv_cache.num_kv_heads, dtype=np.int64) * (kv_cache.num_blocks + 1)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]], sample_rows: list[int],
@@ -135,7 +112,7 @@ class ModelRunner:
         if self.parallel.failure is not None:  # the other ranks are gone or stuck: send them nothing
             raise RuntimeError(f"Tensor parallelism failed: {self.parallel.failure}")
         if self.batch_invariant and self._decodes_step_apart():
-            num_decodes = _num_leading_decodes(scheduled)
+            num_decodes = num_leading_decodes(scheduled)
             if 0 < num_decodes < len(scheduled):
                 return self._run_apart(scheduled, sample_rows, fresh_blocks, num_decodes)
         if self.decode_graphs is not None and self._decodes_only_sampled(scheduled, sample_rows):
@@ -146,7 +123,7 @@ class ModelRunner:
         slices = self._prompt_logprob_slices(scheduled, last_rows)
         plan = StepPlan(tuple(fresh_blocks), input_ids, positions, metadata,
                         compiled=self._compiled_step_fits(scheduled, sample_rows, metadata),
-                        sample_rows=self._tensor(np.asarray([last_rows[i] for i in sample_rows], dtype=np.int64)),
+                        sample_rows=self.layout.tensor(np.asarray([last_rows[i] for i in sample_rows], dtype=np.int64)),
                         prompt_rows=tuple(rows for rows, _ in slices))
         prompt_logprobs: dict[int, list[TokenLogprob]] = {}
 
@@ -258,13 +235,13 @@ class ModelRunner:
         """A step of decodes through the decode graphs: its float32 logits; None when it is
         larger than their largest batch or longest context, or when they failed (a capture
         the device refused: no graphs from then on)."""
-        ids, positions, _ = _token_layout(scheduled)
+        ids, positions, _ = token_layout(scheduled)
         shape = self.decode_graphs.shape_for(len(scheduled), int(positions.max()) + 1)
         if shape is None:
             return None
         self.kv_cache.clear_blocks(list(fresh_blocks))
         try:
-            return self.decode_graphs.run(shape, ids, positions, self._slots(scheduled, positions),
+            return self.decode_graphs.run(shape, ids, positions, self.layout.slots(scheduled, positions),
                                           [seq.block_table for seq, _ in scheduled])
         except Exception:  # the step is redone eagerly (its cache writes are the same), so nothing is lost
             logger.exception("A decode graph failed; running every step eagerly from now on.")
@@ -302,155 +279,6 @@ class ModelRunner:
         return slices
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
-        """``(input_ids, positions, metadata, last_rows)`` for a step; ``last_rows[i]``
-        is the row of the last token of ``scheduled[i]``."""
-        num_decodes = _num_leading_decodes(scheduled)
-        ids, positions, last_rows = _token_layout(scheduled)
-        context_lens = positions[:num_decodes] + 1
-        write_rows = self._tensor(self._write_rows(scheduled, positions))
-        if num_decodes == len(scheduled) and self.decode_in_place:
-            tables = self._decode_block_tables(scheduled, context_lens)
-            metadata = DecodeTables(write_rows, torch.from_numpy(tables), torch.from_numpy(context_lens))
-            return self._tensor(ids), self._tensor(positions), metadata, last_rows
-        if self.mixed_windows:
-            metadata = self._paged_metadata(scheduled, num_decodes, write_rows, context_lens, None)
-            sliding = self._paged_metadata(scheduled, num_decodes, write_rows, context_lens, self.sliding_window)
-            metadata = dataclasses.replace(metadata, sliding=sliding)
-        else:
-            metadata = self._paged_metadata(scheduled, num_decodes, write_rows, context_lens, self.sliding_window)
-        return self._tensor(ids), self._tensor(positions), metadata, last_rows
-
-    def _paged_metadata(self, scheduled: list[tuple[Sequence, int]], num_decodes: int, write_rows: torch.Tensor,
-                        context_lens: np.ndarray, window: int | None) -> PagedAttentionMetadata:
-        """A mixed step's metadata, its masks cut to ``window`` (None: every position)."""
-        decodes = self._decode_fields(scheduled[:num_decodes], context_lens, window)
-        return PagedAttentionMetadata(
-            write_rows=write_rows,
-            num_decodes=num_decodes,
-            decode_gather_blocks=decodes.gather_blocks,
-            decode_max_context=decodes.max_context,
-            decode_bias=decodes.bias,
-            prefills=self._prefill_segments(scheduled[num_decodes:], num_decodes, window),
-            decode_block_tables=decodes.block_tables,
-            decode_context_lens=decodes.context_lens,
-        )
-
-    def _write_rows(self, scheduled: list[tuple[Sequence, int]], positions: np.ndarray) -> np.ndarray:
-        """``[kv_heads * T]`` rows of the flat cache where the step's new keys/values go:
-        each token's slot, for every kv head."""
-        slots = self._slots(scheduled, positions)
-        return (self._head_offsets[:, None] + slots[None, :]).reshape(-1)
-
-    def _slots(self, scheduled: list[tuple[Sequence, int]], positions: np.ndarray) -> np.ndarray:
-        """``[T]``: the cache slot of each of the step's tokens, from its sequence's block table."""
-        block_size = self.kv_cache.block_size
-        block_ids = np.empty(len(positions), dtype=np.int64)
-        row = 0
-        for seq, n in scheduled:
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            block_ids[row : row + n] = table[positions[row : row + n] // block_size]
-            row += n
-        return block_ids * block_size + positions % block_size
-
-    def _decode_fields(self, decodes: list[tuple[Sequence, int]], context_lens: np.ndarray,
-                       window: int | None) -> DecodeFields:
-        """How the decodes find their contexts: their block tables, read in place,
-        or the blocks to gather and a bias over the padded context."""
-        if not decodes:
-            return DecodeFields()
-        tables = self._decode_block_tables(decodes, context_lens)
-        if self.decode_in_place:
-            return DecodeFields(block_tables=torch.from_numpy(tables), context_lens=torch.from_numpy(context_lens))
-        max_context = tables.shape[1] * self.kv_cache.block_size
-        token_index = np.arange(max_context)
-        mask = token_index[None, :] < context_lens[:, None]
-        if window is not None:
-            mask &= token_index[None, :] > (context_lens[:, None] - 1 - window)
-        bias = np.where(mask, np.float32(0), np.float32(-np.inf))
-        return DecodeFields(gather_blocks=self._tensor(self._head_blocks(tables).reshape(-1)),
-                            max_context=max_context,
-                            bias=torch.from_numpy(bias[:, None, None, :]).to(self.device))
-
-    def _decode_block_tables(self, decodes: list[tuple[Sequence, int]],
-                             context_lens: np.ndarray) -> np.ndarray:
-        """``[num_decodes, max_blocks]`` block tables, padded with the null block; read in
-        place, at least two columns (the compiled step would compile a graph of its own for one)."""
-        max_blocks = -(-int(context_lens.max()) // self.kv_cache.block_size)
-        if self.decode_in_place:
-            max_blocks = max(2, max_blocks)
-        tables = np.full((len(decodes), max_blocks), self.kv_cache.null_block, dtype=np.int64)
-        for i, (seq, _) in enumerate(decodes):
-            table = seq.block_table[:max_blocks]
-            tables[i, : len(table)] = table
-        return tables
-
-    def _prefill_segments(self, chunks: list[tuple[Sequence, int]], first_row: int,
-                          window: int | None) -> tuple[PrefillSegment, ...]:
-        """One segment per prefill chunk; the chunks' tokens follow one another from ``first_row``."""
-        segments = []
-        row = first_row
-        for seq, n in chunks:
-            segments.append(self._prefill_segment(seq, n, row, window))
-            row += n
-        return tuple(segments)
-
-    def _prefill_segment(self, seq: Sequence, n: int, row: int, window: int | None) -> PrefillSegment:
-        """The ``n`` tokens of ``seq``'s chunk (at ``row``): the cached context to gather
-        (if any) and how its queries are masked."""
-        start = seq.num_computed_tokens
-        context_len = start + n
-        gather_blocks = mask = bias = None
-        if start > 0:
-            table = np.asarray(seq.block_table[: -(-context_len // self.kv_cache.block_size)], dtype=np.int64)
-            gather_blocks = self._tensor(self._head_blocks(table[None, :]).reshape(-1))
-        # Short chunks attend with grouped_attention on the CPU (measured faster there).
-        small = self.device.type == "cpu" and n * context_len <= MAX_GROUPED_SCORES
-        if small or start > 0 or window is not None:
-            allowed = _prefill_allowed(start, context_len, window)
-            if small:
-                bias = self._tensor(np.where(allowed, np.float32(0), np.float32(-np.inf)))
-            else:
-                mask = torch.from_numpy(allowed).to(self.device)
-        return PrefillSegment(row, n, context_len, gather_blocks, mask, bias)
-
-    def _head_blocks(self, tables: np.ndarray) -> np.ndarray:
-        """``[N, blocks]`` block ids -> ``[N, kv_heads, blocks]`` rows of the cache's block view."""
-        return self._head_offsets_in_blocks[None, :, None] + tables[:, None, :]
-
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-
-
-def _prefill_allowed(start: int, context_len: int, window: int | None) -> np.ndarray:
-    """``[context_len - start, context_len]`` bool: True where the query at position
-    ``start + i`` may attend the key at position ``j`` (causal, within ``window`` if any)."""
-    query_pos = np.arange(start, context_len)[:, None]
-    key_pos = np.arange(context_len)[None, :]
-    allowed = key_pos <= query_pos
-    if window is not None:
-        allowed &= key_pos > query_pos - window
-    return allowed
-
-
-def _num_leading_decodes(scheduled: list[tuple[Sequence, int]]) -> int:
-    """The leading one-token chunks: they attend as one batch of decodes."""
-    num_decodes = 0
-    for _, n in scheduled:
-        if n != 1:
-            break
-        num_decodes += 1
-    return num_decodes
-
-
-def _token_layout(scheduled: list[tuple[Sequence, int]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """The step's token ids and positions (int64 ``[T]``), chunk after chunk, and the
-    row of each chunk's last token."""
-    ids: list[int] = []
-    positions: list[int] = []
-    last_rows: list[int] = []
-    for seq, n in scheduled:
-        start = seq.num_computed_tokens
-        ids.extend(seq.token_ids[start : start + n])
-        positions.extend(range(start, start + n))
-        last_rows.append(len(ids) - 1)
-    return np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), last_rows
+        """``(input_ids, positions, metadata, last_rows)`` for a step
+        (:meth:`StepLayout.prepare <lmserve.backends.torch.step_layout.StepLayout.prepare>`)."""
+        return self.layout.prepare(scheduled)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lmserve.backends.torch.quantized_linear import check_quantization
+from lmserve.backends.torch.engine_config import check_quantization
 from lmserve.backends.torch.weights import gguf_tensor_types
 from lmserve.core.config import QUANTIZATION_CHOICES
 

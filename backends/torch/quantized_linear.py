@@ -38,9 +38,9 @@ import sys
 import torch
 from torch import nn
 
+from lmserve.backends.torch.engine_config import check_quantization
 from lmserve.backends.torch.ops import define_op
 from lmserve.backends.torch.packed_linear import pack_weight, packed_linear, packing_supported
-from lmserve.core.config import QUANTIZATIONS
 
 #: Inputs sharing one int4 scale and zero (GGUF's Q4_x block size).
 INT4_GROUP_SIZE = 32
@@ -212,12 +212,6 @@ def use_one_matmul(model: nn.Module, dense: bool) -> int:
 def int4_fits(linear: nn.Linear) -> bool:
     """Whether the int4 kernel takes ``linear``'s shape (whole groups in, outputs in sixteens)."""
     return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
-
-
-def check_quantization(method: str, choices: tuple[str, ...] = QUANTIZATIONS) -> None:
-    """Refuse a method not in ``choices`` with the flag's message."""
-    if method not in choices:
-        raise ValueError(f"--quantization must be one of {', '.join(choices)}, got {method!r}.")
 
 
 def quantize_linear_layers(model: nn.Module, method: str, dtype: torch.dtype | None = None) -> int:

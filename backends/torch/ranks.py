@@ -35,7 +35,7 @@ from lmserve.backends.torch.shared_memory_group import SharedMemoryGroup
 from lmserve.backends.torch.tensor_parallel import CONTROL_TIMEOUT, TensorParallel, move_to
 
 if TYPE_CHECKING:
-    from lmserve.backends.torch.factory import EngineConfig
+    from lmserve.backends.torch.engine_config import EngineConfig
 
 logger = logging.getLogger(__name__)
 

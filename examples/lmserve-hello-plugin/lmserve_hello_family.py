@@ -12,12 +12,7 @@ the paged KV cache, the gated MLP, tensor parallelism, the HF tensor names.
 
 from __future__ import annotations
 
-from lmserve.backends.torch.model_config import ModelConfig, common_hf_fields
-from lmserve.backends.torch.models.attention_layer import Attention
-from lmserve.backends.torch.models.causal_lm import CausalLM
-from lmserve.backends.torch.models.family import ModelFamily
-from lmserve.backends.torch.models.mlp import GatedMLP
-from lmserve.backends.torch.models.norms import RMSNorm
+from lmserve import Attention, CausalLM, GatedMLP, ModelConfig, ModelFamily, RMSNorm, common_hf_fields
 from torch import nn
 
 

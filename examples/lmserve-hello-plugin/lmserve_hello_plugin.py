@@ -19,9 +19,7 @@ import json
 import sys
 from typing import Sequence, TextIO
 
-from lmserve.core import hookimpl
-from lmserve.core.config import SERVE_API_SERVER
-from lmserve.core.types import InvalidRequestError
+from lmserve import SERVE_API_SERVER, InvalidRequestError, hookimpl
 
 # ------------------------------------------------------------------- chat template
 

@@ -7,7 +7,7 @@ from typing import Literal, Union
 
 from pydantic import ConfigDict, Field
 
-from lmserve.frontends.openai.protocol import (
+from lmserve.frontends.http.protocol import (
     ChatMessage,
     RequestBody,
     ResponseFormat,
@@ -15,7 +15,7 @@ from lmserve.frontends.openai.protocol import (
     requires_when,
     limits,
 )
-from lmserve.frontends.openai.responses import Response
+from lmserve.frontends.http.responses import Response
 
 
 def _only_null(schema: dict) -> None:

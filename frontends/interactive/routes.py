@@ -42,7 +42,6 @@ from lmserve.core import hookimpl
 from lmserve.core.chat_template import render_continuation
 from lmserve.core.sessions import Session, SessionBusyError, SessionLimitError, SessionLimits
 from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
-from lmserve.core.validation import context_room
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
 from lmserve.frontends.interactive.sessions_route import (
     no_such_session,
@@ -51,22 +50,22 @@ from lmserve.frontends.interactive.sessions_route import (
     session_limits,
     too_many,
 )
-from lmserve.frontends.openai.auth import request_owner
-from lmserve.frontends.openai.chat_prompt import chat_prompt_ids
-from lmserve.frontends.openai.cuts import end_cut_stream
-from lmserve.frontends.openai.errors import APIError, error_response
-from lmserve.frontends.openai.limits import admitted
-from lmserve.frontends.openai.openapi import RouteDoc
-from lmserve.frontends.openai.parsing import parse_body
-from lmserve.frontends.openai.sampling import (
+from lmserve.frontends.http.auth import request_owner
+from lmserve.frontends.http.chat_prompt import chat_prompt_ids
+from lmserve.frontends.http.cuts import end_cut_stream
+from lmserve.frontends.http.errors import APIError, error_response
+from lmserve.frontends.http.limits import admitted
+from lmserve.frontends.http.openapi import RouteDoc
+from lmserve.frontends.http.parsing import parse_body
+from lmserve.frontends.http.sampling import (
     checked_stop_strings,
     sampling_params,
     with_template_stop_strings,
     with_template_stop_token_ids,
 )
-from lmserve.frontends.openai.sse import one_line_json
-from lmserve.frontends.openai.state import ServerState
-from lmserve.frontends.openai.structured_output import compile_off_the_loop, output_constraint, output_grammar
+from lmserve.frontends.http.sse import one_line_json
+from lmserve.frontends.http.state import ServerState
+from lmserve.frontends.http.structured_output import compile_off_the_loop, output_constraint, output_grammar
 
 NDJSON = "application/x-ndjson; charset=utf-8"
 
@@ -145,7 +144,7 @@ async def _turn(request: Request, state: ServerState, body: InteractiveRequest, 
     try:
         history = session.history_tokens if session is not None else 0
         input_ids = _render_turn(state, session, body.prompt)
-        room = context_room(history + len(input_ids), state.max_model_len)
+        room = state.bus.context_room(history + len(input_ids))
         if body.request_output_len is not None and body.request_output_len < 0:
             raise APIError(400, f"request_output_len must be at least 0, got {body.request_output_len}.",
                            "request_output_len")
@@ -214,13 +213,10 @@ def _render_turn(state: ServerState, session: Session | None, prompt) -> list[in
 
 
 def _sampling_params(state: ServerState, body: InteractiveRequest, max_tokens: int) -> SamplingParams:
-    return sampling_params(
-        max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty, seed=body.seed,
-        stop_token_ids=with_template_stop_token_ids(state, (), ignore_eos=body.ignore_eos),
-        ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens, min_tokens=body.min_new_tokens,
-        body_names={"min_tokens": "min_new_tokens"},
-    )
+    """The turn's sampling; the body has no penalties over the output, ``logit_bias`` or logprobs
+    (their defaults), and no stop token ids of its own: the template's only."""
+    return sampling_params(body, max_tokens, body_names={"min_tokens": "min_new_tokens"},
+                           stop_token_ids=with_template_stop_token_ids(state, (), ignore_eos=body.ignore_eos))
 
 
 def _reply(text: str = "", tokens: int = 0, input_tokens: int = 0, history_tokens: int = 0,

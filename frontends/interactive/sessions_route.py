@@ -2,7 +2,7 @@
 (an lmserve extension), and who a session belongs to.
 
 An interactive session belongs to its owner: the API key that opened it (its tag,
-:func:`~lmserve.frontends.openai.auth.request_owner`), or nobody on a server without
+:func:`~lmserve.frontends.http.auth.request_owner`), or nobody on a server without
 keys. A key sees only its own sessions; another key's is as absent as an unknown
 one (:func:`no_such_session`). Without keys a ``session_id`` protects nothing:
 anyone who names it uses it; an id from this route is one nobody can guess.
@@ -19,11 +19,11 @@ from sanic.response import json as json_response
 
 from lmserve.core.sessions import SessionLimitError, SessionLimits
 from lmserve.frontends.interactive.protocol import SessionCreated
-from lmserve.frontends.openai.auth import request_owner
-from lmserve.frontends.openai.errors import APIError
-from lmserve.frontends.openai.http_config import HTTPConfig
-from lmserve.frontends.openai.openapi import RouteDoc
-from lmserve.frontends.openai.state import ServerState
+from lmserve.frontends.http.auth import request_owner
+from lmserve.frontends.http.errors import APIError
+from lmserve.frontends.http.http_config import HTTPConfig
+from lmserve.frontends.http.openapi import RouteDoc
+from lmserve.frontends.http.state import ServerState
 
 #: The route's entry in /openapi.json.
 CREATE_SESSION_DOC = RouteDoc(

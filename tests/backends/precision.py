@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from lmserve.backends.torch.factory import EngineConfig, load_engine_model
-from lmserve.backends.torch.kv_cache import KVCache
 from lmserve.backends.torch.quantized_linear import DENSE_ABOVE_ROWS
+from tests.reference_kv_cache import KVCache
 
 TEXT = (Path(__file__).parent.parent / "data" / "precision_text.txt").read_text()
 

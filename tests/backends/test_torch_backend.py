@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lmserve.backends.torch.factory import EngineConfig, create_backend
-from lmserve.backends.torch.kv_cache import KVCache
 from lmserve.backends.torch.weights import load_model
 from lmserve.core.types import EngineRequest, FinishReason, SamplingParams
+from tests.reference_kv_cache import KVCache
 
 PROMPT = (5, 17, 42, 99, 3, 64, 7, 8, 120, 33, 2, 11)
 

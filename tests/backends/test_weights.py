@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmserve.backends.torch.kv_cache import KVCache
 from lmserve.backends.torch.model_config import ModelConfig
 from lmserve.backends.torch.weights import load_model
+from tests.reference_kv_cache import KVCache
 from tiny_models import write_tiny_gguf_model, write_tiny_hf_model, write_tiny_internlm2_model
 
 VOCAB = 128

@@ -311,3 +311,34 @@ def test_a_dead_backend_refuses_at_once(tokenizer):
 
     _run(main())
     assert backend.submitted == [], "nothing reaches a dead engine"
+
+
+def test_the_bus_pairs_the_request_rules_with_its_backends_numbers(tokenizer):
+    """Frontends ask the bus, which alone joins a request with the backend's context length
+    and EOS ids; the engine request it submits carries the request's fields."""
+    bus = RequestBus(ScriptedBackend([65], eos_token_ids=(2, 7), max_model_len=8), tokenizer)
+    assert bus.context_room(6) == 2 and bus.context_room(9) == -1
+    assert bus.check_length(4, None) == 4 and bus.check_length(4, 9) == 4
+    with pytest.raises(InvalidRequestError) as info:
+        bus.check_length(8, 1, prompt_param="prompt")
+    assert info.value.param == "prompt"
+    assert bus.stop_ids(SamplingParams(stop_token_ids=(5,))) == {2, 5, 7}
+    assert bus.stop_ids(SamplingParams(stop_token_ids=(5,), ignore_eos=True)) == {5}
+
+
+def test_the_submitted_engine_request_is_the_admitted_request(tokenizer):
+    backend = ScriptedBackend([65, 66])
+
+    async def main():
+        bus = RequestBus(backend, tokenizer)
+        bus.start()
+        try:
+            await _collect(bus, GenerationRequest((1, 2), SamplingParams(max_tokens=2), session_key="s",
+                                                  keep_kv=True, group_id="g"))
+        finally:
+            bus.shutdown()
+
+    _run(main())
+    [submitted] = backend.submitted
+    assert submitted.request_id and submitted.prompt_token_ids == (1, 2)
+    assert (submitted.session_key, submitted.keep_kv, submitted.group_id) == ("s", True, "g")

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 CORE_MODULES = [
+    "lmserve",
     "lmserve.core",
     "lmserve.core.hookspecs",
     "lmserve.core.plugins",

@@ -9,8 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from lmserve.core.structured_output import GrammarCache, GrammarCompiler, OutputGrammar, TokenConstraint
+from lmserve.core.structured_output import GrammarCache, OutputGrammar, TokenConstraint
 from lmserve.core.types import InvalidRequestError
+from lmserve.plugins.llguidance_grammar import LLGuidanceCompiler
 from lmserve.plugins.tokenizer_files import tokenizer_from_path
 from tiny_tokenizer import write_tiny_tokenizer
 
@@ -24,7 +25,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compiler(tokenizer):
-    return GrammarCompiler(tokenizer)
+    return LLGuidanceCompiler(tokenizer)
 
 
 def allowed(constraint: TokenConstraint, vocab_size: int) -> np.ndarray:
@@ -90,7 +91,7 @@ def test_each_generation_gets_its_own_state_from_one_compiled_format(compiler, t
 
 
 def test_the_cache_keeps_the_most_recent_formats(tokenizer):
-    compiler = GrammarCompiler(tokenizer, cache_size=2)
+    compiler = LLGuidanceCompiler(tokenizer, cache_size=2)
     grammars = [OutputGrammar.regex(pattern) for pattern in ("a", "b", "c")]
     for grammar in grammars:
         compiler.constraint(grammar)
@@ -121,7 +122,7 @@ def test_the_cache_is_bounded_by_count_too_and_keeps_nothing_over_its_budget():
 
 
 def test_the_compiler_charges_each_grammar_at_least_its_size_floor(tokenizer):
-    compiler = GrammarCompiler(tokenizer)
+    compiler = LLGuidanceCompiler(tokenizer)
     compiler.constraint(OutputGrammar.regex("ab"))
     small = compiler.cache.num_bytes
     words = "|".join(f"w{i}" for i in range(2000))
@@ -131,7 +132,7 @@ def test_the_compiler_charges_each_grammar_at_least_its_size_floor(tokenizer):
 
 
 def test_a_grammar_budget_smaller_than_one_grammar_keeps_none_and_still_compiles(tokenizer):
-    tight = GrammarCompiler(tokenizer, cache_bytes=1024)
+    tight = LLGuidanceCompiler(tokenizer, cache_bytes=1024)
     assert tight.constraint(OutputGrammar.regex("a+")).accept(tokenizer.encode("a")[0])
     assert not tight.is_compiled(OutputGrammar.regex("a+")) and tight.cache.num_bytes == 0
 

@@ -20,7 +20,7 @@ from lmserve.core.types import (
     InvalidRequestError,
     SamplingParams,
     SessionLostError,
-    Usage,
+    TokenUsage,
 )
 
 EOS = 2
@@ -36,6 +36,9 @@ class FakeBus:
         self.lost = {}  # session key -> why the backend lost it
         self.backend = SimpleNamespace(eos_token_ids=(EOS,), release_session=self.released.append,
                                        check_session=self.check_session)
+
+    def stop_ids(self, params):
+        return params.stop_ids(self.backend.eos_token_ids)
 
     def check_session(self, key):
         if key in self.lost:
@@ -53,7 +56,7 @@ class FakeBus:
 
 
 def output(ids, reason=None):
-    return GenerationOutput("r", "", tuple(ids), Usage(0, 0), reason)
+    return GenerationOutput("r", "", tuple(ids), TokenUsage(0, 0), reason)
 
 
 def run(sessions, session_id, new_ids, keep=True, owner=None, client=None, limits=NO_LIMITS, **kwargs):

@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from lmserve.core.types import GenerationRequest, InvalidRequestError, SamplingParams
+from lmserve.core.types import EngineRequest, GenerationRequest, InvalidRequestError, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -43,3 +45,17 @@ def test_empty_prompt_is_rejected():
 def test_logit_bias_is_clamped_to_plus_minus_100_as_lmdeploy_does():
     params = SamplingParams(logit_bias={"5": 500, 6: -1e9, 7: 3})
     assert dict(params.logit_bias) == {5: 100.0, 6: -100.0, 7: 3.0}
+
+
+def test_the_engine_request_carries_every_field_the_engine_takes_by_name():
+    """GenerationRequest.engine_request() copies by EngineRequest's field names: a field the
+    engine gains must exist on GenerationRequest, and each value arrives unchanged."""
+    engine_fields = {f.name for f in dataclasses.fields(EngineRequest)}
+    assert engine_fields <= {f.name for f in dataclasses.fields(GenerationRequest)}
+    constraint = object()
+    request = GenerationRequest((5, 6), SamplingParams(max_tokens=3), "r-1", stop=("x",), session_key="s",
+                                keep_kv=True, constraint=constraint, group_id="g")
+    engine = request.engine_request()
+    assert {name: getattr(engine, name) for name in engine_fields} == {
+        "request_id": "r-1", "prompt_token_ids": (5, 6), "sampling_params": SamplingParams(max_tokens=3),
+        "session_key": "s", "keep_kv": True, "constraint": constraint, "group_id": "g"}

@@ -3,7 +3,7 @@
 import pytest
 
 from lmserve.core.types import InvalidRequestError, SamplingParams
-from lmserve.core.validation import check_context_room, check_token_ids, context_room
+from lmserve.core.validation import check_context_room, check_logit_bias_keys, check_token_ids, context_room
 
 
 def test_context_room_is_max_tokens_when_it_fits_and_the_rest_of_the_context_when_unset():
@@ -47,3 +47,12 @@ def test_context_room_counts_what_is_left_after_the_tokens_so_far():
     assert context_room(6, 8) == 2
     assert context_room(8, 8) == 0
     assert context_room(9, 8) == -1
+
+
+def test_logit_bias_keys_must_be_decimal_token_ids_of_the_vocabulary():
+    check_logit_bias_keys(["0", "9"], 10)
+    for bad in ("10", "abc", "+5", " 5", "٣"):
+        with pytest.raises(InvalidRequestError) as info:
+            check_logit_bias_keys(["1", bad], 10)
+        assert info.value.param == "logit_bias"
+        assert info.value.message == f"logit_bias key {bad!r} is not a token id of this model."

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from conftest import LiveServer, free_port
-from lmserve.frontends.api_client import APIClient, APIError, is_session_full
+from lmserve.frontends.api_client import APIClient, ErrorReply, is_session_full
 
 #: The seed's interactive snippet: four turns of one conversation.
 MESSAGES = [
@@ -201,7 +201,7 @@ def test_a_full_session_answers_length_with_no_tokens_and_chat_warns(api_client)
 def test_interactive_errors_are_yielded_and_chat_raises_them(api_client):
     items = list(api_client.chat_interactive_v1("x", session_id=106, temperature=5))
     assert len(items) == 1 and items[0]["code"] == 400 and items[0]["error"]["code"] == 400
-    with pytest.raises(APIError) as raised:
+    with pytest.raises(ErrorReply) as raised:
         next(api_client.chat("x", session_id=106, temperature=5))
     assert raised.value.code == 400 and str(raised.value) == items[0]["error"]["message"]
 
@@ -235,7 +235,7 @@ def test_new_session_is_random_from_a_server_without_the_route_and_raises_its_er
     client = APIClient("http://server")
     client._client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(status, json=body)))
     if raises:
-        with pytest.raises(APIError) as error:
+        with pytest.raises(ErrorReply) as error:
             client.new_session()
         assert error.value.code == status and str(error.value) == "no"
     else:

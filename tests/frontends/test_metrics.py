@@ -7,10 +7,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmserve.core.backend import BackendStats
-from lmserve.core.types import FinishReason, GenerationOutput, RequestTiming, Usage
-from lmserve.frontends.openai import metrics as metrics_plugin
-from lmserve.frontends.openai.limits import AdmissionQueue
-from lmserve.frontends.openai.metrics import ServerMetrics
+from lmserve.core.types import FinishReason, GenerationOutput, RequestTiming, TokenUsage
+from lmserve.frontends.http import metrics as metrics_plugin
+from lmserve.frontends.http.limits import AdmissionQueue
+from lmserve.frontends.http.metrics import ServerMetrics
 
 LABELS = {"model_name": "tiny"}
 
@@ -109,7 +109,7 @@ def fake_app_and_state(stats: BackendStats | None = None, sessions=()):
 
 def finished(completion_tokens=3, reason=FinishReason.STOP) -> GenerationOutput:
     timing = RequestTiming(arrival=10.0, first_token=10.5, finished=11.0, inter_token=(0.2, 0.3))
-    return GenerationOutput("r", "", (), Usage(7, completion_tokens), reason, timing=timing)
+    return GenerationOutput("r", "", (), TokenUsage(7, completion_tokens), reason, timing=timing)
 
 
 def test_every_app_has_its_own_registry():

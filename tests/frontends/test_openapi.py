@@ -10,8 +10,8 @@ import pytest
 from openapi_spec_validator import validate
 from sanic import Sanic
 
-from lmserve.frontends.openai import protocol, responses
-from lmserve.frontends.openai.openapi import RouteDoc, build_openapi, decimal_range_pattern, limit_token_ids
+from lmserve.frontends.http import protocol, responses
+from lmserve.frontends.http.openapi import RouteDoc, build_openapi, decimal_range_pattern, limit_token_ids
 
 #: (method, path, operationId, request model, 200 JSON model) of every built-in route.
 #: The tiny test model's vocabulary (tests/tiny_tokenizer.py).

@@ -18,8 +18,8 @@ from sanic import Sanic
 
 from lmserve.core.plugins import PluginError
 from lmserve.frontends.cli import main
-from lmserve.frontends.openai.cors import CORSPolicy
-from lmserve.frontends.openai.limits import AdmissionQueue, admitted, refuse_generation_flags, request_weight
+from lmserve.frontends.http.cors import CORSPolicy
+from lmserve.frontends.http.limits import AdmissionQueue, admitted, refuse_generation_flags, request_weight
 
 KEYS = ("key-one", "key-two")
 ORIGIN = "https://app.example.com"

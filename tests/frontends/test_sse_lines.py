@@ -6,7 +6,7 @@ import pytest
 import requests.utils
 
 from lmserve.frontends.interactive.routes import NDJSON
-from lmserve.frontends.openai.sse import SSE_CONTENT_TYPE, one_line_json, sse_event
+from lmserve.frontends.http.sse import SSE_CONTENT_TYPE, one_line_json, sse_event
 
 # Python's str.splitlines (requests' iter_lines with decode_unicode) breaks at these too.
 TEXT = "a\x85b\u2028c\u2029d\x1ce\x0bf\x0cg\rh\ni"

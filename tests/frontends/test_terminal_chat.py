@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import LMSERVE, LiveServer, free_port
-from lmserve.frontends.api_client import APIClient, APIError
+from lmserve.frontends.api_client import APIClient, ErrorReply
 from lmserve.core.plugins import create_plugin_manager
 from lmserve.frontends.cli import build_parser, main
 from lmserve.frontends.terminal_chat import PROMPT, chat_in_terminal, read_prompt
@@ -130,7 +130,7 @@ def test_without_a_session_id_the_chat_asks_the_server_for_one():
 
 
 @pytest.mark.parametrize("error, shown", [
-    (APIError("Too many sessions.", {"code": 429}), "error: cannot open a session: Too many sessions.\n"),
+    (ErrorReply("Too many sessions.", {"code": 429}), "error: cannot open a session: Too many sessions.\n"),
     (httpx.ConnectError("Connection refused"), "error: cannot reach http://fake: Connection refused\n"),
 ])
 def test_a_session_the_server_will_not_open_exits_1_in_one_line(error, shown):

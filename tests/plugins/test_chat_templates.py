@@ -12,15 +12,10 @@ import json
 import pytest
 
 from conftest import LMDEPLOY_DOC_JSON
-from lmserve.core.chat_template import (
-    BaseChatTemplate,
-    ChatTemplateRegistry,
-    DefaultSystemPrompt,
-    FieldsChatTemplate,
-    render_continuation,
-    with_meta_instruction,
-)
+from lmserve.core.chat_template import render_continuation
+from lmserve.core.fields_chat_template import BaseChatTemplate, FieldsChatTemplate
 from lmserve.core.plugins import PluginError, create_plugin_manager
+from lmserve.core.template_choice import ChatTemplateRegistry, DefaultSystemPrompt, with_meta_instruction
 from lmserve.core.types import InvalidRequestError
 from lmserve.plugins.chat_templates import BUILTIN_TEMPLATES
 from lmserve.plugins.hf_chat_template import JinjaChatTemplate

@@ -8,7 +8,8 @@ BOS appears twice.
 
 import pytest
 
-from lmserve.core.chat_template import BaseChatTemplate, render_continuation
+from lmserve.core.chat_template import render_continuation
+from lmserve.core.fields_chat_template import BaseChatTemplate
 from lmserve.plugins.hf_chat_template import JinjaChatTemplate
 
 # Jinja templates in the styles models ship: ChatML with a default system prompt

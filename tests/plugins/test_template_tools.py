@@ -14,16 +14,9 @@ import re
 
 import pytest
 
-from lmserve.core.chat_template import (
-    BaseChatTemplate,
-    ChatTemplateRegistry,
-    DefaultSystemPrompt,
-    FieldsChatTemplate,
-    render_chat,
-    render_continuation,
-    takes_tools,
-    with_meta_instruction,
-)
+from lmserve.core.chat_template import render_chat, render_continuation, takes_tools
+from lmserve.core.fields_chat_template import BaseChatTemplate, FieldsChatTemplate
+from lmserve.core.template_choice import ChatTemplateRegistry, DefaultSystemPrompt, with_meta_instruction
 from lmserve.core.types import InvalidRequestError
 from lmserve.plugins import base_chat_template, chat_templates
 from lmserve.plugins.hf_chat_template import JinjaChatTemplate
@@ -145,7 +138,7 @@ def test_without_tools_render_chat_is_render(name, messages, add_generation_prom
 
 @pytest.mark.parametrize("name", list(EVERY_TEMPLATE))
 def test_every_template_renders_the_servers_tool_format_sample(name):
-    # The conversation the server renders at startup to pick a tool parser (frontends/openai/app.py).
+    # The conversation the server renders at startup to pick a tool parser (frontends/http/app.py).
     sample_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     conversation = [{"role": "user", "content": "?"},
                     {"role": "assistant", "content": None, "tool_calls": [call("c", "f", "{}")]},

@@ -16,13 +16,13 @@ import pytest
 
 from lmserve.core import hookimpl
 from lmserve.core.plugins import create_plugin_manager
-from lmserve.core.tool_calls import ToolCallDelta, ToolParser, choose_tool_parser, new_tool_call_id
+from lmserve.core.tool_calls import ParsedToolCallDelta, ToolParser, choose_tool_parser, new_tool_call_id
 from lmserve.plugins.chat_templates import BUILTIN_TEMPLATES
+from lmserve.plugins.json_calls import JsonValueScanner
 from lmserve.plugins.tool_parsers import (
     HermesToolParser,
     InternLMToolParser,
     JsonArrayToolParser,
-    JsonValueScanner,
     Llama3JsonToolParser,
 )
 
@@ -154,17 +154,17 @@ def splits(text: str) -> list[list[str]]:
     return [split_every(text, size) for size in range(1, 8)] + [split_randomly(text, seed) for seed in range(10)]
 
 
-def stream(parser: ToolParser, pieces: list[str]) -> tuple[str, list[ToolCallDelta]]:
+def stream(parser: ToolParser, pieces: list[str]) -> tuple[str, list[ParsedToolCallDelta]]:
     content, deltas = [], []
     for piece in [*pieces, None]:
         text, found = parser.flush() if piece is None else parser.feed(piece)
-        assert isinstance(text, str) and all(isinstance(delta, ToolCallDelta) for delta in found)
+        assert isinstance(text, str) and all(isinstance(delta, ParsedToolCallDelta) for delta in found)
         content.append(text)
         deltas.extend(found)
     return "".join(content), deltas
 
 
-def streamed_calls(deltas: list[ToolCallDelta]) -> list[tuple[str, str, str]]:
+def streamed_calls(deltas: list[ParsedToolCallDelta]) -> list[tuple[str, str, str]]:
     """(id, name, arguments text) per call, checking the deltas' shape on the way:
     calls in index order 0, 1, 2...; each call's first delta, and only that one,
     carries its id and name."""
@@ -260,7 +260,7 @@ def test_a_calls_first_delta_goes_out_as_soon_as_its_name_is_read():
     content, [first] = parser.feed('ther", "arguments": {"ci')
     assert content == "" and first.index == 0 and first.name == "get_weather" and CALL_ID.fullmatch(first.id)
     assert first.arguments == '{"ci'
-    assert parser.feed('ty": "Paris"}}\n</tool_call>') == ("", [ToolCallDelta(0, arguments='ty": "Paris"}')])
+    assert parser.feed('ty": "Paris"}}\n</tool_call>') == ("", [ParsedToolCallDelta(0, arguments='ty": "Paris"}')])
     assert parser.feed("\n\n") == ("", [])
     assert parser.flush() == ("", [])
 
@@ -395,7 +395,7 @@ def test_the_first_parser_that_fits_wins():
     ("chatml", HermesToolParser), ("vicuna", HermesToolParser),
 ])
 def test_each_builtin_templates_tool_format_gets_its_parser(template, expected):
-    from lmserve.frontends.openai.app import tool_format_sample  # what the server shows the parsers
+    from lmserve.frontends.http.app import tool_format_sample  # what the server shows the parsers
 
     chosen = next(candidate for candidate in BUILTIN_TEMPLATES if candidate.name == template)
     assert choose_tool_parser(BUILTIN, None, tool_format_sample(chosen)) is expected

@@ -23,10 +23,10 @@ import pytest
 
 from conftest import post
 
-from lmserve.core import structured_output
-from lmserve.core.structured_output import (MAX_GRAMMAR_SOURCE_CHARS, GrammarCompiler, GrammarTooComplexError,
-                                            OutputGrammar)
+from lmserve.core.structured_output import GrammarTooComplexError, OutputGrammar
 from lmserve.core.types import InvalidRequestError
+from lmserve.plugins import llguidance_grammar
+from lmserve.plugins.llguidance_grammar import MAX_GRAMMAR_SOURCE_CHARS, LLGuidanceCompiler
 from lmserve.plugins.tiny_model import write_tiny_model
 from lmserve.plugins.tokenizer_files import tokenizer_from_path
 
@@ -126,7 +126,7 @@ def test_a_forced_tool_calls_bomb_names_tools(server):
 
 @pytest.fixture(scope="module")
 def compiler(tiny_model_dir):
-    return GrammarCompiler(tokenizer_from_path(tiny_model_dir))
+    return LLGuidanceCompiler(tokenizer_from_path(tiny_model_dir))
 
 
 @pytest.mark.parametrize("grammar", [
@@ -145,7 +145,7 @@ def test_formats_over_the_limits_are_refused_and_not_kept(compiler, grammar):
 
 
 def test_an_oversized_source_is_refused_before_the_engine_sees_it(compiler, monkeypatch):
-    monkeypatch.setattr(structured_output, "_parser_limits", lambda: pytest.fail("the engine was reached"))
+    monkeypatch.setattr(llguidance_grammar, "_parser_limits", lambda: pytest.fail("the engine was reached"))
     with pytest.raises(GrammarTooComplexError) as info:
         compiler.constraint(OutputGrammar.regex("a" * (MAX_GRAMMAR_SOURCE_CHARS + 1)))
     assert f"{MAX_GRAMMAR_SOURCE_CHARS:,} characters" in info.value.message
@@ -155,8 +155,8 @@ def test_an_unexpected_engine_failure_is_still_the_formats_error_and_is_logged(c
     def explode():
         raise RuntimeError("panic in the engine\n<state>" + "x" * 5000)
 
-    monkeypatch.setattr(structured_output, "_parser_limits", explode)
-    with caplog.at_level(logging.WARNING, logger=structured_output.__name__), \
+    monkeypatch.setattr(llguidance_grammar, "_parser_limits", explode)
+    with caplog.at_level(logging.WARNING, logger=llguidance_grammar.__name__), \
             pytest.raises(InvalidRequestError) as info:
         compiler.constraint(OutputGrammar.regex("abc"))
     assert info.value.param == "response_format"

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import LiveServer
 
-from lmserve.frontends.openai.parsing import MAX_JSON_DEPTH, json_depth
+from lmserve.frontends.http.parsing import MAX_JSON_DEPTH, json_depth
 
 REQUEST_TIMEOUT_S = 2
 RESPONSE_TIMEOUT_S = 2

@@ -15,7 +15,7 @@ import pytest
 from conftest import LiveServer, post, stream
 
 from lmserve.core.declared_tool_calls import DeclaredToolCalls
-from lmserve.core.tool_calls import ToolCallDelta
+from lmserve.core.tool_calls import ParsedToolCallDelta
 from lmserve.plugins.tiny_model import write_tiny_model
 from lmserve.plugins.tool_parsers import HermesToolParser
 
@@ -64,7 +64,7 @@ def test_a_declared_call_is_still_a_call(server):
     assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
 
 
-def feed_all(parser, text: str, piece: int) -> tuple[str, dict[int, list[ToolCallDelta]]]:
+def feed_all(parser, text: str, piece: int) -> tuple[str, dict[int, list[ParsedToolCallDelta]]]:
     content, calls = [], {}
     for start in range(0, len(text), piece):
         shown, deltas = parser.feed(text[start:start + piece])

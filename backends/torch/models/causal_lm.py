@@ -87,8 +87,8 @@ class CausalLM(nn.Module):
         Returns the final-norm hidden states ``[T, hidden]``.
 
         ``metadata`` describes the batch for the cache's ``attend`` (the paged
-        engine builds it per step); None asks a one-sequence cache
-        (:class:`~lmserve.backends.torch.kv_cache.KVCache`) to derive it from
+        engine builds it per step); None asks a one-sequence cache (the tests'
+        reference cache, ``tests/reference_kv_cache.py``) to derive it from
         ``positions``."""
         if metadata is None:
             metadata = kv_cache.attention_metadata(positions)

@@ -13,7 +13,6 @@ import torch
 
 from lmserve.backends.torch.attention import layer_attention
 from lmserve.backends.torch.factory import EngineConfig, check_parallel, load_engine_model
-from lmserve.backends.torch.kv_cache import KVCache
 from lmserve.backends.torch.model_runner import ModelRunner
 from lmserve.backends.torch.models.moe import Router, SparseMoE
 from lmserve.backends.torch.paged_cache import PagedKVCache
@@ -33,6 +32,7 @@ from tests.family_checks import (
     write_family_model,
     write_smollm2_tokenizer,
 )
+from tests.reference_kv_cache import KVCache
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             max_position_embeddings=512, rms_norm_eps=1e-6, num_experts_per_tok=2, moe_intermediate_size=32)
