@@ -49,6 +49,9 @@ UNSTATABLE_LIMITS = {
         r"The prompt has \d+ tokens, but this model's maximum context length is \d+ tokens"),
     # A product of two fields (prompts x n); each is bounded in the document.
     "at most 256 choices a request": re.compile(r"A request may ask for at most \d+ choices \(prompts x n\)"),
+    # Which names a tool_choice may give depends on the same body's tools.
+    "a tool_choice naming a function outside tools": re.compile(
+        r"tool_choice names the function .*, which is not in tools"),
     # JSON text of an object: the document says so with contentMediaType/contentSchema,
     # which are annotations that validators do not check.
     "tool call arguments that are no JSON object": re.compile(r"The arguments of the call to .* must be a JSON object"),

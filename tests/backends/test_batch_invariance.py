@@ -123,6 +123,8 @@ def test_chats_do_not_depend_on_the_batch_on_the_real_model(smollm2_gguf, hf_smo
     prompts = [chat(c) for c in chats]
     base = "The history of computing is longer than the history of computing hardware. "
     others = [chat(base * (1 + i * 5 % 40)) for i in range(REAL_MODEL_FILLERS)]
+    # Eager: compiled decodes are checked on the tiny model; compiling the real one costs minutes.
     engine = build_engine(smollm2_gguf, EngineConfig(device="cpu", dtype="float32", session_len=2048,
-                                                     cache_max_entry_count=0.2, batch_invariant=True))
+                                                     cache_max_entry_count=0.2, batch_invariant=True,
+                                                     enforce_eager=True))
     assert differences(engine, probe_requests(prompts, 32), filler_requests(others, 16)) == []

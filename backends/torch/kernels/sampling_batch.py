@@ -22,6 +22,7 @@ from lmserve.core.types import SamplingParams
 _INT32_MAX = 2**31 - 1
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM)
 _MIN_REPETITION_PENALTY = 1e-30
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,10 @@ class SamplingBatch:
         bias_offsets = np.zeros(size + 1, np.int64)
         for i, p in enumerate(params):
             for name, column in columns.items():
-                column[i] = getattr(p, name) if name != "top_k" else min(p.top_k, _INT32_MAX)  # > vocab: all
+                if name == "top_k":
+                    column[i] = min(p.top_k, _INT32_MAX)  # > vocab: all
+                else:  # a penalty past float32's range is its largest value, not inf (0 x inf is no number)
+                    column[i] = min(getattr(p, name), _FLOAT32_MAX)
             if p.greedy or p.temperature < _GREEDY_EPS:
                 columns["temperature"][i] = 0.0
             # A positive logit divided by a tiny penalty must stay finite.

@@ -33,19 +33,31 @@ PARALLEL_MIN_THREADS = 4
 # A level is trusted to hold the top-p nucleus only with this much mass to spare
 # (covers the rounding of the CPU kernel's float32 level sums).
 _MASS_SLACK = 1.0 + 1e-4
+#: What a penalised logit bottoms out at (:func:`_penalize`).
+_LOWEST_LOGIT = np.float32(np.finfo(np.float32).min)
 
 
 # ---- shared by both kernels (compiled for each) ------------------------------------------
 
 
 def _penalize(x, token, count, repetition, presence, frequency):
-    """Apply the penalties to one token seen in the history (``count`` output occurrences)."""
+    """Apply the penalties to one token seen in the history (``count`` output occurrences).
+
+    A penalty makes a token less likely, never impossible (only a structured output's mask
+    forbids one): a finite logit that an overflowing penalty would take to -inf, or to no
+    number at all (0 x an infinite ``repetition_penalty``), becomes the lowest float32
+    instead. Otherwise a row whose allowed tokens were all penalised would have nothing
+    left to draw from."""
     value = x[token]
+    if value == -np.inf:
+        return
     if repetition != 1.0:
         value = value / repetition if value > 0 else value * repetition
     if count > 0:
         value = value - frequency * np.float32(count)
         value = value - presence
+    if not value >= _LOWEST_LOGIT:  # -inf or NaN
+        value = _LOWEST_LOGIT
     x[token] = value
 
 

@@ -212,3 +212,24 @@ def test_a_constraint_allowing_nothing_lets_the_sequence_stop():
     seqs = [fake_seq(FakeConstraint(set()), stop={7})]
     bitmask, _ = allowed_tokens(seqs, 50)
     assert unpack(bitmask[0], 50) == {7}
+
+
+@pytest.mark.parametrize("repetition_penalty, allowed_logits, greedy", [
+    (1e30, [-1e10, -1e9, -1e38], 5),  # every allowed logit overflows to -inf: all the lowest float32
+    (1e300, [-2.0, 0.0, -1e38], 9),  # past float32's range: no 0 x inf
+])
+def test_a_penalty_that_overflows_leaves_the_allowed_tokens_drawable(repetition_penalty, allowed_logits, greedy):
+    """A huge repetition penalty on every allowed token (all in the history) makes them the
+    least likely, not impossible: the draw stays among them (a grammar would refuse any
+    other), greedy takes the first highest, and no logprob is NaN."""
+    logits = np.full((2, 64), 30.0, np.float32)
+    logits[:, [5, 9, 33]] = allowed_logits
+    allowed = np.zeros((1, 64), bool)
+    allowed[0, [5, 9, 33]] = True
+    params = [Params(temperature=0.0, repetition_penalty=repetition_penalty),
+              Params(temperature=1.0, seed=3, repetition_penalty=repetition_penalty)]
+    batch = SamplingBatch.from_requests(params, [[5, 9, 33]] * 2, [[33], [33]], token_bitmask=pack(allowed),
+                                        bitmask_rows=np.zeros(2, np.int32))
+    tokens, logprobs = sample_cpu(logits.copy(), batch)
+    assert set(tokens.tolist()) <= {5, 9, 33} and np.isfinite(logprobs).all()
+    assert tokens[0] == greedy

@@ -171,7 +171,7 @@ def test_sampling_probs_renormalise_the_kept_prefix(vocab_size):
 
 #: (batches, rows each) of the simulator's sweep: it runs every thread in Python, ~0.3 s a
 #: row; LMSERVE_SIMULATOR_SWEEP=N runs N batches (the note of issue 31 reports 50).
-SIMULATOR_BATCHES = int(os.environ.get("LMSERVE_SIMULATOR_SWEEP", "6"))
+SIMULATOR_BATCHES = int(os.environ.get("LMSERVE_SIMULATOR_SWEEP", "5"))
 SIMULATOR_ROWS = 24
 
 
