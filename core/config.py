@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -74,3 +75,17 @@ class ServeConfig:
             raise ValueError("--chat-template must not be empty.")
         object.__setattr__(self, "plugins", tuple(self.plugins))
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+
+def settings_from_options(cls: type, options: Mapping[str, Any], option_names: Mapping[str, str] = MappingProxyType({}),
+                          **given: Any) -> Any:
+    """The settings dataclass ``cls`` from parsed flags (``options``, by dest name; a
+    field's flag is ``option_names.get(field, field)``): a flag absent or None leaves the
+    field's default, so the dataclass is the one place its defaults are written.
+    ``given``: fields set otherwise, which the options do not override."""
+    values = dict(given)
+    for setting in dataclasses.fields(cls):
+        value = options.get(option_names.get(setting.name, setting.name))
+        if setting.name not in values and value is not None:
+            values[setting.name] = value
+    return cls(**values)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lmserve.backends.torch.engine_config import EngineConfig
-from lmserve.core.config import ServeConfig
+from lmserve.core.config import ServeConfig, settings_from_options
 from lmserve.core.plugins import PluginError
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ class RayOptions:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> RayOptions:
         """The Ray settings among ``options`` (parsed flags by dest name); absent or None: the default."""
-        values = {f.name: options[f.name] for f in dataclasses.fields(cls) if options.get(f.name) is not None}
-        return cls(**values)
+        return settings_from_options(cls, options)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -92,11 +91,10 @@ def deploy(config: ServeConfig, ray: RayOptions):
     return the deployment's handle and what the replicas report."""
     try:
         import ray as ray_api
-        from ray import serve
-        from ray.serve.config import AutoscalingConfig, RequestRouterConfig
-
         from lmserve.backends.ray.replica import EngineReplica
         from lmserve.backends.ray.router import SessionAffinityRouter
+        from ray import serve
+        from ray.serve.config import AutoscalingConfig, RequestRouterConfig
     except ImportError as exc:
         raise PluginError(f"`lmserve serve ray` needs Ray Serve: pip install 'lmserve[ray]' ({exc}).") from exc
 

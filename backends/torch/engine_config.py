@@ -8,11 +8,15 @@ writes a default down again.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from lmserve.core.config import QUANTIZATION_CHOICES, QUANTIZATIONS, ServeConfig
+from lmserve.core.config import (
+    QUANTIZATION_CHOICES,
+    QUANTIZATIONS,
+    ServeConfig,
+    settings_from_options,
+)
 
 if TYPE_CHECKING:
     from lmserve.backends.torch.models.family import ModelFamily
@@ -73,13 +77,8 @@ class EngineConfig:
         """The engine ``config`` asks for: device, dtype and session length from the
         config itself, the rest from its options by dest name (``--tp`` for
         ``tensor_parallel_size``); an option absent or None takes the field's default."""
-        values: dict[str, Any] = {name: getattr(config, name) for name in SERVE_FIELDS}
-        values["model_families"] = tuple(model_families)
-        for field in dataclasses.fields(cls):
-            value = config.options.get(OPTION_NAMES.get(field.name, field.name))
-            if field.name not in values and value is not None:
-                values[field.name] = value
-        return cls(**values)
+        return settings_from_options(cls, config.options, OPTION_NAMES, model_families=tuple(model_families),
+                                     **{name: getattr(config, name) for name in SERVE_FIELDS})
 
     def __post_init__(self) -> None:
         count = self.cache_max_entry_count

@@ -8,10 +8,11 @@ import: the CLI imports this module before it knows whether it will serve.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from lmserve.core.config import settings_from_options
 
 MiB = 1 << 20
 
@@ -90,9 +91,4 @@ class HTTPConfig:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> HTTPConfig:
         """The settings among ``options`` (parsed flags by dest name); absent or None: the default."""
-        values = {
-            field.name: options[field.name]
-            for field in dataclasses.fields(cls)
-            if options.get(field.name) is not None
-        }
-        return cls(**values)
+        return settings_from_options(cls, options)
