@@ -13,6 +13,7 @@ loop: whatever a hook returns is resolved into plain objects before serving.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmserve.core import hookspec
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # imported for annotations only: the kernel stays light
     from lmserve.core.chat_template import ChatTemplate
     from lmserve.core.config import ServeConfig
     from lmserve.core.model_source import ModelSource
+    from lmserve.core.reasoning import ReasoningParser
+    from lmserve.core.sampling_defaults import SamplingDefaults
     from lmserve.core.structured_output import GrammarCompiler
     from lmserve.core.tokenizer import Tokenizer
     from lmserve.core.tool_calls import ToolParser
@@ -165,6 +168,31 @@ def lmserve_chat_template(
     """
 
 
+@hookspec(firstresult=True)
+def lmserve_sampling_defaults(source: ModelSource, directory: Path | None,
+                              config: ServeConfig) -> SamplingDefaults | None:
+    """Read the model's own sampling defaults (temperature, top_p, top_k, min_p,
+    repetition_penalty, max_tokens) for requests that leave them unset.
+
+    Called once at startup by ``lmserve serve api_server`` (and ``lmserve chat``),
+    before the weights load, unless ``--generation-config`` is ``none``, ``vllm`` or
+    ``lmdeploy``. The built-in (``lmserve.plugins.generation_config``) reads an HF
+    directory's ``generation_config.json`` and a GGUF file's ``general.sampling.*``
+    metadata. A request's own values always win over these.
+
+    Stops at first non-None result.
+
+    :param source: the resolved model.
+    :param directory: the folder ``--generation-config DIR`` named (it holds a
+        ``generation_config.json``; read that instead of the model's), or None
+        for ``auto``: the model's own.
+    :param config: the serve configuration.
+    :return: a :class:`~lmserve.core.sampling_defaults.SamplingDefaults` (build it
+        with ``SamplingDefaults.from_file(values, origin)``, which skips invalid
+        values with a warning), or None when the model has none.
+    """
+
+
 @hookspec
 def lmserve_tool_parsers() -> list[type[ToolParser]]:
     """Contribute tool-call parsers: classes that read the calls a model writes.
@@ -179,6 +207,26 @@ def lmserve_tool_parsers() -> list[type[ToolParser]]:
     required`` outputs).
 
     :return: a list of :class:`~lmserve.core.tool_calls.ToolParser`
+        subclasses (an empty list contributes nothing).
+    """
+
+
+@hookspec
+def lmserve_reasoning_parsers() -> list[type[ReasoningParser]]:
+    """Contribute reasoning parsers: classes that split a thinking model's
+    reasoning (``<think>...</think>``) from its answer.
+
+    Called once at startup by ``lmserve serve api_server`` (and ``lmserve
+    chat``); the lists of all implementations are joined, in hook order.
+    ``--reasoning-parser NAME`` picks the parser whose ``name`` or one of whose
+    ``aliases`` is NAME (any case; ``none`` turns the split off); without it,
+    the first whose ``fits(template_source)`` is true for the chat template's
+    source, else none. The server makes one instance per choice of a chat
+    request, ``parser_class(prompt_text)`` with the end of the rendered prompt.
+    Built-in: ``default`` (aliases ``qwen-qwq``, ``deepseek-r1``, ``intern-s1``,
+    ``qwen3``, ``deepseek-v3``, ...).
+
+    :return: a list of :class:`~lmserve.core.reasoning.ReasoningParser`
         subclasses (an empty list contributes nothing).
     """
 

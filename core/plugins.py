@@ -19,12 +19,15 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lmserve.plugins.base_chat_template",
     "lmserve.plugins.chat_templates",
     "lmserve.plugins.tool_parsers",
+    "lmserve.plugins.reasoning_parsers",
+    "lmserve.plugins.generation_config",
     "lmserve.plugins.llguidance_grammar",
     "lmserve.backends.torch.plugin",
     "lmserve.backends.ray.plugin",
     "lmserve.frontends.http.routes",
     "lmserve.frontends.interactive.routes",
     "lmserve.frontends.http.metrics",
+    "lmserve.frontends.http.request_log",
 )
 
 ENTRY_POINT_GROUP = PROJECT_NAME

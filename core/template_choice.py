@@ -199,11 +199,12 @@ class DefaultSystemPrompt:
         self.stop_words = template.stop_words
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-               tools: Sequence[dict] | None = None) -> str:
+               tools: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> str:
         if not messages or messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.text}, *messages]
-        return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           template_kwargs=template_kwargs)
 
-    def render_continuation(self, messages: Sequence[Message]) -> str:
+    def render_continuation(self, messages: Sequence[Message], template_kwargs: dict | None = None) -> str:
         # A later turn: the system prompt is in the conversation already.
-        return render_continuation(self.template, messages)
+        return render_continuation(self.template, messages, template_kwargs=template_kwargs)

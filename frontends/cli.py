@@ -27,6 +27,7 @@ from lmserve.core.startup import resolve_model
 from lmserve.core.template_choice import HF, ChatTemplateRegistry
 from lmserve.frontends.api_client import APIClient, no_models_listed
 from lmserve.frontends.http.http_config import HTTPConfig
+from lmserve.frontends.lmdeploy_flags import API_SERVER, GRADIO, add_lmdeploy_flags, lmdeploy_notices, log_level
 from lmserve.frontends.terminal_chat import chat_in_terminal
 
 
@@ -42,13 +43,29 @@ def _env_api_keys() -> list[str] | None:
     return value.replace(",", " ").split() or None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reads ``--session_len`` as ``--session-len`` (LMDeploy's parser does, and its docs write
+    both) where only the dashed spelling is one of this parser's options."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = [self._dashed(arg) for arg in (sys.argv[1:] if args is None else args)]
+        return super().parse_known_args(args, namespace)
+
+    def _dashed(self, arg: str) -> str:
+        key, equals, value = arg.partition("=")
+        dashed = "--" + key[2:].replace("_", "-")
+        if key.startswith("--") and key not in self._option_string_actions and dashed in self._option_string_actions:
+            return dashed + equals + value
+        return arg
+
+
 def build_parser(pm) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--plugin", action="append", default=[], metavar="MODULE",
         help="Import MODULE and register it as a plugin (repeatable).",
     )
-    parser = argparse.ArgumentParser(prog="lmserve", description="Serve LLMs behind an OpenAI-compatible API.", parents=[common])
+    parser = _Parser(prog="lmserve", description="Serve LLMs behind an OpenAI-compatible API.", parents=[common])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="Run a server.")
     _add_serve_commands(serve.add_subparsers(dest="server", required=True, metavar="SERVER"), common, pm)
@@ -67,6 +84,7 @@ def _add_serve_commands(servers, common: argparse.ArgumentParser, pm) -> None:
     _add_model_argument(api_server)
     _add_api_server_options(api_server)
     call_safely(pm, "lmserve_add_cli_options", command=SERVE_API_SERVER, parser=api_server)
+    add_lmdeploy_flags(api_server, API_SERVER)
 
     ray = servers.add_parser(
         "ray", parents=[common], formatter_class=_HelpFormatter,
@@ -94,6 +112,7 @@ def _add_serve_commands(servers, common: argparse.ArgumentParser, pm) -> None:
     gradio.add_argument("--server-name", default="0.0.0.0", metavar="HOST", help="Host the page binds.")
     gradio.add_argument("--server-port", type=int, default=6006, metavar="PORT", help="Port the page binds.")
     _add_api_key_option(gradio)
+    add_lmdeploy_flags(gradio, GRADIO)
 
 
 def _add_chat_command(commands, common: argparse.ArgumentParser, pm) -> None:
@@ -104,11 +123,12 @@ def _add_chat_command(commands, common: argparse.ArgumentParser, pm) -> None:
     )
     _add_model_argument(chat)
     _add_model_options(chat)
-    chat.add_argument("--log-level", default=ServeConfig.log_level, type=str.upper, choices=LOG_LEVELS,
+    chat.add_argument("--log-level", default=ServeConfig.log_level, type=log_level, choices=LOG_LEVELS,
                       help="Logging level.")
     _add_session_id_option(chat)
     _add_generation_options(chat)
     call_safely(pm, "lmserve_add_cli_options", command=CHAT, parser=chat)
+    add_lmdeploy_flags(chat, CHAT)
 
 
 def _add_listing_commands(commands, common: argparse.ArgumentParser, pm) -> None:
@@ -184,6 +204,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="How tool calls are read from outputs of requests with tools: hermes (Qwen2.5, "
                        "<tool_call>), llama3 (Llama 3.1 JSON), internlm (InternLM2 <|action_start|>), or a "
                        "plugin's. Default: the one that fits the chat template, else hermes.")
+    model.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                       help="How a thinking model's reasoning is split out of its replies into "
+                       "reasoning_content: default (<think>...</think>: Qwen3, QwQ, DeepSeek-R1; LMDeploy's "
+                       "qwen-qwq, deepseek-r1 and intern-s1 name it too), deepseek-v3, none, or a plugin's. "
+                       "Default: the one the chat template writes, else none.")
+    model.add_argument("--generation-config", default="auto", metavar="auto|vllm|none|DIR",
+                       help="Sampling defaults of requests that leave temperature, top_p, top_k, min_p, "
+                       "repetition_penalty or max_tokens unset: auto, the model's own (generation_config.json, "
+                       "or a GGUF file's sampling metadata); DIR, the generation_config.json in DIR; vllm, none "
+                       "or lmdeploy, this server's (1.0, 1.0, off, 0, 1.0, all the room left).")
 
 
 def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
@@ -192,20 +222,24 @@ def _add_api_server_options(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--server-name", default=ServeConfig.server_name, metavar="HOST", help="Host to bind.")
     server.add_argument("--server-port", type=int, default=ServeConfig.server_port, metavar="PORT",
                         help="Port to bind.")
-    server.add_argument("--log-level", default=ServeConfig.log_level, type=str.upper, choices=LOG_LEVELS,
+    server.add_argument("--log-level", default=ServeConfig.log_level, type=log_level, choices=LOG_LEVELS,
                         help="Logging level.")
     server.add_argument("--shutdown-timeout", type=float, default=HTTPConfig.shutdown_timeout, metavar="SECONDS",
                         help="On SIGTERM or Ctrl+C, seconds in-flight requests may run on before they are aborted.")
-    server.add_argument("--disable-docs", action="store_true", help="Serve neither /openapi.json nor the Swagger UI.")
+    server.add_argument("--disable-docs", "--disable-fastapi-docs", action="store_true",
+                        help="Serve neither /openapi.json nor the Swagger UI.")
+    server.add_argument("--max-log-len", type=int, default=None, metavar="N",
+                        help="The request log (--log-level INFO) prints at most N characters of each prompt and N "
+                        "of its token ids (default: all).")
     server.add_argument("--swagger-ui-cdn", action="store_true",
                         help="The Swagger UI page at / loads its scripts and styles from a public CDN instead of "
                         "this server's installed copy.")
 
     security = parser.add_argument_group("security")
-    security.add_argument("--api-keys", nargs="+", default=_env_api_keys(), metavar="KEY",
+    security.add_argument("--api-keys", nargs="*", default=_env_api_keys(), metavar="KEY",
                           help="Require 'Authorization: Bearer KEY' (any of these keys) on /v1/*, /tokenize and "
-                          "/detokenize. Default: the keys in $LMSERVE_API_KEYS (comma- or space-separated), "
-                          "which keeps them out of the process list.")
+                          "/detokenize (given without keys: none). Default: the keys in $LMSERVE_API_KEYS (comma- or "
+                          "space-separated), which keeps them out of the process list.")
     security.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN",
                           help="Origins allowed by CORS ('*': any); without it no CORS headers are sent.")
     security.add_argument("--allow-methods", nargs="+", default=list(HTTPConfig.allow_methods), metavar="METHOD",
@@ -254,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pm = create_plugin_manager(_plugin_modules(argv))
         args = build_parser(pm).parse_args(argv)
+        command = args.command if args.command != "serve" else f"serve {args.server}"
+        for line in lmdeploy_notices(args, command):  # a refused flag raises: exit 2, nothing loaded
+            print(f"lmserve: {line}", file=sys.stderr)
         if args.command == "plugins":
             return _plugins(pm, as_json=args.json)
         if args.command == "templates":

@@ -7,7 +7,9 @@ or the end of the input ends it and quits. Unlike LMDeploy's, Ctrl-C during a
 reply cancels that turn on the server and returns to the prompt, and a server
 that cannot be reached is one line, not a traceback. Without ``--session-id`` the
 session's id is one nobody else can guess (:meth:`APIClient.new_session`), so two
-people chatting with one server never share a conversation.
+people chatting with one server never share a conversation. A thinking model's
+reasoning (a server with a reasoning parser sends it apart, as ``reasoning_content``)
+is shown between ``[thinking]`` and ``[/thinking]`` lines before the answer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import httpx
 from lmserve.frontends.api_client import APIClient, ErrorReply, error_message, is_session_full, unreachable
 
 PROMPT = "\ndouble enter to end input >>> "
+#: What frames a reply's reasoning.
+THINKING_OPENS, THINKING_CLOSES = "[thinking]\n", "\n[/thinking]\n"
 #: The most tokens of one reply, as LMDeploy's terminal client asks.
 REPLY_TOKENS = 512
 
@@ -83,12 +87,19 @@ def _reply(api_client: APIClient, session_id: int, prompt: str, stdout: TextIO,
     """Print the reply to ``prompt`` as it streams in; Ctrl-C cancels the turn on the server."""
     outputs = api_client.chat_interactive_v1(prompt, session_id=session_id, interactive_mode=True, stream=True,
                                              **generation)
+    thinking = False  # inside a thinking model's reasoning (the server's reasoning_content)
     try:
         for output in outputs:
             message = error_message(output)
             if message is not None:
                 stdout.write(f"\nerror: {message}\n")
                 return
+            if output.get("reasoning_content"):
+                stdout.write(("" if thinking else THINKING_OPENS) + output["reasoning_content"])
+                thinking = True
+            if output["text"] and thinking:
+                stdout.write(THINKING_CLOSES)
+                thinking = False
             stdout.write(output["text"])
             stdout.flush()
             if is_session_full(output):

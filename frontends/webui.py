@@ -48,6 +48,20 @@ SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
 Chat = list[dict]  # gradio's chat history: {"role": "user" | "assistant", "content": str} messages
 
 
+#: The title of the folded message that holds a thinking model's reasoning.
+THINKING_TITLE = "Thinking"
+
+
+def _with_reasoning(chat: Chat, reasoning: str) -> Chat:
+    """``chat`` with ``reasoning`` added to the turn's folded "Thinking" message (made before
+    the answer's message on the first piece; a server with a reasoning parser sends it apart)."""
+    thoughts = chat[-2] if len(chat) >= 2 and chat[-2].get("metadata", {}).get("title") == THINKING_TITLE else None
+    if thoughts is None:
+        return [*chat[:-1], {"role": "assistant", "content": reasoning, "metadata": {"title": THINKING_TITLE}},
+                chat[-1]]
+    return [*chat[:-2], {**thoughts, "content": thoughts["content"] + reasoning}, chat[-1]]
+
+
 class WebChat:
     """What the page's buttons do, over one server; each method gets the tab's session id."""
 
@@ -60,6 +74,7 @@ class WebChat:
         if not message.strip():
             yield chat, message, ""
             return
+        before = chat
         chat = [*chat, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield chat, "", "Generating..."
         status = ""
@@ -70,9 +85,11 @@ class WebChat:
             for output in outputs:
                 error = error_message(output)
                 if error is not None:
-                    chat = chat[:-2]  # the turn did not happen: the message goes back to the box
+                    chat = before  # the turn did not happen: the message goes back to the box
                     yield chat, message, f"Error: {error}"
                     return
+                if output.get("reasoning_content"):
+                    chat = _with_reasoning(chat, output["reasoning_content"])
                 chat[-1] = {"role": "assistant", "content": chat[-1]["content"] + output["text"]}
                 finish_reason = output.get("finish_reason")
                 if is_session_full(output):

@@ -50,6 +50,8 @@ _MODULE_OF = {
     "render_chat": "lmserve.core.chat_template",
     "FieldsChatTemplate": "lmserve.core.fields_chat_template",
     "BaseChatTemplate": "lmserve.core.fields_chat_template",
+    # The model's own sampling defaults (lmserve_sampling_defaults).
+    "SamplingDefaults": "lmserve.core.sampling_defaults",
     # Tool-call parsers (lmserve_tool_parsers).
     "ToolParser": "lmserve.core.tool_calls",
     "ParsedOutput": "lmserve.core.tool_calls",
@@ -57,6 +59,8 @@ _MODULE_OF = {
     "ParsedToolCallDelta": "lmserve.core.tool_calls",
     "new_tool_call_id": "lmserve.core.tool_calls",
     "JsonCallParser": "lmserve.plugins.json_calls",
+    # Reasoning parsers (lmserve_reasoning_parsers).
+    "ReasoningParser": "lmserve.core.reasoning",
     # Structured outputs' grammar engine (lmserve_grammar_compiler).
     "GrammarCompiler": "lmserve.core.structured_output",
     "OutputGrammar": "lmserve.core.structured_output",

@@ -47,16 +47,21 @@ class JinjaChatTemplate:
             raise ValueError(f"The model's chat template does not parse: {exc}") from exc
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-               tools: Sequence[dict] | None = None) -> str:
-        """As ``apply_chat_template(messages, tools=tools)``: ``tools`` are the
+               tools: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> str:
+        """As ``apply_chat_template(messages, tools=tools, **template_kwargs)``: ``tools`` are the
         OpenAI tool dicts; a call's ``function.arguments`` reaches the template
         as an object, not JSON text (templates write ``arguments | tojson``).
         A template that never reads ``tools`` (SmolLM2's, most older ones) says so
         with :attr:`renders_tools`:
         :func:`~lmserve.core.chat_template.render_chat` then gives it the tools,
-        calls and results as Hermes text in plain messages."""
+        calls and results as Hermes text in plain messages. ``template_kwargs``
+        (a request's ``chat_template_kwargs``, e.g. ``enable_thinking``) are
+        extra variables; their names are not the five the server passes
+        (:func:`~lmserve.core.chat_template.template_variables` checked), and
+        may shadow a global such as ``raise_exception``, as in transformers."""
         try:
             return self._template.render(
+                **(template_kwargs or {}),
                 messages=[_with_parsed_arguments(message) for message in messages],
                 tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,

@@ -27,7 +27,7 @@ class HermesToolParser(JsonCallParser):
     """Qwen2.5's and Hermes': ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``."""
 
     name = "hermes"
-    aliases = ("qwen", "qwen2.5", "qwen2d5")
+    aliases = ("qwen", "qwen2.5", "qwen2d5", "qwen3")
     start_markers = ("<tool_call>",)
     end_marker = "</tool_call>"
 

@@ -42,9 +42,11 @@ def lmserve_add_cli_options(command, parser):
                        help="Weight-only quantization of the linear layers (CPU): int8 (one scale per row), "
                        "int4 (groups of 32, GGUF Q4_1's layout; lm_head stays int8), none, or auto: a quantized "
                        "GGUF file keeps its precision (Q4_x: int4, Q5_x-Q8_0: int8), anything else none.")
-    group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=EngineConfig.enforce_eager,
+    group.add_argument("--enforce-eager", "--eager-mode", action=argparse.BooleanOptionalAction,
+                       default=EngineConfig.enforce_eager,
                        help="Run every step op by op instead of compiling the decode step (CPU; "
-                       "compiling takes about a minute at start-up, cached on disk for the next start).")
+                       "compiling takes about a minute at start-up, cached on disk for the next start). "
+                       "--eager-mode is LMDeploy's name.")
     group.add_argument("--batch-invariant", action="store_true", default=EngineConfig.batch_invariant,
                        help="A request's tokens do not depend on the other requests in the batch or its place "
                        "among them (greedy and seeded): quantized layers multiply every step with their dense copy, "

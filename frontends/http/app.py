@@ -14,6 +14,8 @@ from lmserve.core.bus import RequestBus
 from lmserve.core.chat_template import render_chat
 from lmserve.core.config import ServeConfig
 from lmserve.core.plugins import call_safely
+from lmserve.core.reasoning import choose_reasoning_parser, reasoning_choice_line
+from lmserve.core.sampling_defaults import resolve_sampling_defaults
 from lmserve.core.startup import make_backend, resolve_model
 from lmserve.core.tool_calls import choose_tool_parser
 from lmserve.core.types import BackendUnavailableError, InvalidRequestError, SessionLostError
@@ -43,10 +45,17 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
     source, tokenizer, choice = model.source, model.tokenizer, model.template_choice
     parsers = [parser for contributed in pm.hook.lmserve_tool_parsers() for parser in contributed]
     tool_parser = choose_tool_parser(parsers, config.tool_call_parser, tool_format_sample(choice.template))
+    reasoning_name = config.options.get("reasoning_parser")  # an unknown name stops here, before the weights
+    reasoning_parser = choose_reasoning_parser(
+        [parser for contributed in pm.hook.lmserve_reasoning_parsers() for parser in contributed],
+        reasoning_name, getattr(choice.template, "source", None) or "")
+    print(f"lmserve: {reasoning_choice_line(reasoning_parser, reasoning_name)}", file=sys.stderr)
     grammars = call_safely(pm, "lmserve_grammar_compiler", tokenizer=tokenizer)
     if grammars is None:
         logger.warning("No plugin offers a grammar engine (lmserve_grammar_compiler): requests with a "
                        "response_format or a forced tool call will be refused with a 400.")
+    sampling_defaults = resolve_sampling_defaults(pm, config, source)  # a bad --generation-config fails here
+    print(f"lmserve: {sampling_defaults.describe()}", file=sys.stderr)
     backend = make_backend(pm, config, source)
     # A stop word of one token stops generation like EOS does (and is not shown); a
     # longer one can only be found in the text, as a request's own stop strings are.
@@ -68,6 +77,8 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
         grammars=grammars,
         tool_parser=tool_parser,
         json_tool_parser=choose_tool_parser(parsers, "json", ""),
+        reasoning_parser=reasoning_parser,
+        sampling_defaults=sampling_defaults,
     )
 
 

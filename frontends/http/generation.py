@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Sequence
 
 from sanic import Request
 from sanic.response import json as json_response
 
+from lmserve.core.reasoning import ReasoningReader
 from lmserve.core.structured_output import OutputGrammar
-from lmserve.core.tool_calls import ParsedToolCall, ParsedToolCallDelta, ToolParser
+from lmserve.core.tool_calls import ParsedToolCall, ParsedToolCallDelta
 from lmserve.core.types import (
     FinishReason,
     GenerationOutput,
@@ -29,6 +29,7 @@ from lmserve.core.types import (
     TokenLogprob,
 )
 from lmserve.core.validation import check_logit_bias_keys, check_token_ids
+from lmserve.frontends.http.choice import Choice
 from lmserve.frontends.http.cuts import end_cut_stream
 from lmserve.frontends.http.errors import APIError, error_response
 from lmserve.frontends.http.logprobs import LogprobsFormatter
@@ -48,24 +49,6 @@ from lmserve.frontends.http.state import ServerState
 MAX_CHOICES = 256
 #: The finish_reason of a choice that ended by calling tools.
 TOOL_CALLS = "tool_calls"
-
-
-@dataclass
-class Choice:
-    index: int
-    request: GenerationRequest
-    echo: str = ""  # text put before the generated text (completions' echo)
-    #: Reads tool calls out of the text (a chat request with tools).
-    tool_parser: ToolParser | None = None
-    called_tools: bool = False  # a tool-call delta was streamed
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
-    last: GenerationOutput | None = None
-
-    @property
-    def text_length(self) -> int:
-        return len(self.echo) + sum(len(piece) for piece in self.text)
 
 
 class GenerationHandler:
@@ -101,6 +84,8 @@ class GenerationHandler:
             requested, requested_param = body.max_completion_tokens, "max_completion_tokens"
         else:
             requested, requested_param = body.max_tokens, "max_tokens"
+        if requested is None:  # the model's default (max_new_tokens), else all the room left
+            requested = state.sampling_defaults.values.get("max_tokens")
         if requested is not None and requested < 1:
             raise APIError(400, f"{requested_param} must be at least 1, got {requested}.", requested_param)
         if body.stream_options is not None and not body.stream:
@@ -135,7 +120,9 @@ class GenerationHandler:
                                             constraint=constraint, group_id=self.id)
                 echo = echo_texts[prompt_index] if echo_texts else ""
                 parser = self.tools.new_parser() if self.tools.new_parser else None
-                choices.append(Choice(prompt_index * body.n + number, request, echo, parser))
+                reasoning = ReasoningReader.for_prompt(state.reasoning_parser, state.tokenizer, prompt,
+                                                       constrained=self.grammar is not None) if self.chat else None
+                choices.append(Choice(prompt_index * body.n + number, request, echo, parser, reasoning=reasoning))
         return choices
 
     def _logprobs_request(self) -> tuple[int | None, str]:
@@ -151,18 +138,20 @@ class GenerationHandler:
     def _sampling_params(self, max_tokens: int, logprobs: int | None, logprobs_param: str,
                          stop_token_ids: tuple[int, ...], number: int) -> SamplingParams:
         """Choice ``number``'s sampling: the body's values, but for what the request as a whole decided."""
-        body = self.body
+        body, reasoning = self.body, self.state.reasoning_parser
         return sampling_params(
             body, max_tokens,
             # Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
             seed=None if body.seed is None else body.seed + number,
             stop_token_ids=stop_token_ids,
-            # A tool parser whose markers are special tokens must see them.
-            skip_special_tokens=body.skip_special_tokens and not self.tools.needs_special_tokens,
+            # A tool or reasoning parser whose markers are special tokens must see them.
+            skip_special_tokens=body.skip_special_tokens and not self.tools.needs_special_tokens
+            and not (self.chat and reasoning is not None and reasoning.keeps_special_tokens(self.state.tokenizer)),
             logprobs=logprobs,
             # An echoed prompt comes with its tokens' logprobs too (as lm-eval's loglikelihood needs).
             prompt_logprobs=logprobs if not self.chat and body.echo else None,
             body_names={"logprobs": logprobs_param},
+            defaults=self.state.sampling_defaults.values,
         )
 
     # -------------------------------------------------------------------- running
@@ -176,6 +165,7 @@ class GenerationHandler:
         async def run(choice: Choice) -> None:
             async for out in self.state.bus.generate(choice.request):
                 choice.text.append(out.text)
+                choice.split(out)
                 choice.logprobs.extend(out.logprobs or ())
                 choice.prompt_logprobs = choice.prompt_logprobs or out.prompt_logprobs
                 choice.last = out
@@ -205,14 +195,9 @@ class GenerationHandler:
         body: dict = {"index": choice.index, "logprobs": None, "finish_reason": choice.last.finish_reason.value}
         wants_logprobs = choice.request.sampling_params.logprobs is not None
         if self.chat:
-            body["message"] = {"role": "assistant", "content": text}
-            if choice.tool_parser is not None:
-                parsed = choice.tool_parser.parse(text)
-                if parsed.tool_calls:
-                    body["message"] = {"role": "assistant", "content": parsed.content or None,
-                                       "tool_calls": [_tool_call(call) for call in parsed.tool_calls]}
-                    if body["finish_reason"] == FinishReason.STOP.value:
-                        body["finish_reason"] = TOOL_CALLS
+            body["message"] = self._message(choice, text)
+            if "tool_calls" in body["message"] and body["finish_reason"] == FinishReason.STOP.value:
+                body["finish_reason"] = TOOL_CALLS
             if wants_logprobs:
                 body["logprobs"] = self.formatter.chat(choice.logprobs)
         else:
@@ -222,6 +207,24 @@ class GenerationHandler:
                 if choice.prompt_logprobs is not None:
                     body["logprobs"] = self._with_prompt(choice, choice.prompt_logprobs, body["logprobs"])
         return body
+
+    def _message(self, choice: Choice, text: str) -> dict:
+        """A chat choice's whole answer: the reasoning (null when none) apart, when the server
+        splits it; then the tool calls read from the content, the content outside them."""
+        message: dict = {"role": "assistant", "content": text}
+        if choice.reasoning is not None:
+            choice.split(None)
+            message["content"] = "".join(choice.content_text)
+        if choice.tool_parser is not None:
+            parsed = choice.tool_parser.parse(message["content"])
+            if parsed.tool_calls:
+                message["content"] = parsed.content or None
+                message["tool_calls"] = [_tool_call(call) for call in parsed.tool_calls]
+        if choice.reasoning is not None:
+            message["reasoning_content"] = "".join(choice.reasoning_text) or None
+            if message["reasoning_content"] and not message["content"]:
+                message["content"] = None  # all reasoning, as LMDeploy answers it
+        return message
 
     def _with_prompt(self, choice: Choice, prompt_logprobs, columns: dict) -> dict:
         """Completions' logprob columns of the echoed prompt, then ``columns``."""
@@ -286,18 +289,28 @@ class GenerationHandler:
         if out.prompt_logprobs is not None and choice.echo:
             prompt = self._with_prompt(choice, out.prompt_logprobs, self.formatter.completion((), 0))
             await response.send(self._chunk(choice, choice.echo, None, columns=prompt))
+        reasoning, text = choice.split(out)
         if out.text or out.logprobs:
-            delta = self._delta(choice, out.text)
-            await response.send(self._chunk(choice, delta, None, out.logprobs))
+            delta = self._delta(choice, text, reasoning)
+            # A reasoning parser holding back what may begin a tag sends nothing yet.
+            if out.logprobs or choice.reasoning is None or reasoning or text or "tool_calls" in delta:
+                await response.send(self._chunk(choice, delta, None, out.logprobs))
             choice.text.append(out.text)
 
     async def _send_finish(self, response, choice: Choice, out: GenerationOutput) -> None:
-        """A choice's end: what its tool parser held back, then its finish reason (``tool_calls``
-        for one that called tools and stopped), in a chunk of its own as LMDeploy sends it."""
+        """A choice's end: what its reasoning and tool parsers held back, then its finish reason
+        (``tool_calls`` for one that called tools and stopped), in a chunk of its own as LMDeploy sends it."""
+        reasoning, content = choice.split(None)
+        calls: list[ParsedToolCallDelta] = []
         if choice.tool_parser is not None:
-            content, calls = choice.tool_parser.flush()
-            if content or calls:
-                await response.send(self._chunk(choice, self._tool_delta(choice, content, calls), None))
+            fed, fed_calls = choice.tool_parser.feed(content)
+            held, held_calls = choice.tool_parser.flush()
+            content, calls = fed + held, [*fed_calls, *held_calls]
+        if reasoning or content or calls:
+            delta = self._tool_delta(choice, content, calls)
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+            await response.send(self._chunk(choice, delta, None))
         finish_reason = out.finish_reason.value
         if choice.called_tools and out.finish_reason is FinishReason.STOP:
             finish_reason = TOOL_CALLS
@@ -312,14 +325,19 @@ class GenerationHandler:
                 "model": self.state.model_name, "choices": [], "usage": self._usage(),
             }))
 
-    def _delta(self, choice: Choice, text: str):
+    def _delta(self, choice: Choice, text: str, reasoning: str = ""):
         """A chunk's delta for new text: completions' text; chat's role and content, with
-        the tool calls its parser found (content then holds only the text outside them)."""
+        the tool calls its parser found (content then holds only the text outside them), and
+        the new reasoning apart (``reasoning_content``) when the server splits it."""
         if not self.chat:
             return text
         if choice.tool_parser is None:
-            return {"role": "assistant", "content": text}
-        return self._tool_delta(choice, *choice.tool_parser.feed(text))
+            delta = {"role": "assistant", "content": text}
+        else:
+            delta = self._tool_delta(choice, *choice.tool_parser.feed(text))
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        return delta
 
     def _tool_delta(self, choice: Choice, content: str, calls: Sequence[ParsedToolCallDelta]) -> dict:
         delta: dict = {"role": "assistant", "content": content}
@@ -362,12 +380,16 @@ class GenerationHandler:
         completion_tokens = sum(choice.last.usage.completion_tokens for choice in self.choices if choice.last)
         cached = sum(choice.last.usage.cached_tokens for choice in self.choices
                      if choice.last and choice.index % self.body.n == 0)
-        return {
+        usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+        if self.chat and self.state.reasoning_parser is not None:
+            reasoning = sum(choice.reasoning.reasoning_tokens for choice in self.choices if choice.reasoning)
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        return usage
 
 
 def _failure(out: GenerationOutput | BaseException) -> str | None:

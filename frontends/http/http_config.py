@@ -1,4 +1,4 @@
-"""The HTTP server's operational settings: API keys, limits, CORS, docs, shutdown.
+"""The HTTP server's operational settings: API keys, limits, CORS, docs, shutdown, request log.
 
 One frozen dataclass, validated on construction like
 :class:`~lmserve.core.config.ServeConfig`; the CLI reads its defaults from here,
@@ -50,6 +50,9 @@ class HTTPConfig:
     #: Seconds a response may take, from its request to its last byte (a stream included);
     #: past it the request is aborted (a stream ends with an error event). 0: no limit.
     response_timeout: float = 0.0
+    #: The request log (INFO) prints at most this many characters of a prompt and as many of
+    #: its token ids; None: all.
+    max_log_len: int | None = None
 
     def __post_init__(self) -> None:
         keys = tuple(self.api_keys)
@@ -87,6 +90,8 @@ class HTTPConfig:
         if not self.response_timeout >= 0:
             raise ValueError(f"--response-timeout must be at least 0 seconds (0: no limit), "
                              f"got {self.response_timeout}.")
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"--max-log-len must be at least 0, got {self.max_log_len}.")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> HTTPConfig:

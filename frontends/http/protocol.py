@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from lmserve.core.chat_template import RESERVED_TEMPLATE_VARIABLES, template_variables
+
 
 def limits(default: Any = None, **schema: Any) -> Any:
     """A field whose JSON schema states the range the server checks (``minimum``, ``maximum``,
@@ -160,6 +162,26 @@ class NamedToolChoice(RequestBody):
     function: NamedFunction
 
 
+#: ``chat_template_kwargs``' rules, for the document (:func:`template_variables` checks them).
+_TEMPLATE_KWARGS = {"propertyNames": {"not": {"enum": list(RESERVED_TEMPLATE_VARIABLES)}},
+                    "properties": {"enable_thinking": {"type": ["boolean", "null"]}}}
+
+
+class ChatTemplateFields(RequestBody):
+    """The fields a request's chat template reads as variables (vLLM's and LMDeploy's)."""
+
+    chat_template_kwargs: dict[str, Any] | None = Field(None, json_schema_extra={
+        **_TEMPLATE_KWARGS, "description": "Extra variables for the chat template, as transformers' "
+        "apply_chat_template(**kwargs) takes them, e.g. {\"enable_thinking\": false} (Qwen3). Not "
+        f"{', '.join(RESERVED_TEMPLATE_VARIABLES)}: the server sets those."})
+    enable_thinking: bool | None = Field(None, description="LMDeploy's older spelling of "
+                                         "chat_template_kwargs.enable_thinking; that one wins when both are set.")
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The template's extra variables (a 400 naming the field when one is wrong)."""
+        return template_variables(self.chat_template_kwargs, self.enable_thinking)
+
+
 #: The rules between fields of chat and completions, for the document (the routes check them).
 _STREAM_OPTIONS_NEED_STREAM = requires_when("stream_options", {"type": "object"}, "stream", {"const": True})
 
@@ -200,7 +222,7 @@ class _Sampling(RequestBody):
     session_id: int | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, ChatTemplateFields):
     model_config = ConfigDict(json_schema_extra={"allOf": [
         _STREAM_OPTIONS_NEED_STREAM,
         # A positive top_logprobs needs logprobs (LMDeploy's APIClient always sends top_logprobs 0).

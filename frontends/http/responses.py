@@ -52,13 +52,22 @@ class PromptTokensDetails(Response):
     cached_tokens: int = Field(description="Prompt tokens served from the prefix cache.")
 
 
+class CompletionTokensDetails(Response):
+    reasoning_tokens: int = Field(description="Completion tokens spent reasoning: those up to and including the "
+                                  "reasoning's close tag (all of them when it never closed).")
+
+
 class Usage(Response):
     """Token counts: each prompt counted once, every choice's completion tokens."""
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _no_defaults(schema))
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails = Field(  # type: ignore[assignment]
+        None, description="Chat completions on a server that splits reasoning (--reasoning-parser).")
 
 
 # ---------------------------------------------------------------------- logprobs
@@ -109,7 +118,11 @@ class AssistantMessage(Response):
     model_config = ConfigDict(json_schema_extra=lambda schema: _no_defaults(schema))
 
     role: Literal["assistant"]
-    content: str | None = Field(description="The text; null when the reply is only tool calls.")
+    content: str | None = Field(description="The text; null when the reply is only tool calls, or only "
+                                "reasoning.")
+    reasoning_content: str | None = Field(None, description="The reasoning before the answer (``<think>...</think>``), "
+                                          "null when there was none; present when the server splits reasoning "
+                                          "(--reasoning-parser).")
     tool_calls: list[ToolCall] = Field(None, description="Present when the request had tools and the model "
                                        "called them (finish_reason ``tool_calls``).")  # type: ignore[assignment]
 
@@ -164,6 +177,8 @@ class ChatCompletionDelta(Response):
 
     role: Literal["assistant"]
     content: str
+    reasoning_content: str = Field(None, description="New reasoning text, on chunks that carry some (the "
+                                   "server splits reasoning: --reasoning-parser).")  # type: ignore[assignment]
     tool_calls: list[ToolCallDelta] = None  # type: ignore[assignment]
 
 
@@ -238,6 +253,9 @@ class ModelCard(Response):
     owned_by: str
     root: str
     max_model_len: int = Field(description="The context length in tokens.")
+    sampling_defaults: dict[str, float] = Field(
+        description="The model's sampling defaults (--generation-config): what a chat or completions request that "
+        "leaves temperature, top_p, top_k, min_p, repetition_penalty or max_tokens unset gets; empty: none.")
 
 
 class ModelList(Response):

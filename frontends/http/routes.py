@@ -43,6 +43,8 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
                         "owned_by": "lmserve",
                         "root": state.model_name,
                         "max_model_len": state.max_model_len,
+                        # What a request that leaves these unset gets (--generation-config).
+                        "sampling_defaults": dict(state.sampling_defaults.values),
                     }
                 ],
             }
@@ -59,13 +61,15 @@ def lmserve_register_routes(app: Sanic, state: ServerState) -> None:
         check_model(state, body.model)
         _check_session_free(state, request, body.session_id)
         tools = tool_use(body, state.tool_parser, state.json_tool_parser)
+        template_kwargs = body.template_kwargs()
         if isinstance(body.messages, str):  # a raw prompt
             prompt_ids = state.tokenizer.encode(body.messages)
         elif not body.do_preprocess:  # LMDeploy: the messages' texts, no template
             prompt_ids = state.tokenizer.encode("".join(m.text() for m in body.messages))
         else:
             prompt_ids = chat_prompt_ids(state, [m.for_template() for m in body.messages], lambda messages: render_chat(
-                state.chat_template, messages, add_generation_prompt=True, tools=tools.template_tools))
+                state.chat_template, messages, add_generation_prompt=True, tools=tools.template_tools,
+                template_kwargs=template_kwargs))
         return await _generate(request, state, body, [prompt_ids], chat=True, tools=tools)
 
     @admitted

@@ -3,8 +3,10 @@ every generation route (chat, completions, interactive).
 
 - :func:`sampling_params`: the body's sampling values as
   :class:`~lmserve.core.types.SamplingParams`, read field by field from the
-  dataclass's own list; a value the body left out (None) takes SamplingParams'
-  default, and an invalid one is a 400 naming the body's parameter.
+  dataclass's own list; a value the body left out (None) takes the model's
+  default (``--generation-config``: :mod:`lmserve.core.sampling_defaults`) where
+  the route passes them, else SamplingParams' default, and an invalid one is a
+  400 naming the body's parameter.
 - :func:`checked_stop_strings`: a body's ``stop`` as strings, within bounds.
 - The chat template's stop words: one of a single token ends every request, like
   EOS (:func:`with_template_stop_token_ids`); a longer one ends a request whose
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Union
+from types import MappingProxyType
+from typing import Any, Union
 
 from lmserve.core.types import InvalidRequestError, SamplingParams
 from lmserve.frontends.http.errors import APIError
@@ -28,7 +31,7 @@ SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
 
 def sampling_params(body, max_tokens: int, *, body_names: Mapping[str, str] | None = None,
-                    **overrides) -> SamplingParams:
+                    defaults: Mapping[str, Any] = MappingProxyType({}), **overrides) -> SamplingParams:
     """The request's :class:`SamplingParams`, every field read from ``body``.
 
     Each field of SamplingParams (the one list of them) is read from the body
@@ -36,7 +39,9 @@ def sampling_params(body, max_tokens: int, *, body_names: Mapping[str, str] | No
     spells it otherwise (interactive's ``min_new_tokens``); ``overrides`` give the
     values the route decided (``stop_token_ids`` with the template's, a choice's
     ``seed``, chat's ``logprobs``). ``max_tokens`` is the room-checked value. A value
-    that is None, or a field the body lacks, takes SamplingParams' default.
+    that is None, or a field the body lacks, takes its value in ``defaults`` (the
+    model's sampling defaults, :attr:`ServerState.sampling_defaults`), else
+    SamplingParams' default.
 
     Raises :class:`APIError` 400 when a value is out of range, naming the parameter
     as the body spells it (``body_names`` again: chat's ``logprobs`` is its ``top_logprobs``).
@@ -46,6 +51,8 @@ def sampling_params(body, max_tokens: int, *, body_names: Mapping[str, str] | No
     given = {}
     for name in SAMPLING_FIELDS:
         value = overrides[name] if name in overrides else getattr(body, body_names.get(name, name), None)
+        if value is None:
+            value = defaults.get(name)
         if value is not None:
             given[name] = value
     if given.get("min_tokens", 0) > max_tokens:

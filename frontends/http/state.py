@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from lmserve.core.bus import RequestBus
 from lmserve.core.chat_template import ChatTemplate
 from lmserve.core.config import ServeConfig
+from lmserve.core.reasoning import ReasoningParser
+from lmserve.core.sampling_defaults import SamplingDefaults
 from lmserve.core.structured_output import GrammarCompiler
 from lmserve.core.tool_calls import ToolParser
 
@@ -29,6 +31,10 @@ class ServerState:
     tool_parser: type[ToolParser] | None = None
     #: Reads the constrained output of ``tool_choice: required``.
     json_tool_parser: type[ToolParser] | None = None
+    #: Splits chat outputs' reasoning from their content (``--reasoning-parser``); None: no split.
+    reasoning_parser: type[ReasoningParser] | None = None
+    #: What chat and completions requests that leave a sampling field unset get (``--generation-config``).
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
 
     @property
     def max_model_len(self) -> int:

@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 
 from lmserve.frontends.http.protocol import (
     ChatMessage,
+    ChatTemplateFields,
     RequestBody,
     ResponseFormat,
     Stop,
@@ -23,7 +24,7 @@ def _only_null(schema: dict) -> None:
     schema.update({"type": "null", "default": None})
 
 
-class InteractiveRequest(RequestBody):
+class InteractiveRequest(ChatTemplateFields):
     # A cancel names its session.
     model_config = ConfigDict(json_schema_extra=requires_when(
         "cancel", {"const": True}, "session_id", {"not": {"const": -1}}))
@@ -66,6 +67,10 @@ class InteractiveResponse(Response):
     history_tokens: int = Field(description="Tokens of the session before this turn: every earlier "
                                 "turn's input and output tokens.")
     finish_reason: Literal["stop", "length", "abort", "error"] | None
+    reasoning_content: str = Field(  # type: ignore[assignment]
+        None, description="The reasoning (``<think>...</think>``) apart from `text`, which then holds only the "
+        "answer: present on the replies and lines of a generated turn when the server splits reasoning "
+        "(--reasoning-parser).", json_schema_extra=lambda schema: schema.pop("default", None))
     error: str | None = Field(None, description="Why the turn failed, with finish_reason error.")
 
 

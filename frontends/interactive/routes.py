@@ -39,7 +39,8 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.response import json as json_response
 
 from lmserve.core import hookimpl
-from lmserve.core.chat_template import render_continuation
+from lmserve.core.chat_template import render_continuation, render_messages
+from lmserve.core.reasoning import ReasoningReader
 from lmserve.core.sessions import Session, SessionBusyError, SessionLimitError, SessionLimits
 from lmserve.core.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from lmserve.frontends.interactive.protocol import InteractiveRequest, InteractiveResponse
@@ -143,7 +144,7 @@ async def _turn(request: Request, state: ServerState, body: InteractiveRequest, 
             raise too_many(exc) from exc
     try:
         history = session.history_tokens if session is not None else 0
-        input_ids = _render_turn(state, session, body.prompt)
+        input_ids = _render_turn(state, session, body.prompt, body.template_kwargs())
         room = state.bus.context_room(history + len(input_ids))
         if body.request_output_len is not None and body.request_output_len < 0:
             raise APIError(400, f"request_output_len must be at least 0, got {body.request_output_len}.",
@@ -180,25 +181,27 @@ async def _turn(request: Request, state: ServerState, body: InteractiveRequest, 
         outputs = sessions.run_turn(session, input_ids, params, keep=body.interactive_mode, stop=stop,
                                     constraint=constraint)
     counts = {"input_tokens": len(input_ids), "history_tokens": history}
+    reasoning = ReasoningReader.for_prompt(state.reasoning_parser, state.tokenizer, input_ids,
+                                           constrained=grammar is not None)
     if body.stream:
-        return await _stream(request, outputs, counts)
-    return await _complete(outputs, counts)
+        return await _stream(request, outputs, counts, reasoning)
+    return await _complete(outputs, counts, reasoning)
 
 
-def _render_turn(state: ServerState, session: Session | None, prompt) -> list[int]:
+def _render_turn(state: ServerState, session: Session | None, prompt, template_kwargs: dict) -> list[int]:
     """The new turn's token ids: the whole template for a session's first turn,
-    only the continuation for later turns."""
+    only the continuation for later turns; ``template_kwargs``: the turn's template variables."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     else:
         messages = [{"role": m.role, "content": m.text()} for m in prompt]
     if session is None or not session.token_ids:
-        return chat_prompt_ids(state, messages,
-                               lambda messages: state.chat_template.render(messages, add_generation_prompt=True))
+        return chat_prompt_ids(state, messages, lambda messages: render_messages(
+            state.chat_template, messages, add_generation_prompt=True, template_kwargs=template_kwargs))
 
     def continuation(messages: list[dict]) -> str:
         try:
-            text = render_continuation(state.chat_template, messages)
+            text = render_continuation(state.chat_template, messages, template_kwargs=template_kwargs)
         except ValueError as exc:
             raise APIError(400, str(exc), "prompt") from exc
         if session.closing_token_id is not None:
@@ -215,14 +218,20 @@ def _render_turn(state: ServerState, session: Session | None, prompt) -> list[in
 def _sampling_params(state: ServerState, body: InteractiveRequest, max_tokens: int) -> SamplingParams:
     """The turn's sampling; the body has no penalties over the output, ``logit_bias`` or logprobs
     (their defaults), and no stop token ids of its own: the template's only."""
+    reasoning = state.reasoning_parser  # whose tags may be special tokens, which it must see
+    keep_special = reasoning is not None and reasoning.keeps_special_tokens(state.tokenizer)
     return sampling_params(body, max_tokens, body_names={"min_tokens": "min_new_tokens"},
-                           stop_token_ids=with_template_stop_token_ids(state, (), ignore_eos=body.ignore_eos))
+                           stop_token_ids=with_template_stop_token_ids(state, (), ignore_eos=body.ignore_eos),
+                           skip_special_tokens=body.skip_special_tokens and not keep_special)
 
 
 def _reply(text: str = "", tokens: int = 0, input_tokens: int = 0, history_tokens: int = 0,
-           finish_reason: str | None = None, error: str | None = None) -> dict:
+           finish_reason: str | None = None, error: str | None = None, reasoning: str | None = None) -> dict:
+    """A reply or stream line; ``reasoning``: its reasoning text, when the server splits it (None: it does not)."""
     reply = {"text": text, "tokens": tokens, "input_tokens": input_tokens, "history_tokens": history_tokens,
              "finish_reason": finish_reason}
+    if reasoning is not None:
+        reply["reasoning_content"] = reasoning
     if error is not None:
         reply["error"] = error
     return reply
@@ -243,7 +252,7 @@ def _finish_name(out: GenerationOutput) -> str | None:
     return None if out.finish_reason is None else out.finish_reason.value
 
 
-async def _complete(outputs, counts: dict):
+async def _complete(outputs, counts: dict, reasoning: ReasoningReader | None):
     text: list[str] = []
     last = None
     async for out in outputs:
@@ -251,11 +260,15 @@ async def _complete(outputs, counts: dict):
         last = out
     if last.finish_reason is FinishReason.ERROR:
         return error_response(500, last.error or "The engine failed this turn.")
+    thought = None
+    if reasoning is not None:
+        thought, content = reasoning.parser.parse("".join(text))
+        text = [content]
     return json_response(_reply("".join(text), last.usage.completion_tokens, finish_reason=_finish_name(last),
-                                **counts))
+                                reasoning=thought, **counts))
 
 
-async def _stream(request: Request, outputs, counts: dict):
+async def _stream(request: Request, outputs, counts: dict, reasoning: ReasoningReader | None):
     try:
         # The headers go out with the first output: a refusal before it is still a status,
         # and a backend of replicas has named the one serving the turn by then.
@@ -271,8 +284,10 @@ async def _stream(request: Request, outputs, counts: dict):
             if out.finish_reason is FinishReason.ERROR:
                 error = out.error or "The engine failed this turn."
             tokens = out.usage.completion_tokens
-            line = _reply(out.text, tokens, finish_reason=_finish_name(out), error=error, **counts)
-            await response.send(_line(line))
+            thought, text = _split(reasoning, out)
+            if text or thought or out.finish_reason is not None:  # nothing while a tag is undecided
+                line = _reply(text, tokens, finish_reason=_finish_name(out), error=error, reasoning=thought, **counts)
+                await response.send(_line(line))
         await response.eof()
     except asyncio.CancelledError:  # the server may have cut the turn (response timeout, shutdown): say why
         await end_cut_stream(request, lambda error: _line(_reply(
@@ -280,6 +295,18 @@ async def _stream(request: Request, outputs, counts: dict):
         raise
     finally:
         await outputs.aclose()  # a client gone: the turn stops (and keeps what it sent)
+
+
+def _split(reasoning: ReasoningReader | None, out: GenerationOutput) -> tuple[str | None, str]:
+    """A stream line's ``(reasoning, text)``: the output's text split, all of it after
+    the last output; the reasoning None when the server does not split it."""
+    if reasoning is None:
+        return None, out.text
+    thought, text = reasoning.feed(out.text, len(out.token_ids))
+    if out.finish_reason is not None:
+        more_thought, more_text = reasoning.flush()
+        thought, text = thought + more_thought, text + more_text
+    return thought, text
 
 
 async def _prepend(first, outputs):

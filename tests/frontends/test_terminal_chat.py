@@ -89,6 +89,19 @@ def test_a_turn_streams_its_deltas_then_end_and_exit_end_the_session():
     assert out.index("Hello!") < out.index("ended") < out.index("Again")
 
 
+def test_a_thinking_models_reasoning_is_framed_before_its_answer():
+    def thought(reasoning, text, tokens, finish_reason=None):
+        return {**delta(text, tokens, finish_reason), "reasoning_content": reasoning}
+
+    client = FakeClient([thought("Let me", "", 1), thought(" see.", "", 2), thought("", "Hi", 3),
+                         thought("", "!", 4, "stop")],
+                        [thought("only thoughts", "", 1, "length")])
+    status, out = chat(client, "hi\n\nagain\n\nexit\n\n")
+    assert status == 0
+    assert "[thinking]\nLet me see.\n[/thinking]\nHi!\n" in out
+    assert "[thinking]\nonly thoughts\n" in out  # cut inside its reasoning: still shown
+
+
 def test_the_end_of_the_input_quits_like_exit():
     client = FakeClient()
     assert chat(client, "")[0] == 0

@@ -109,3 +109,23 @@ def test_the_command_fails_in_one_line_without_a_server(capsys):
     assert main(["serve", "gradio", url, "--server-port", str(free_port())]) == 1
     assert capsys.readouterr().err.strip() == (f"lmserve: error: {url}/v1/models did not list the served models: "
                                                "is the server running there, and the API key right?")
+
+
+class _ThinkingClient:
+    """Streams a thinking model's turn as a server with a reasoning parser sends it."""
+
+    api_server_url = "http://fake"
+
+    def chat_interactive_v1(self, prompt, **generation):
+        for reasoning, text, finish_reason in (("Let me", "", None), (" see.", "", None), ("", "Hi", None),
+                                                ("", "!", "stop")):
+            yield {"text": text, "reasoning_content": reasoning, "tokens": 1, "input_tokens": 3,
+                   "history_tokens": 0, "finish_reason": finish_reason}
+
+
+def test_a_thinking_models_reasoning_goes_in_a_folded_message_before_the_answer():
+    chat, box, status = list(webui.WebChat(_ThinkingClient()).send("Hello", [], 7, 8, 0, 1))[-1]
+    assert chat == [{"role": "user", "content": "Hello"},
+                    {"role": "assistant", "content": "Let me see.", "metadata": {"title": webui.THINKING_TITLE}},
+                    {"role": "assistant", "content": "Hi!"}]
+    assert box == "" and not status.startswith("Error")
