@@ -78,6 +78,7 @@ def build_state(config: ServeConfig, pm: pluggy.PluginManager) -> ServerState:
         tool_parser=tool_parser,
         json_tool_parser=choose_tool_parser(parsers, "json", ""),
         reasoning_parser=reasoning_parser,
+        reasoning_keeps_special_tokens=reasoning_parser is not None and reasoning_parser.keeps_special_tokens(tokenizer),
         sampling_defaults=sampling_defaults,
     )
 

@@ -138,7 +138,7 @@ class GenerationHandler:
     def _sampling_params(self, max_tokens: int, logprobs: int | None, logprobs_param: str,
                          stop_token_ids: tuple[int, ...], number: int) -> SamplingParams:
         """Choice ``number``'s sampling: the body's values, but for what the request as a whole decided."""
-        body, reasoning = self.body, self.state.reasoning_parser
+        body = self.body
         return sampling_params(
             body, max_tokens,
             # Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
@@ -146,7 +146,7 @@ class GenerationHandler:
             stop_token_ids=stop_token_ids,
             # A tool or reasoning parser whose markers are special tokens must see them.
             skip_special_tokens=body.skip_special_tokens and not self.tools.needs_special_tokens
-            and not (self.chat and reasoning is not None and reasoning.keeps_special_tokens(self.state.tokenizer)),
+            and not (self.chat and self.state.reasoning_keeps_special_tokens),
             logprobs=logprobs,
             # An echoed prompt comes with its tokens' logprobs too (as lm-eval's loglikelihood needs).
             prompt_logprobs=logprobs if not self.chat and body.echo else None,

@@ -33,6 +33,9 @@ class ServerState:
     json_tool_parser: type[ToolParser] | None = None
     #: Splits chat outputs' reasoning from their content (``--reasoning-parser``); None: no split.
     reasoning_parser: type[ReasoningParser] | None = None
+    #: Its tags are special tokens of this tokenizer: chat outputs are decoded with them
+    #: (:meth:`ReasoningParser.keeps_special_tokens`, asked once at startup).
+    reasoning_keeps_special_tokens: bool = False
     #: What chat and completions requests that leave a sampling field unset get (``--generation-config``).
     sampling_defaults: SamplingDefaults = SamplingDefaults()
 

@@ -218,11 +218,10 @@ def _render_turn(state: ServerState, session: Session | None, prompt, template_k
 def _sampling_params(state: ServerState, body: InteractiveRequest, max_tokens: int) -> SamplingParams:
     """The turn's sampling; the body has no penalties over the output, ``logit_bias`` or logprobs
     (their defaults), and no stop token ids of its own: the template's only."""
-    reasoning = state.reasoning_parser  # whose tags may be special tokens, which it must see
-    keep_special = reasoning is not None and reasoning.keeps_special_tokens(state.tokenizer)
+    # A reasoning parser whose tags are special tokens must see them.
     return sampling_params(body, max_tokens, body_names={"min_tokens": "min_new_tokens"},
                            stop_token_ids=with_template_stop_token_ids(state, (), ignore_eos=body.ignore_eos),
-                           skip_special_tokens=body.skip_special_tokens and not keep_special)
+                           skip_special_tokens=body.skip_special_tokens and not state.reasoning_keeps_special_tokens)
 
 
 def _reply(text: str = "", tokens: int = 0, input_tokens: int = 0, history_tokens: int = 0,
